@@ -1,0 +1,47 @@
+# One-command set-up: every target that needs Python fills .venv first.
+# On a machine without an NVIDIA GPU, torch is pinned to the CPU build so the
+# install does not download a multi-gigabyte CUDA wheel.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+TORCH_CPU ?= torch==2.13.0
+DATA    ?= data/sample
+RUN     ?= runs/debug
+
+.PHONY: install test test-slow corpus train bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow"
+
+$(DATA)/index.json: $(STAMP)
+	$(PY) pipeline/build.py --manifest corpus_manifests/sample.yaml --out $(DATA)
+
+corpus: $(DATA)/index.json
+
+train: $(DATA)/index.json
+	$(PY) trainer/fit.py --config trainer/configs/debug.yaml --data $(DATA) --run-dir $(RUN)
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/tokenizer.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/dedup.py
+	$(PY) bench/loader.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf .venv data runs build *.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

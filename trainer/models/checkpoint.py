@@ -1,0 +1,130 @@
+"""Official RWKV-7 checkpoints in and out: RWKV-LM's key names and shapes, as .pth or .safetensors.
+
+`.pth` files are read with `torch.load(weights_only=True)` (no pickled code runs); LoRA widths, layer
+count, width, head size and vocab come from the tensors themselves, since released checkpoints differ
+(0.1B: 64/64/32/128, 1.5B: 96/96/64/256). A file that is not an RWKV-7 state dict, or has missing,
+extra or misshaped tensors, raises one `CheckpointError` that lists everything wrong.
+Writes are atomic: a temporary file in the same folder, then `os.replace`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .rwkv7 import RWKV7, RWKV7Config
+
+
+class CheckpointError(ValueError):
+    """The file is not a usable RWKV-7 checkpoint; the message lists what is wrong."""
+
+
+def official_shapes(cfg: RWKV7Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an RWKV-LM x070 state dict, by key, with its shape."""
+    C, V, H, N = cfg.n_embd, cfg.vocab_size, cfg.n_head, cfg.head_size
+    shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}."
+        if i == 0:
+            shapes |= {b + "ln0.weight": (C,), b + "ln0.bias": (C,)}
+        for ln in ("ln1", "ln2"):
+            shapes |= {b + ln + ".weight": (C,), b + ln + ".bias": (C,)}
+        a = b + "att."
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
+            shapes[a + name] = (1, 1, C)
+        for name, d in (("w", cfg.dim_w), ("a", cfg.dim_a), ("v", cfg.dim_v), ("g", cfg.dim_g)):
+            shapes[a + name + "1"] = (C, d)
+            shapes[a + name + "2"] = (d, C)
+        shapes[a + "r_k"] = (H, N)
+        for lin in ("receptance", "key", "value", "output"):
+            shapes[a + lin + ".weight"] = (C, C)
+        shapes |= {a + "ln_x.weight": (C,), a + "ln_x.bias": (C,)}
+        f = b + "ffn."
+        shapes |= {f + "x_k": (1, 1, C), f + "key.weight": (cfg.dim_ffn, C), f + "value.weight": (C, cfg.dim_ffn)}
+    shapes |= {"ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
+    return shapes
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a .pth (weights_only) or .safetensors file into a dict of CPU tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear error naming the file
+        raise CheckpointError(f"{path}: cannot be read as a {path.suffix or 'torch'} state dict: {e}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return sd
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor], where: str = "state dict") -> RWKV7Config:
+    """Infer the RWKV7Config (layers, width, vocab, head size, LoRA and FFN widths) from tensor shapes."""
+    need = ["emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", "blocks.0.att.v1",
+            "blocks.0.att.g1", "blocks.0.ffn.key.weight"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        hint = " (an RWKV-6 or older checkpoint?)" if any(".time_" in k for k in sd) else ""
+        raise CheckpointError(f"{where}: not an RWKV-7 checkpoint{hint}: missing {', '.join(missing)}")
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    V, C = sd["emb.weight"].shape
+    H, N = sd["blocks.0.att.r_k"].shape
+    return RWKV7Config(n_layer=max(layers) + 1, n_embd=C, vocab_size=V, head_size=N,
+                       dim_w=sd["blocks.0.att.w1"].shape[1], dim_a=sd["blocks.0.att.a1"].shape[1],
+                       dim_v=sd["blocks.0.att.v1"].shape[1], dim_g=sd["blocks.0.att.g1"].shape[1],
+                       dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0])
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], cfg: RWKV7Config, where: str = "state dict") -> None:
+    """Raise one CheckpointError listing every missing, extra and misshaped tensor."""
+    want = official_shapes(cfg)
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    bad = sorted(f"{k} {tuple(sd[k].shape)} (expected {want[k]})"
+                 for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
+    if missing or extra or bad:
+        lines = [f"{where}: does not match an RWKV-7 L{cfg.n_layer}-D{cfg.n_embd} checkpoint"]
+        for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", bad)):
+            if items:
+                lines.append(f"  {label} ({len(items)}): " + ", ".join(items))
+        raise CheckpointError("\n".join(lines))
+
+
+def load_official(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None) -> RWKV7:
+    """Build an RWKV7 from an official RWKV-LM checkpoint (.pth or .safetensors)."""
+    sd = load_state_dict(path)
+    cfg = config_from_state_dict(sd, str(path))
+    check_state_dict(sd, cfg, str(path))
+    model = RWKV7(cfg, init=False)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()})
+    return model.to(device=device, dtype=dtype)
+
+
+def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write contiguous CPU tensors to .pth (torch.save) or .safetensors, via a temp file + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, tmp)
+        else:
+            torch.save(sd, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,355 @@
+"""RWKV-7 ("Goose", x070) language model: single device, official parameter names, infctx state.
+
+Math, initialisation and optimizer groups follow BlinkDL's RWKV-LM `RWKV-v7/train_temp/src/model.py`;
+the inference numerics (state layout, ln0 in block 0, unused v-LoRA in layer 0) follow the `rwkv` pip
+package 0.8.x, which the tests use as the oracle. Facts collected in shared/specs/rwkv7.md.
+
+The module tree mirrors RWKV-LM, so `state_dict()` keys are exactly the official checkpoint keys
+(`emb.weight`, `blocks.{i}.att.w0`, ...). The WKV recurrence itself lives in `kernels.wkv7`.
+
+State, per layer: (att_shift [B, C], wkv [B, H, N, N] fp32 (fp64 for an fp64 model), ffn_shift [B, C]).
+The shifts hold the last token's LayerNorm output (ln1 for time-mix, ln2 for channel-mix), as in the
+`rwkv` package; the WKV state is [value][key]. Nothing is detached: gradients flow into a state that
+is passed in, which is what infctx back-propagation through segments needs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.wkv7 import wkv7
+
+DECAY_SCALE = 0.6065306597  # exp(-0.5): log decay = -DECAY_SCALE * sigmoid(w_raw), decay in (0.545, 1)
+
+
+def _lora_dim(c: int, factor: float, power: float) -> int:
+    """RWKV-LM's LoRA width rule: a multiple of 32, at least 32."""
+    return max(32, int(round(factor * (c**power) / 32) * 32))
+
+
+@dataclass
+class RWKV7Config:
+    """Shape of an RWKV-7 model. LoRA dims left as None come from the width by the formula of the
+    RWKV-7 release (RWKV-LM at the x070 World release; also fla's defaults then), which reproduces the
+    released checkpoints: 0.1B -> 64/64/32/128, 1.5B -> 96/96/64/256. (RWKV-LM's newest train_temp uses
+    2.5/2.5/1.7/5 x sqrt(C), which differs at 1.5B: always read dims from tensors when loading.)"""
+
+    n_layer: int = 12
+    """number of blocks L"""
+    n_embd: int = 768
+    """width C; a multiple of head_size"""
+    vocab_size: int = 65536
+    """V (World vocab: 65536)"""
+    head_size: int = 64
+    """N; H = C / N heads"""
+    dim_w: int | None = None
+    """decay LoRA width (att.w1 [C, dim_w]); default max(32, round(1.8 sqrt(C) / 32) * 32)"""
+    dim_a: int | None = None
+    """in-context learning-rate LoRA width (att.a1); default as dim_w"""
+    dim_v: int | None = None
+    """value-residual LoRA width (att.v1); default max(32, round(1.3 sqrt(C) / 32) * 32)"""
+    dim_g: int | None = None
+    """gate LoRA width (att.g1); default max(32, round(0.6 C^0.8 / 32) * 32)"""
+    dim_ffn: int | None = None
+    """channel-mix hidden width (ffn.key [dim_ffn, C]); default 4C as in the released models"""
+
+    def __post_init__(self):
+        c = self.n_embd
+        if c % self.head_size:
+            raise ValueError(f"n_embd {c} is not a multiple of head_size {self.head_size}")
+        self.dim_w = self.dim_w or _lora_dim(c, 1.8, 0.5)
+        self.dim_a = self.dim_a or _lora_dim(c, 1.8, 0.5)
+        self.dim_v = self.dim_v or _lora_dim(c, 1.3, 0.5)
+        self.dim_g = self.dim_g or _lora_dim(c, 0.6, 0.8)
+        self.dim_ffn = self.dim_ffn or 4 * c
+
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // self.head_size
+
+
+PRESETS: dict[str, RWKV7Config] = {
+    "debug": RWKV7Config(n_layer=2, n_embd=128),
+    "0.1b": RWKV7Config(n_layer=12, n_embd=768),  # RWKV-x070-World-0.1B
+    "0.4b": RWKV7Config(n_layer=24, n_embd=1024),  # RWKV-x070-World-0.4B
+    "1.5b": RWKV7Config(n_layer=24, n_embd=2048),  # RWKV-x070-World-1.5B
+    "2.9b": RWKV7Config(n_layer=32, n_embd=2560),  # RWKV-x070-World-2.9B
+}
+
+
+def _shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """Previous token of each position: x [B, T, C], last [B, C] (None = zeros) -> [B, T, C]."""
+    first = x.new_zeros(x.shape[0], 1, x.shape[2]) if last is None else last.unsqueeze(1).to(x.dtype)
+    return torch.cat([first, x[:, :-1]], dim=1)
+
+
+def _wkv_one_step(r, w, k, v, a, b, s):
+    """One token of the WKV recurrence (the T = 1 path used in RNN-mode generation).
+    r..b [B, H, N], s [B, H, N, N] [value][key] -> (y [B, H, N], new s). Same math as kernels.wkv7.naive."""
+    r, w, k, v, a, b = (t.to(s.dtype) for t in (r, w, k, v, a, b))
+    sa = torch.einsum("bhij,bhj->bhi", s, a)  # [B, H, N]
+    s = s * torch.exp(w).unsqueeze(-2) + sa.unsqueeze(-1) * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
+    return torch.einsum("bhij,bhj->bhi", s, r), s
+
+
+class TimeMix(nn.Module):
+    """RWKV-7 time mixing (the attention replacement): token shift, LoRAs, WKV, GroupNorm, bonus, gate."""
+
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        self.layer_id, self.H, self.N = layer_id, cfg.n_head, cfg.head_size
+        C = cfg.n_embd
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
+            setattr(self, name, nn.Parameter(torch.empty(1, 1, C)))
+        self.w0 = nn.Parameter(torch.empty(1, 1, C))
+        self.w1 = nn.Parameter(torch.empty(C, cfg.dim_w))
+        self.w2 = nn.Parameter(torch.empty(cfg.dim_w, C))
+        self.a0 = nn.Parameter(torch.empty(1, 1, C))
+        self.a1 = nn.Parameter(torch.empty(C, cfg.dim_a))
+        self.a2 = nn.Parameter(torch.empty(cfg.dim_a, C))
+        v_lora = (torch.empty(1, 1, C), torch.empty(C, cfg.dim_v), torch.empty(cfg.dim_v, C))
+        for name, t in zip(("v0", "v1", "v2"), v_lora):
+            if layer_id == 0:  # unused in layer 0 (v_first = v), kept for the official layout; no gradient
+                self.register_buffer(name, t)
+            else:
+                setattr(self, name, nn.Parameter(t))
+        self.g1 = nn.Parameter(torch.empty(C, cfg.dim_g))
+        self.g2 = nn.Parameter(torch.empty(cfg.dim_g, C))
+        self.k_k = nn.Parameter(torch.empty(1, 1, C))
+        self.k_a = nn.Parameter(torch.empty(1, 1, C))
+        self.r_k = nn.Parameter(torch.empty(self.H, self.N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(self.H, C, eps=64e-5)
+
+    def forward(self, x, v_first, shift, wkv_state):
+        """x [B, T, C] (ln1 output); v_first [B, T, C] or None in layer 0; shift [B, C] or None;
+        wkv_state [B, H, N, N] or None -> (out [B, T, C], v_first, new shift [B, C], new wkv state)."""
+        B, T, C = x.shape
+        H, N = self.H, self.N
+        xx = _shift(x, shift) - x
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+
+        r = self.receptance(xr)  # [B, T, C]
+        w_raw = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
+        k = self.key(xk)
+        v = self.value(xv)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)  # [B, T, H, N]
+        k = k * (1 + (a - 1) * self.k_a)
+        w = -DECAY_SCALE * torch.sigmoid(w_raw.float())  # log decay, fp32 (fp64 model: fp64)
+        if x.dtype == torch.float64:
+            w = w.double()
+
+        # the six WKV inputs in one dtype: the matmul dtype (bf16 under autocast, else the model's)
+        dt = r.dtype
+        r4, w4, k4, v4 = (t.reshape(B, T, H, N).to(dt) for t in (r, w, k, v))
+        a4 = (-kk).to(dt)
+        b4 = (kk * a.view(B, T, H, N)).to(dt)
+        s_dtype = torch.float64 if dt == torch.float64 else torch.float32
+        if wkv_state is None:
+            wkv_state = x.new_zeros(B, H, N, N, dtype=s_dtype)
+        if T == 1:
+            y, s = _wkv_one_step(r4[:, 0], w4[:, 0], k4[:, 0], v4[:, 0], a4[:, 0], b4[:, 0], wkv_state.to(s_dtype))
+            y = y.unsqueeze(1)
+        else:
+            y, s = wkv7(r4, w4, k4, v4, a4, b4, initial_state=wkv_state.to(s_dtype), output_final_state=True)
+
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
+        y = y + bonus.view(B, T, C)
+        return self.output(y * g), v_first, x[:, -1], s
+
+
+class ChannelMix(nn.Module):
+    """RWKV-7 channel mixing: token shift, then W_v relu(W_k x)^2."""
+
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        self.x_k = nn.Parameter(torch.empty(1, 1, cfg.n_embd))
+        self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
+        self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
+
+    def forward(self, x, shift):
+        """x [B, T, C] (ln2 output), shift [B, C] or None -> (out [B, T, C], new shift [B, C])."""
+        k = x + (_shift(x, shift) - x) * self.x_k
+        return self.value(torch.relu(self.key(k)) ** 2), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg, layer_id)
+
+    def forward(self, x, v_first, state):
+        """x [B, T, C]; state (att_shift, wkv, ffn_shift) or None -> (x, v_first, new state)."""
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        att_shift, wkv, ffn_shift = state if state is not None else (None, None, None)
+        dx, v_first, att_shift, wkv = self.att(self.ln1(x), v_first, att_shift, wkv)
+        x = x + dx
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
+        return x + dx, v_first, (att_shift, wkv, ffn_shift)
+
+
+class RWKV7(nn.Module):
+    """The RWKV-7 language model. `RWKV7(cfg)` applies the official from-scratch init in __init__
+    (`init=False` leaves the tensors uninitialised, for loading a checkpoint)."""
+
+    def __init__(self, cfg: RWKV7Config, init: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if init:
+            self.init_weights()
+
+    def forward(self, idx: torch.Tensor, state: list | None = None):
+        """idx [B, T] int64 -> (logits [B, T, V], state: n_layer tuples (att_shift [B, C],
+        wkv [B, H, N, N], ffn_shift [B, C])). Passing the state back continues the sequence exactly."""
+        x = self.emb(idx)  # [B, T, C]
+        v_first = None
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, v_first, s = block(x, v_first, None if state is None else state[i])
+            new_state.append(s)
+        return self.head(self.ln_out(x)), new_state
+
+    def zero_state(self, batch: int, device=None, dtype=None) -> list:
+        """The state at the start of a sequence (what `state=None` means), e.g. to carry in a trainer."""
+        cfg = self.cfg
+        device = device or self.emb.weight.device
+        dtype = dtype or self.emb.weight.dtype
+        s_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
+        return [(torch.zeros(batch, C, device=device, dtype=dtype),
+                 torch.zeros(batch, H, N, N, device=device, dtype=s_dtype),
+                 torch.zeros(batch, C, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+
+    @torch.no_grad()
+    def init_weights(self):
+        """RWKV-LM's from-scratch init (`RWKV_Tmix_x070.__init__` and `generate_init_weight`)."""
+        cfg = self.cfg
+        L, C, N, V = cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.vocab_size
+        dev = self.emb.weight.device
+        n = torch.arange(C, device=dev, dtype=torch.float64)
+        ddd = n / C
+        linear = n / (C - 1) - 0.5
+        zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = zigzag * zigzag.abs()
+
+        def ortho(p: torch.Tensor, gain: float):
+            if gain == 0:
+                p.zero_()
+            else:
+                tmp = torch.empty(p.shape, device=p.device, dtype=torch.float32)
+                nn.init.orthogonal_(tmp, gain=gain)
+                p.copy_(tmp)
+
+        def lora2(p: torch.Tensor, scale: float):  # ortho_init: extra gain sqrt(rows/cols) for tall matrices
+            gain = math.sqrt(p.shape[0] / p.shape[1]) if p.shape[0] > p.shape[1] else 1.0
+            ortho(p, gain * scale)
+
+        def put(p: torch.Tensor, values: torch.Tensor):
+            p.copy_(values.reshape(p.shape).to(p.dtype))
+
+        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
+        ortho(self.head.weight, 0.5 * math.sqrt(V / C) if V > C else 0.5)
+        for m in self.modules():
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        for i, blk in enumerate(self.blocks):
+            att, ffn = blk.att, blk.ffn
+            r01 = i / (L - 1) if L > 1 else 0.0
+            r10 = 1.0 - i / L
+            for name, p in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+                put(getattr(att, name), 1.0 - ddd ** (p * r10))
+            www = -6 + 6 * (n / (C - 1)) ** (1 + r01**0.3)
+            put(att.w0, www + 0.5 + zigzag * 2.5)
+            put(att.a0, -0.19 + zigzag * 0.3 + linear * 0.4)
+            put(att.v0, 0.73 - linear * 0.4)
+            put(att.k_k, 0.71 - linear * 0.1)
+            att.k_a.fill_(1.02)
+            att.r_k.fill_(-0.04)
+            for one, two in ((att.w1, att.w2), (att.a1, att.a2), (att.v1, att.v2), (att.g1, att.g2)):
+                one.zero_()
+                lora2(two, 0.1)
+            ortho(att.receptance.weight, 1.0)
+            ortho(att.key.weight, 0.1)
+            ortho(att.value.weight, 1.0)
+            ortho(att.output.weight, 0.0)
+            att.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
+            put(ffn.x_k, 1.0 - ddd ** (r10**4))
+            ortho(ffn.key.weight, 1.0)
+            ortho(ffn.value.weight, 0.0)
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """RWKV-LM's `configure_optimizers` groups: `att.w0` at 2x lr without decay; weight decay only
+        on >=2-D `.weight` matrices (and only if weight_decay > 0); everything else 1x, no decay.
+        Each group has "params", "names", "weight_decay" and "lr_scale"; empty groups are left out."""
+        one, two, decay = [], [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if "att.w0" in name:
+                two.append((name, p))
+            elif weight_decay > 0 and p.squeeze().dim() >= 2 and ".weight" in name:
+                decay.append((name, p))
+            else:
+                one.append((name, p))
+        groups = [(one, 0.0, 1.0), (two, 0.0, 2.0), (decay, weight_decay, 1.0)]
+        return [{"params": [p for _, p in g], "names": [n for n, _ in g], "weight_decay": wd, "lr_scale": s}
+                for g, wd, s in groups if g]
+
+    def save_official(self, path, dtype: torch.dtype | None = None) -> None:
+        """Write the official RWKV-LM state dict (.pth, or .safetensors by suffix), atomically."""
+        from .checkpoint import save_state_dict
+
+        sd = {k: (t if dtype is None else t.to(dtype)) for k, t in self.state_dict().items()}
+        save_state_dict(sd, path)
+
+
+class L2Wrap(torch.autograd.Function):
+    """RWKV-LM's L2Wrap: returns `loss` unchanged; in backward adds 1e-4 / (positions) x max logit at
+    each position's argmax to the logits' gradient, keeping logits from drifting. Uses the corrected
+    form (scaled by the incoming gradient), as RWKV-LM's comment notes."""
+
+    @staticmethod
+    def forward(ctx, loss, logits):
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (y,) = ctx.saved_tensors
+        factor = 1e-4 / (y.numel() // y.shape[-1])  # 1e-4 / (B * T)
+        maxx, ids = torch.max(y, -1, keepdim=True)
+        gy = torch.zeros_like(y).scatter_(-1, ids, maxx * factor)
+        return grad_output, grad_output * gy
+
+
+def l2wrap(loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """loss = l2wrap(cross_entropy(logits, targets), logits)."""
+    return L2Wrap.apply(loss, logits)

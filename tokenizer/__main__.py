@@ -1,0 +1,48 @@
+"""Command line: `python -m tokenizer encode|decode|bench`.
+
+encode: UTF-8 (or any) bytes on stdin -> ids on stdout, space-separated, one line.
+decode: whitespace-separated ids on stdin -> the raw bytes on stdout (exact round trip).
+bench:  the speed comparison of bench/tokenizer.py (ours vs reference vs pyrwkv-tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenizer", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("encode", help="bytes on stdin -> token ids on stdout")
+    sub.add_parser("decode", help="token ids on stdin -> bytes on stdout")
+    bench = sub.add_parser("bench", help="speed vs the reference and pyrwkv-tokenizer")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (see --help there)")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "bench":
+        from tokenizer.benchmark import main as bench_main
+
+        return bench_main(args.args)
+
+    from tokenizer import WorldTokenizer
+
+    tok = WorldTokenizer()
+    if args.cmd == "encode":
+        ids = tok.encode_bytes(sys.stdin.buffer.read())
+        sys.stdout.write(" ".join(map(str, ids)) + "\n")
+        return 0
+    words = sys.stdin.read().split()
+    try:
+        ids = [int(w) for w in words]
+        data = tok.decode_bytes(ids)
+    except ValueError as e:
+        print(f"python -m tokenizer decode: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""`WorldTokenizer`: the RWKV World tokenizer (greedy longest match over UTF-8 bytes).
+
+Same ids as the `rwkv` package's `TRIE_TOKENIZER` for every input (tests/test_tokenizer.py),
+with the hot loop in tokenizer/trie.py. Id 0 is the end-of-document separator: encoding
+never produces it and decoding renders it as nothing. The model's embedding has 65,536 rows,
+so ids fit in uint16.
+
+`encode_batch` spreads documents over threads: the compiled encoder releases the GIL, so
+threads run it in parallel while the UTF-8 encoding and list building stay in Python.
+With `num_workers=1` (e.g. inside a Ray actor, which owns one core) it runs in the caller.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tokenizer.trie import DoubleArrayTrie
+from tokenizer.vocab import VOCAB_SHA256, load_vocab
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Where the vocab comes from and how batches are spread."""
+
+    vocab_path: str | None = None
+    """Vocab file; None = the World vocab shipped in tokenizer/data/."""
+    expected_sha256: str | None = VOCAB_SHA256
+    """sha256 the file must have; None skips the check (only for a deliberately different vocab)."""
+    num_workers: int | None = None
+    """Default threads for `encode_batch`; None = the cores this process may use."""
+    min_batch_bytes_per_worker: int = 1 << 16
+    """Below this many UTF-8 bytes per worker a batch runs in the calling thread."""
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class WorldTokenizer:
+    """RWKV World tokenizer: `encode`, `encode_bytes`, `decode`, `decode_bytes`, `encode_batch`."""
+
+    eod_id = 0
+    vocab_size = 65536
+
+    def __init__(self, config: TokenizerConfig | None = None):
+        self.config = config or TokenizerConfig()
+        vocab = load_vocab(self.config.vocab_path, self.config.expected_sha256)
+        self.vocab_path: Path = vocab.path
+        self.vocab_sha256: str = vocab.sha256
+        self._tokens: list[bytes] = vocab.tokens  # [n_entries + 1], id -> bytes, [0] = b""
+        self._trie = DoubleArrayTrie(vocab.tokens)
+
+    def __repr__(self) -> str:
+        return f"WorldTokenizer(vocab={self.vocab_path.name}, sha256={self.vocab_sha256[:12]}...)"
+
+    @property
+    def n_entries(self) -> int:
+        """Ids 1..n_entries have vocab bytes (65,529 for the World vocab)."""
+        return len(self._tokens) - 1
+
+    def token_bytes(self, idx: int) -> bytes:
+        """The bytes of one id (b"" for the EOD id 0)."""
+        return self.decode_bytes([idx])
+
+    # encoding
+
+    def encode_bytes_to_array(self, data: bytes | bytearray | memoryview) -> np.ndarray:
+        """Token ids of raw bytes as a uint16 array [n_tokens]."""
+        return self._trie.encode_array(np.frombuffer(data, np.uint8))
+
+    def encode_to_array(self, text: str) -> np.ndarray:
+        """Token ids of a str (its UTF-8 bytes) as a uint16 array [n_tokens]."""
+        return self.encode_bytes_to_array(text.encode("utf-8"))
+
+    def encode_bytes(self, data: bytes | bytearray | memoryview) -> list[int]:
+        return self.encode_bytes_to_array(data).tolist()
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_to_array(text).tolist()
+
+    def _encode_group(self, texts: Sequence[str | bytes]) -> tuple[np.ndarray, np.ndarray]:
+        chunks = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in texts]
+        doc_offsets = np.zeros(len(chunks) + 1, np.int64)
+        np.cumsum([len(c) for c in chunks], out=doc_offsets[1:])
+        data = np.frombuffer(b"".join(chunks), np.uint8)
+        return self._trie.encode_docs(data, doc_offsets)
+
+    def _split(self, texts: Sequence[str | bytes], num_workers: int | None) -> list[Sequence[str | bytes]]:
+        """Contiguous groups of about equal length, one per worker (fewer for small batches)."""
+        workers = num_workers or self.config.num_workers or available_cores()
+        lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts))
+        total = int(lengths.sum())
+        workers = max(1, min(workers, len(texts), total // self.config.min_batch_bytes_per_worker))
+        if workers == 1:
+            return [texts]
+        cum = np.cumsum(lengths)
+        cuts = np.searchsorted(cum, np.arange(1, workers) * total / workers).tolist()
+        bounds = [0, *cuts, len(texts)]
+        return [texts[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def encode_batch_to_arrays(
+        self, texts: Sequence[str | bytes], num_workers: int | None = None
+    ) -> list[np.ndarray]:
+        """Token ids of each document as uint16 arrays (views into one buffer per worker)."""
+        out: list[np.ndarray] = []
+        for ids, offs in self._map_groups(texts, num_workers):
+            out.extend(np.split(ids, offs[1:-1]))
+        return out
+
+    def encode_batch(self, texts: Sequence[str | bytes], num_workers: int | None = None) -> list[list[int]]:
+        """Token ids of each document (str, or bytes taken as they are); groups run on threads."""
+        out: list[list[int]] = []
+        for ids, offs in self._map_groups(texts, num_workers, as_lists=True):
+            o = offs.tolist()
+            out.extend(ids[a:b] for a, b in zip(o[:-1], o[1:]))
+        return out
+
+    def _map_groups(self, texts: Sequence[str | bytes], num_workers: int | None, as_lists: bool = False):
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("encode_batch takes a sequence of documents, not one str/bytes")
+        texts = list(texts)
+        if not texts:
+            return []
+        groups = self._split(texts, num_workers)
+
+        def run(group):
+            ids, offs = self._encode_group(group)
+            return (ids.tolist() if as_lists else ids), offs
+
+        if len(groups) == 1:
+            return [run(groups[0])]
+        with ThreadPoolExecutor(len(groups)) as pool:
+            return list(pool.map(run, groups))
+
+    # decoding
+
+    def decode_bytes(self, ids: Iterable[int] | np.ndarray) -> bytes:
+        """Concatenated bytes of the ids; 0 (EOD) adds nothing; an id without an entry raises ValueError."""
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+        tokens = self._tokens
+        try:
+            if ids and (min(ids) < 0 or max(ids) >= len(tokens)):
+                bad = next(i for i in ids if not 0 <= i < len(tokens))
+                raise ValueError(
+                    f"token id {bad} is out of range: valid ids are 0 (EOD) and 1..{len(tokens) - 1}"
+                )
+            return b"".join([tokens[i] for i in ids])
+        except TypeError as e:
+            raise ValueError(f"token ids must be integers: {e}") from e
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        """Text of the ids; bytes that are not valid UTF-8 become U+FFFD (never raises for valid ids)."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")

@@ -1,0 +1,87 @@
+"""MinHash near-duplicate removal: signatures per block, LSH buckets, connected components.
+
+    from pipeline.dedup import MinHashConfig, NearDedup
+    nd = NearDedup(MinHashConfig(threshold=0.8, num_perm=128))
+    sig = nd.signatures(texts)                              # [n, num_perm] uint32, pure
+    removed, dup_of = nd.duplicates([(keys, sig), ...])     # int64 [m] each, sorted by removed
+
+In every cluster of near-duplicates the smallest key (manifest order) is kept; every other member
+is removed with `duplicate_of` = that smallest key. Files: config.py (settings, band/row choice),
+minhash.py (signatures), lsh.py (bands, buckets, one-process clustering), components.py
+(large-star/small-star connected components), ray_exec.py (the same on Ray), __main__.py (CLI).
+
+How it scales to a billion documents (N = 1e9, P = num_perm = 128, B = 9 bands at threshold 0.8,
+D = duplicate-involved documents, usually 10-30 % of N):
+
+- Signatures: O(total characters x P) multiply-min operations, embarrassingly parallel inside the
+  pipeline's per-block tasks; ~10-25k documents of 2 KB per second per core here, so 1e9 documents
+  are ~12-25 core-hours. Output 4P bytes per document = 512 GB, kept in the blocks' object store
+  / spilled, never gathered.
+- Band shuffle: each block emits B rows of (band key 8 B, doc key 8 B) = 144 GB in all, plus, with
+  `verify`, the signature per row (B x 512 GB; turn `verify` off or shrink num_perm at that scale,
+  or verify after the shuffle by a join). Partitioned by band key, so a reduce task holds 1/P of
+  the rows; it sorts them (O(rows log rows)) and emits one star edge per bucket member beyond the
+  first: at most D x B edges, and after its local union-find at most D per partition.
+- Connected components: large-star/small-star rounds, each a shuffle of the current edges (16 B
+  per directed edge, both directions): a few rounds of ~2D edges for the shallow components that
+  near-duplicate graphs have (O(log^2 N) rounds worst case). The driver sees one checksum per task
+  per round, and finally the (removed, duplicate_of) pairs, which is the stage's output anyway
+  (m x 16 B; write them per partition instead at that scale).
+- Small inputs run all of it in one process (band keys, sorts, numba union-find): no Ray start-up.
+  `mode="auto"` uses Ray when it is already initialised or the input has >= `ray_min_docs` docs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import MinHashConfig, optimal_bands_rows
+from .lsh import duplicates_local
+from .minhash import permutations, signatures
+
+__all__ = ["MinHashConfig", "NearDedup", "optimal_bands_rows"]
+
+
+class NearDedup:
+    """Signatures and cluster resolution for one configuration."""
+
+    def __init__(self, cfg: MinHashConfig | None = None):
+        self.cfg = cfg or MinHashConfig()
+        self._perms = permutations(self.cfg)
+        self.last_stats: dict = {}
+
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        """MinHash signatures of a batch of documents.  # [n, num_perm] uint32"""
+        return signatures(texts, self.cfg, self._perms)
+
+    def use_ray(self, n_docs: int) -> bool:
+        """Whether `duplicates` runs on Ray for an input of n_docs documents."""
+        if self.cfg.mode != "auto":
+            return self.cfg.mode == "ray"
+        import ray
+
+        return ray.is_initialized() or n_docs >= self.cfg.ray_min_docs
+
+    def duplicates(self, blocks) -> tuple[np.ndarray, np.ndarray]:
+        """Near-duplicates across blocks of (keys [n] int64, signatures [n, num_perm]).
+
+        Blocks may also be Ray ObjectRefs of such tuples (Ray mode). Keys must be unique across
+        blocks. Returns (removed_keys, duplicate_of_keys), int64 [m], sorted by removed key.
+        """
+        blocks = list(blocks)
+        refs = [b for b in blocks if not isinstance(b, tuple)]
+        n = sum(len(b[0]) for b in blocks if isinstance(b, tuple))
+        if refs or self.use_ray(n):
+            from .ray_exec import duplicates_ray
+
+            removed, dup, self.last_stats = duplicates_ray(blocks, self.cfg)
+            self.last_stats["mode"] = "ray"
+            return removed, dup
+        keys = np.concatenate([np.asarray(b[0], np.int64) for b in blocks]) if blocks else np.zeros(0, np.int64)
+        sig = (
+            np.concatenate([np.asarray(b[1], np.uint32) for b in blocks])
+            if blocks
+            else np.zeros((0, self.cfg.num_perm), np.uint32)
+        )
+        self.last_stats = {"mode": "local"}
+        return duplicates_local(keys, sig, self.cfg)

@@ -1,0 +1,95 @@
+"""Typed configuration of the near-dedup stage and the LSH band/row choice.
+
+The band/row choice follows datasketch's `MinHashLSH` (Leskovec, Rajaraman, Ullman, *Mining of
+Massive Datasets*, ch. 3.4): two documents with Jaccard similarity s share at least one of b bands
+of r rows with probability 1 - (1 - s^r)^b; (b, r) with b*r <= num_perm minimise the weighted area
+of false positives (s < threshold) plus false negatives (s >= threshold) under that S-curve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from scipy.integrate import quad
+
+
+def _false_positive_area(threshold: float, b: int, r: int) -> float:
+    return quad(lambda s: 1 - (1 - s ** float(r)) ** float(b), 0.0, threshold)[0]
+
+
+def _false_negative_area(threshold: float, b: int, r: int) -> float:
+    return quad(lambda s: (1 - s ** float(r)) ** float(b), threshold, 1.0)[0]
+
+
+@lru_cache(maxsize=64)
+def optimal_bands_rows(
+    threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5
+) -> tuple[int, int]:
+    """(bands, rows) minimising fp_weight*FP + fn_weight*FN, exactly as datasketch chooses them."""
+    best, opt = float("inf"), (0, 0)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            err = fp_weight * _false_positive_area(threshold, b, r) + fn_weight * _false_negative_area(
+                threshold, b, r
+            )
+            if err < best:
+                best, opt = err, (b, r)
+    return opt
+
+
+@dataclass
+class MinHashConfig:
+    """Near-duplicate removal settings (signatures, LSH, verification, execution)."""
+
+    threshold: float = 0.8
+    """Jaccard similarity of shingle sets above which two documents are near-duplicates."""
+    num_perm: int = 128
+    """MinHash permutations = signature length (uint32 values)."""
+    shingle_size: int = 5
+    """n of the n-grams (characters or words)."""
+    shingle_kind: str = "char"
+    """"char": character n-grams of the normalised text (works for scripts without spaces);
+    "word": n-grams of whitespace-separated words."""
+    seed: int = 1
+    """Seed of the permutation parameters; signatures are comparable only under the same seed."""
+    bands: int | None = None
+    """LSH bands; derived from threshold and num_perm (datasketch's rule) when None."""
+    rows: int | None = None
+    """Rows per band; derived together with bands when None."""
+    fp_weight: float = 0.5
+    """Weight of the false-positive area when deriving bands/rows."""
+    fn_weight: float = 0.5
+    """Weight of the false-negative area when deriving bands/rows."""
+    verify: bool = True
+    """Keep an LSH candidate pair only if its full-signature Jaccard estimate is >= threshold
+    (removes band collisions of dissimilar documents at the cost of one signature compare per pair)."""
+    threads: int = 1
+    """Threads for `signatures` (the kernels release the GIL); 1 inside Ray tasks."""
+    mode: str = "auto"
+    """"local": one process; "ray": Ray tasks; "auto": Ray when `ray.is_initialized()` or the input
+    has at least `ray_min_docs` documents, else local (small inputs never start Ray)."""
+    ray_min_docs: int = 20_000_000
+    """Input size from which "auto" starts Ray even when it is not running."""
+    partitions: int | None = None
+    """Shuffle partitions on Ray; None = 2 x the cluster's CPUs."""
+    max_rounds: int = 64
+    """Upper bound on large-star/small-star rounds of the distributed connected components."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.num_perm < 2 or self.shingle_size < 1:
+            raise ValueError("num_perm must be >= 2 and shingle_size >= 1")
+        if self.shingle_kind not in ("char", "word"):
+            raise ValueError(f"shingle_kind must be 'char' or 'word', got {self.shingle_kind!r}")
+        if self.mode not in ("auto", "local", "ray"):
+            raise ValueError(f"mode must be auto, local or ray, got {self.mode!r}")
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("give both bands and rows, or neither")
+        if self.bands is None:
+            self.bands, self.rows = optimal_bands_rows(
+                float(self.threshold), int(self.num_perm), self.fp_weight, self.fn_weight
+            )
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands*rows = {self.bands * self.rows} > num_perm = {self.num_perm}")

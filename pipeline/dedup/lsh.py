@@ -1,0 +1,163 @@
+"""LSH banding, candidate edges and in-process clustering.
+
+A signature [num_perm] is cut into `bands` bands of `rows` values; each band is hashed to one
+uint64 band key that also mixes in the band index, so keys of all bands live in one space and can
+be shuffled together by key. Documents with equal band keys form a bucket. A bucket of k members
+yields k-1 "star" edges (member -> smallest key in the bucket) instead of k(k-1)/2 pairs: the same
+connected components with linear edges. With `verify`, an edge is kept only if the two full
+signatures agree in >= threshold of their positions (the MinHash estimate of Jaccard), which drops
+band collisions of dissimilar documents.
+
+Clusters are connected components of the kept edges; each is represented by its smallest key, and
+every other member is removed with `duplicate_of` = that key.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .config import MinHashConfig
+from .minhash import EMPTY, _fmix64
+
+
+@numba.njit(nogil=True, cache=True)
+def _band_keys_kernel(sig, bands, rows, out):
+    """sig [n, P] uint32 -> out [n, bands] uint64; EMPTY signatures -> 0 (never bucketed)."""
+    prime = np.uint64(0x100000001B3)
+    for d in range(sig.shape[0]):
+        empty = True
+        for k in range(sig.shape[1]):
+            if sig[d, k] != np.uint32(0xFFFFFFFF):
+                empty = False
+                break
+        for j in range(bands):
+            if empty:
+                out[d, j] = np.uint64(0)
+                continue
+            h = (np.uint64(0xCBF29CE484222325) ^ np.uint64(j)) * prime
+            for r in range(rows):
+                h = (h ^ np.uint64(sig[d, j * rows + r])) * prime
+            h = _fmix64(h)
+            out[d, j] = h if h != np.uint64(0) else np.uint64(1)
+
+
+def band_keys(sig: np.ndarray, cfg: MinHashConfig) -> np.ndarray:
+    """Band keys of signatures; 0 marks an empty document.  # [n, bands] uint64"""
+    out = np.empty((sig.shape[0], cfg.bands), dtype=np.uint64)
+    _band_keys_kernel(np.ascontiguousarray(sig, dtype=np.uint32), cfg.bands, cfg.rows, out)
+    return out
+
+
+def band_keys_reference(sig: np.ndarray, cfg: MinHashConfig) -> np.ndarray:
+    """Python-int version of `band_keys`.  # [n, bands] uint64"""
+    from .minhash import M64, _fmix64_py
+
+    out = np.zeros((sig.shape[0], cfg.bands), dtype=np.uint64)
+    for d in range(sig.shape[0]):
+        if (sig[d] == EMPTY).all():
+            continue
+        for j in range(cfg.bands):
+            h = ((0xCBF29CE484222325 ^ j) * 0x100000001B3) & M64
+            for v in sig[d, j * cfg.rows : (j + 1) * cfg.rows]:
+                h = ((h ^ int(v)) * 0x100000001B3) & M64
+            out[d, j] = _fmix64_py(h) or 1
+    return out
+
+
+def star_edges(bkey: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bucket members -> smallest key of their bucket.
+
+    bkey [m] uint64 band keys (0 = skip), keys [m] int64 document keys (one row per doc and band).
+    Returns (u, v) int64 [e] with u > v: u shares a bucket whose smallest key is v.
+    """
+    live = bkey != 0
+    bkey, keys = bkey[live], keys[live]
+    order = np.lexsort((keys, bkey))  # by band key, then document key
+    bk, ks = bkey[order], keys[order]
+    start = np.ones(len(bk), dtype=bool)
+    start[1:] = bk[1:] != bk[:-1]
+    leader = ks[np.maximum.accumulate(np.where(start, np.arange(len(bk)), 0))]
+    sel = ~start & (ks != leader)
+    return ks[sel], leader[sel]
+
+
+def agreement(sig_u: np.ndarray, sig_v: np.ndarray) -> np.ndarray:
+    """Fraction of equal MinHash values row by row (estimated Jaccard).  # [e] float"""
+    return (sig_u == sig_v).mean(axis=1) if len(sig_u) else np.zeros(0)
+
+
+@numba.njit(nogil=True, cache=True)
+def _union_find(n, u, v):
+    """Components of edges (u, v) over nodes 0..n-1; returns the smallest node of each component."""
+    parent = np.arange(n)
+    for e in range(u.shape[0]):
+        a, b = u[e], v[e]
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        while parent[b] != b:
+            parent[b] = parent[parent[b]]
+            b = parent[b]
+        if a < b:
+            parent[b] = a
+        elif b < a:
+            parent[a] = b
+    for i in range(n):  # roots are component minima; parents point to smaller nodes
+        parent[i] = parent[parent[i]]
+    return parent
+
+
+def components(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of an edge list over int64 keys (union-find, one process).
+
+    Returns (removed [m], duplicate_of [m]) int64, sorted by removed: every non-minimal member of a
+    component with the component's smallest key.
+    """
+    if len(u) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nodes, inv = np.unique(np.concatenate([u, v]), return_inverse=True)  # sorted: index order = key order
+    root = _union_find(len(nodes), inv[: len(u)].astype(np.int64), inv[len(u) :].astype(np.int64))
+    sel = root != np.arange(len(nodes))
+    return nodes[sel], nodes[root[sel]]
+
+
+def components_reference(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Plain-Python union-find of `components`."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for a, b in zip(u.tolist(), v.tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    pairs = sorted((x, find(x)) for x in parent if find(x) != x)
+    return np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64)
+
+
+def duplicates_local(keys: np.ndarray, sig: np.ndarray, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray]:
+    """All of LSH + verification + components in one process.  keys [n] int64, sig [n, P] uint32."""
+    if len(keys) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if len(np.unique(keys)) != len(keys):
+        raise ValueError("document keys must be unique")
+    bk = band_keys(sig, cfg)  # [n, bands]
+    rows = np.arange(len(keys), dtype=np.int64)
+    us, vs = [], []
+    for j in range(cfg.bands):  # one band at a time bounds the sort's memory to n rows
+        u, v = star_edges(bk[:, j], rows)
+        us.append(u)
+        vs.append(v)
+    u, v = np.concatenate(us), np.concatenate(vs)
+    if len(u):
+        pair = np.unique(np.stack([u, v], 1), axis=0)  # same pair from several bands
+        u, v = pair[:, 0], pair[:, 1]
+    if cfg.verify and len(u):
+        ok = agreement(sig[u], sig[v]) >= cfg.threshold
+        u, v = u[ok], v[ok]
+    removed, dup = components(keys[u], keys[v])
+    return removed, dup

@@ -1,0 +1,155 @@
+"""WKV7 on the GPU: `chunk_wkv7` (training; chunked Triton forward and backward) and `recurrent_wkv7`
+(step-by-step Triton forward for decoding and short T; its backward is the chunked one).
+
+Kernels and their math: triton_kernels.py. This module imports triton, so import it lazily
+(`kernels.wkv7` does) to let tests choose TRITON_INTERPRET before it is loaded.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import triton_kernels as K
+
+
+@dataclass
+class WKV7KernelConfig:
+    chunk_size: int = 16
+    """Steps per chunk (power of two, 16..64): larger means fewer sequential steps but bigger [C, C] work."""
+    block_v: int = 64
+    """Rows of the state (value index) per program; N / block_v programs per head share its work."""
+    precision: str = "tf32"
+    """tl.dot input precision for float32 operands: "tf32" (tensor cores), "tf32x3" or "ieee"."""
+    num_warps: int = 4
+    """Warps per program for the chunked kernels."""
+    poison_outputs: bool = False
+    """Fill outputs with NaN before the kernels run (tests: an unwritten element then fails)."""
+
+
+CONFIG = WKV7KernelConfig()
+
+
+def _alloc(shape, dtype, device):
+    if CONFIG.poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check(r, w, k, v, a, b, initial_state):
+    B, T, H, N = r.shape
+    for name, x in zip("rwkvab", (r, w, k, v, a, b)):
+        if x.shape != (B, T, H, N):
+            raise ValueError(f"wkv7: {name} has shape {tuple(x.shape)}, expected {(B, T, H, N)} like r")
+    if T < 1:
+        raise ValueError("wkv7: T must be >= 1")
+    if N < 16 or N & (N - 1):
+        raise ValueError(f"wkv7: head size N={N} must be a power of two >= 16")
+    if initial_state is not None and initial_state.shape != (B, H, N, N):
+        raise ValueError(f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, N, N)}")
+
+
+def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
+    """Chunked forward. Returns y [B, T, H, N] (dtype of r), final [B, H, N, N] fp32 or None,
+    chunk-start states [B, H, NC, N, N] fp32 or None."""
+    B, T, H, N = r.shape
+    C, BV = CONFIG.chunk_size, min(CONFIG.block_v, N)
+    NC = triton_cdiv(T, C)
+    y = _alloc((B, T, H, N), r.dtype, r.device)
+    sT = _alloc((B, H, N, N), torch.float32, r.device) if store_final else None
+    st = _alloc((B, H, NC, N, N), torch.float32, r.device) if store_states else None
+    K.chunk_fwd_kernel[(B * H, N // BV)](
+        r, w, k, v, a, b, s0, y, sT, st, T, NC, H=H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV,
+        HAS_S0=s0 is not None, STORE_FINAL=store_final, STORE_STATES=store_states,
+        PREC=CONFIG.precision, num_warps=CONFIG.num_warps)
+    return y, sT, st
+
+
+def _bwd(r, w, k, v, a, b, st, dy, dsT, need_ds0):
+    """Chunked backward from the stored chunk-start states. Returns (dr, dw, dk, dv, da, db, ds0)."""
+    B, T, H, N = r.shape
+    C, BV = CONFIG.chunk_size, min(CONFIG.block_v, N)
+    NC = st.shape[2]
+    NV = N // BV
+    dev = r.device
+    parts = [_alloc((NV, B, T, H, N), torch.float32, dev) for _ in range(5)]  # dr, dw, dk, da, db
+    dv = _alloc((B, T, H, N), torch.float32, dev)
+    ds0 = _alloc((B, H, N, N), torch.float32, dev)
+    K.chunk_bwd_kernel[(B * H, NV)](
+        r, w, k, v, a, b, st, dy.contiguous(), dsT, ds0, parts[0], parts[1], parts[2], dv, parts[3], parts[4],
+        T, NC, B * T * H * N, H=H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV, HAS_DST=dsT is not None,
+        PREC=CONFIG.precision, num_warps=CONFIG.num_warps)
+    dr, dw, dk, da, db = (p[0] if NV == 1 else p.sum(0) for p in parts)
+    return (dr.to(r.dtype), dw.to(w.dtype), dk.to(k.dtype), dv.to(v.dtype), da.to(a.dtype), db.to(b.dtype),
+            ds0 if need_ds0 else None)
+
+
+def triton_cdiv(x: int, y: int) -> int:
+    return (x + y - 1) // y
+
+
+class ChunkWKV7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0, output_final_state):
+        r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+        s0 = None if s0 is None else s0.float().contiguous()
+        need_grad = any(ctx.needs_input_grad[:7])
+        y, sT, st = _fwd(r, w, k, v, a, b, s0, output_final_state, need_grad)
+        ctx.save_for_backward(r, w, k, v, a, b, st)
+        ctx.has_s0 = s0 is not None
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, w, k, v, a, b, st = ctx.saved_tensors
+        dsT = None if dsT is None else dsT.float().contiguous()
+        if dy is None:
+            dy = torch.zeros_like(r)
+        grads = _bwd(r, w, k, v, a, b, st, dy, dsT, ctx.has_s0)
+        return (*grads, None)
+
+
+class RecurrentWKV7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0, output_final_state):
+        r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+        s0 = None if s0 is None else s0.float().contiguous()
+        B, T, H, N = r.shape
+        BV = min(16, N)
+        y = _alloc((B, T, H, N), r.dtype, r.device)
+        sT = _alloc((B, H, N, N), torch.float32, r.device) if output_final_state else None
+        K.recurrent_fwd_kernel[(B * H, N // BV)](
+            r, w, k, v, a, b, s0, y, sT, T, H=H, N=N, BV=BV, HAS_S0=s0 is not None,
+            STORE_FINAL=output_final_state, num_warps=1)
+        ctx.save_for_backward(r, w, k, v, a, b, s0)
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, w, k, v, a, b, s0 = ctx.saved_tensors
+        _, _, st = _fwd(r, w, k, v, a, b, s0, False, True)
+        dsT = None if dsT is None else dsT.float().contiguous()
+        if dy is None:
+            dy = torch.zeros_like(r)
+        grads = _bwd(r, w, k, v, a, b, st, dy, dsT, s0 is not None)
+        return (*grads, None)
+
+
+def chunk_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
+    """Chunked Triton WKV7 (training path), forward and backward.
+
+    r, w, k, v, a, b: [B, T, H, N] bf16/fp16/fp32, any T >= 1; w is the log decay (w <= 0, and
+    w >= -0.6065 as the model produces it). initial_state: [B, H, N, N] fp32 ([value][key]) or None.
+    Returns (y [B, T, H, N] in r's dtype, final_state [B, H, N, N] fp32 or None). Gradients flow to all
+    six inputs and initial_state, from y and from final_state.
+    """
+    _check(r, w, k, v, a, b, initial_state)
+    return ChunkWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)
+
+
+def recurrent_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
+    """Step-by-step Triton WKV7 (decoding, short T). Same arguments and results as `chunk_wkv7`;
+    the backward recomputes chunk states and uses the chunked backward kernel."""
+    _check(r, w, k, v, a, b, initial_state)
+    return RecurrentWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)

@@ -1,0 +1,438 @@
+"""Memory-mapped shard loader: fixed-length token windows from the pipeline's Arrow shards.
+
+The corpus is `DATA/index.json` plus Arrow IPC files (one document per row, `input_ids: list<uint16>`).
+Each shard is opened with `pa.memory_map` + `ipc.open_file`; the `input_ids` column's offsets and values
+buffers are viewed as numpy arrays without copying, so a window read touches only its own pages.
+
+Per component, the documents (in shard order) are joined with token 0 after each one into one virtual
+stream; window p of a component is stream[p*D : p*D + D + 1] with D = data_ctx_len (inputs are the
+first D tokens, targets the last D). The last `val_fraction` of each component's windows is held out
+for validation.
+
+Sampling is a pure function of the global sample index i (so the order does not depend on the number
+of ranks or loader workers, and the loader position is just "samples consumed"):
+  1. component c(i): seeded uniform draws in blocks of 8192 against the cumulative mixture
+     probabilities, p_c ∝ weight_c × train_windows_c (weight = how many times a component is seen,
+     as in the manifest);
+  2. j = how many earlier samples chose c; epoch e = j // n_c, q = j % n_c;
+  3. window = Feistel permutation of [0, n_c) keyed by (seed, c, e), applied to q.
+Global batch s holds samples [s*G, (s+1)*G); rank r, micro-step m takes G/(world*accum) consecutive
+ones; loader worker w of W produces this rank's micro-batches m ≡ w (mod W). Nothing overlaps, and a
+resume at "samples consumed" repeats nothing and skips nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+import torch
+
+INDEX_SCHEMA_VERSION = 1
+EOD = 0
+BLOCK = 8192  # samples per block of component draws
+
+
+class DataError(ValueError):
+    """The corpus cannot be used: missing or corrupt index or shard, bad schema, bad mixture."""
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def check_schema(schema: pa.Schema, where: str) -> None:
+    """Columns `id` (string), `component` (string or dictionary of strings), `input_ids` (list<uint16>)."""
+    names = set(schema.names)
+    for col in ("id", "component", "input_ids"):
+        if col not in names:
+            raise DataError(f"{where}: missing column {col!r} (has {sorted(names)})")
+    if not _is_string(schema.field("id").type):
+        raise DataError(f"{where}: column 'id' must be string, is {schema.field('id').type}")
+    ct = schema.field("component").type
+    if not (_is_string(ct) or (pa.types.is_dictionary(ct) and _is_string(ct.value_type))):
+        raise DataError(f"{where}: column 'component' must be string or dictionary<string>, is {ct}")
+    it = schema.field("input_ids").type
+    if not ((pa.types.is_list(it) or pa.types.is_large_list(it)) and it.value_type == pa.uint16()):
+        raise DataError(f"{where}: column 'input_ids' must be list<uint16>, is {it}")
+
+
+def load_index(data_dir: str | Path) -> dict:
+    """Read and validate DATA/index.json (schema version, tokenizer, shard list, components)."""
+    data_dir = Path(data_dir)
+    path = data_dir / "index.json"
+    if not path.exists():
+        raise DataError(f"{path}: index not found (build the corpus with pipeline/build.py or `make corpus`)")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(index, dict):
+        raise DataError(f"{path}: top level must be an object")
+    if index.get("schema_version") != INDEX_SCHEMA_VERSION:
+        raise DataError(f"{path}: schema_version {index.get('schema_version')!r}, "
+                        f"this trainer reads {INDEX_SCHEMA_VERSION}")
+    tok = index.get("tokenizer")
+    if not isinstance(tok, dict) or tok.get("eod_id") != EOD or not isinstance(tok.get("vocab_size"), int):
+        raise DataError(f"{path}: 'tokenizer' must give eod_id 0 and an integer vocab_size, got {tok!r}")
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise DataError(f"{path}: 'shards' must be a non-empty list")
+    for i, s in enumerate(shards):
+        for key in ("path", "documents", "tokens", "sha256"):
+            if not isinstance(s, dict) or key not in s:
+                raise DataError(f"{path}: shards[{i}] lacks {key!r}")
+    if not isinstance(index.get("components", {}), dict):
+        raise DataError(f"{path}: 'components' must be an object")
+    return index
+
+
+@dataclass
+class _Component:
+    name: str
+    doc_seg: np.ndarray     # [n_docs] int32: which (shard, record batch) segment holds the document
+    doc_start: np.ndarray   # [n_docs] int64: first token in that segment's values buffer
+    doc_len: np.ndarray     # [n_docs] int64
+    cum: np.ndarray         # [n_docs + 1] int64: stream position of each document (len + 1 per doc)
+    n_windows: int
+    n_train: int
+
+
+class ShardCorpus:
+    """The memory-mapped corpus: validated shards, per-component document tables, window reads."""
+
+    def __init__(self, data_dir: str | Path, data_ctx_len: int, val_fraction: float = 0.01,
+                 mixture: dict[str, float] | None = None, verify_checksums: bool = True):
+        self.data_dir = Path(data_dir)
+        self.D = int(data_ctx_len)
+        self.val_fraction = float(val_fraction)
+        self.verify_checksums = verify_checksums
+        self.index = load_index(self.data_dir)
+        self.vocab_size = int(self.index["tokenizer"]["vocab_size"])
+        self._values: list[np.ndarray] | None = None
+        self._maps: list = []
+        seg_comp, seg_starts, seg_lens, names = self._open(verify=verify_checksums)
+        self.components = self._build_components(seg_comp, seg_starts, seg_lens, names)
+        self.weights = self._mixture(mixture or {})
+        names_w = [c for c in self.components if self.weights.get(c, 0.0) > 0]
+        self.train_components = names_w
+        n = np.array([self.components[c].n_train for c in names_w], dtype=np.float64)
+        w = np.array([self.weights[c] for c in names_w], dtype=np.float64)
+        self.probs = (w * n) / (w * n).sum()
+        self.cdf = np.cumsum(self.probs)
+        self.cdf[-1] = 1.0
+
+    # --- opening and validation -------------------------------------------------------------------
+
+    def _open(self, verify: bool):
+        idx_path = self.data_dir / "index.json"
+        seg_comp, seg_starts, seg_lens = [], [], []
+        names: dict[str, int] = {}
+        values = []
+        for i, s in enumerate(self.index["shards"]):
+            path = self.data_dir / s["path"]
+            where = f"{path} (listed at {idx_path} shards[{i}])"
+            if not path.exists():
+                raise DataError(f"{where}: shard file is missing")
+            if verify:
+                digest = sha256_file(path)
+                if digest != s["sha256"]:
+                    raise DataError(f"{where}: sha256 {digest} does not match the index ({s['sha256']})")
+            try:
+                mm = pa.memory_map(str(path), "r")
+                reader = ipc.open_file(mm)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{where}: not a readable Arrow IPC file: {e}") from None
+            check_schema(reader.schema, where)
+            self._maps.append(mm)
+            rows = tokens = 0
+            for b in range(reader.num_record_batches):
+                batch = reader.get_batch(b)
+                ids = batch.column("input_ids")
+                if ids.null_count or ids.values.null_count:
+                    raise DataError(f"{where}: record batch {b} has null input_ids")
+                offsets = ids.offsets.to_numpy(zero_copy_only=True)           # [rows + 1]
+                values.append(ids.values.to_numpy(zero_copy_only=True))       # uint16 view of the mmap
+                comp = batch.column("component")
+                if not pa.types.is_dictionary(comp.type):
+                    comp = pc.dictionary_encode(comp)
+                if comp.null_count:
+                    raise DataError(f"{where}: record batch {b} has null components")
+                local = comp.dictionary.to_pylist()
+                remap = np.array([names.setdefault(n, len(names)) for n in local], dtype=np.int32)
+                codes = remap[comp.indices.to_numpy(zero_copy_only=False)] if len(local) else \
+                    np.zeros(0, dtype=np.int32)
+                seg_comp.append(codes)
+                seg_starts.append(offsets[:-1].astype(np.int64))
+                seg_lens.append(np.diff(offsets).astype(np.int64))
+                rows += len(batch)
+                tokens += int(offsets[-1] - offsets[0])
+            if rows != s["documents"] or tokens != s["tokens"]:
+                raise DataError(f"{where}: holds {rows} documents / {tokens} tokens, index says "
+                                f"{s['documents']} / {s['tokens']}")
+        self._values = values
+        return seg_comp, seg_starts, seg_lens, {v: k for k, v in names.items()}
+
+    def _build_components(self, seg_comp, seg_starts, seg_lens, names) -> dict[str, _Component]:
+        comp = np.concatenate(seg_comp)
+        seg = np.concatenate([np.full(len(c), i, dtype=np.int32) for i, c in enumerate(seg_comp)])
+        starts = np.concatenate(seg_starts)
+        lens = np.concatenate(seg_lens)
+        out = {}
+        for code in sorted(names):
+            m = comp == code
+            dl = lens[m]
+            cum = np.zeros(len(dl) + 1, dtype=np.int64)
+            np.cumsum(dl + 1, out=cum[1:])
+            n_windows = max(0, int((cum[-1] - 1) // self.D))
+            n_val = 0
+            if self.val_fraction > 0 and n_windows >= 2:
+                n_val = max(1, int(round(n_windows * self.val_fraction)))
+            out[names[code]] = _Component(names[code], seg[m], starts[m], dl, cum, n_windows, n_windows - n_val)
+        return out
+
+    def _mixture(self, override: dict[str, float]) -> dict[str, float]:
+        comps = self.index.get("components", {})
+        weights = {c: float(comps.get(c, {}).get("weight", 1.0)) for c in self.components}
+        for c, w in override.items():
+            if c not in self.components:
+                raise DataError(f"data.mixture: component {c!r} is not in the corpus "
+                                f"(has {', '.join(self.components)})")
+            if w < 0:
+                raise DataError(f"data.mixture: weight of {c!r} is negative")
+            weights[c] = float(w)
+        for c, w in weights.items():
+            if w > 0 and self.components[c].n_train <= 0:
+                raise DataError(f"component {c!r} has weight {w} but fewer than {self.D + 1} tokens "
+                                f"for even one training window of data_ctx_len {self.D}")
+        if not any(w > 0 for w in weights.values()):
+            raise DataError("data.mixture: every component has weight 0")
+        return weights
+
+    # --- pickling for loader workers: the mmaps are reopened lazily ----------------------------
+
+    def __getstate__(self):
+        st = dict(self.__dict__)
+        st["_values"] = None
+        st["_maps"] = []
+        return st
+
+    def _ensure_open(self):
+        if self._values is None:
+            values = []
+            for s in self.index["shards"]:
+                mm = pa.memory_map(str(self.data_dir / s["path"]), "r")
+                reader = ipc.open_file(mm)
+                self._maps.append(mm)
+                for b in range(reader.num_record_batches):
+                    values.append(reader.get_batch(b).column("input_ids").values.to_numpy(zero_copy_only=True))
+            self._values = values
+
+    # --- windows ------------------------------------------------------------------------------
+
+    def read_window(self, comp: str, p: int, out: np.ndarray) -> np.ndarray:
+        """Copy stream[p*D : p*D + D + 1] of a component into `out` ([D + 1] integer array)."""
+        self._ensure_open()
+        c = self.components[comp]
+        pos = p * self.D
+        end = pos + self.D + 1
+        d = int(np.searchsorted(c.cum, pos, side="right")) - 1
+        o = 0
+        while pos < end:
+            off = pos - int(c.cum[d])            # position inside document d's stream slice
+            n = int(c.doc_len[d])
+            if off < n:
+                take = min(n - off, end - pos)
+                s = int(c.doc_start[d]) + off
+                out[o:o + take] = self._values[int(c.doc_seg[d])][s:s + take]
+            else:                                  # the separator after document d
+                take = 1
+                out[o] = EOD
+                d += 1
+            o += take
+            pos += take
+        return out
+
+    def val_windows(self) -> list[tuple[str, int]]:
+        """Every held-out window, interleaved across components by a fixed shuffle."""
+        items = [(name, p) for name, c in self.components.items() for p in range(c.n_train, c.n_windows)]
+        order = np.random.default_rng(0).permutation(len(items))
+        return [items[i] for i in order]
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def feistel_permute(q: np.ndarray, n: int, key: int) -> np.ndarray:
+    """A keyed bijection of [0, n) applied to q: 4-round Feistel network on the smallest even bit
+    width covering n, with cycle walking (re-apply while out of range; expected < 4 rounds)."""
+    q = np.asarray(q, dtype=np.uint64)
+    if n <= 1:
+        return q.astype(np.int64)
+    bits = max(2, math.ceil(math.log2(n)))
+    bits += bits % 2
+    half = np.uint64(bits // 2)
+    mask = np.uint64((1 << (bits // 2)) - 1)
+    keys = [_mix64(np.array([key * 4 + r], dtype=np.uint64))[0] for r in range(4)]
+
+    def once(x):
+        left, right = x >> half, x & mask
+        for k in keys:
+            with np.errstate(over="ignore"):
+                f = _mix64(right ^ k) & mask
+            left, right = right, left ^ f
+        return (left << half) | right
+
+    x = once(q)
+    bad = x >= np.uint64(n)
+    while bad.any():
+        x[bad] = once(x[bad])
+        bad = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+class MixtureSampler:
+    """Global sample index -> (component, window): a pure, seeded function (see the module docstring)."""
+
+    def __init__(self, corpus: ShardCorpus, seed: int):
+        self.corpus = corpus
+        self.seed = int(seed)
+        self.names = corpus.train_components
+        self.n = np.array([corpus.components[c].n_train for c in self.names], dtype=np.int64)
+        self._before: list[np.ndarray] = [np.zeros(len(self.names), dtype=np.int64)]  # counts before block k
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _block(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(component code, rank among same-component draws inside the block) for block k."""
+        if k not in self._blocks:
+            rng = np.random.Generator(np.random.PCG64([self.seed, 0x6D6978, k]))
+            choice = np.searchsorted(self.corpus.cdf, rng.random(BLOCK), side="right")
+            choice = np.minimum(choice, len(self.names) - 1)
+            rank = np.empty(BLOCK, dtype=np.int64)
+            for c in range(len(self.names)):
+                where = np.flatnonzero(choice == c)
+                rank[where] = np.arange(len(where))
+            if len(self._blocks) > 64:
+                self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[k] = (choice, rank)
+        return self._blocks[k]
+
+    def _counts_before(self, k: int) -> np.ndarray:
+        while len(self._before) <= k:
+            j = len(self._before) - 1
+            choice, _ = self._block(j)
+            self._before.append(self._before[j] + np.bincount(choice, minlength=len(self.names)))
+        return self._before[k]
+
+    def locate(self, i: np.ndarray) -> list[tuple[str, int]]:
+        i = np.asarray(i, dtype=np.int64)
+        out = []
+        for s in i.tolist():
+            k, r = divmod(s, BLOCK)
+            choice, rank = self._block(k)
+            c = int(choice[r])
+            j = int(self._counts_before(k)[c] + rank[r])
+            e, q = divmod(j, int(self.n[c]))
+            key = (self.seed * 1_000_003 + c) * 1_000_003 + e
+            p = int(feistel_permute(np.array([q]), int(self.n[c]), key)[0])
+            out.append((self.names[c], p))
+        return out
+
+
+@dataclass
+class Layout:
+    """How a global batch is split: G = micro_batch_size × world_size × accumulate samples per step."""
+    micro_batch_size: int
+    world_size: int = 1
+    rank: int = 0
+    accumulate: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.world_size * self.accumulate
+
+    def sample_ids(self, start_sample: int, m: int) -> np.ndarray:
+        """Global sample indices of this rank's m-th micro-batch counted from `start_sample`."""
+        step, micro = divmod(m, self.accumulate)
+        first = start_sample + step * self.global_batch + (micro * self.world_size + self.rank) * self.micro_batch_size
+        return first + np.arange(self.micro_batch_size, dtype=np.int64)
+
+
+class TrainWindows(torch.utils.data.IterableDataset):
+    """This rank's micro-batches ([B, D + 1] int64) from sample `start_sample` on, forever."""
+
+    def __init__(self, corpus: ShardCorpus, seed: int, layout: Layout, start_sample: int = 0):
+        self.corpus, self.seed, self.layout, self.start_sample = corpus, seed, layout, int(start_sample)
+
+    def batch(self, m: int) -> torch.Tensor:
+        sampler = self._sampler()
+        ids = self.layout.sample_ids(self.start_sample, m)
+        out = np.empty((len(ids), self.corpus.D + 1), dtype=np.int64)
+        for row, (c, p) in enumerate(sampler.locate(ids)):
+            self.corpus.read_window(c, p, out[row])
+        return torch.from_numpy(out)
+
+    def _sampler(self) -> MixtureSampler:
+        if getattr(self, "_s", None) is None:
+            self._s = MixtureSampler(self.corpus, self.seed)
+        return self._s
+
+    def __getstate__(self):
+        st = dict(self.__dict__)
+        st["_s"] = None
+        return st
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, W = (0, 1) if info is None else (info.id, info.num_workers)
+        m = w
+        while True:
+            yield self.batch(m)
+            m += W
+
+
+def make_train_loader(corpus: ShardCorpus, seed: int, layout: Layout, start_sample: int, num_workers: int):
+    ds = TrainWindows(corpus, seed, layout, start_sample)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=num_workers > 0,
+                                       prefetch_factor=4 if num_workers > 0 else None)
+
+
+def val_batches(corpus: ShardCorpus, layout: Layout, n_batches: int) -> list[torch.Tensor]:
+    """This rank's share of the validation windows: the first n_batches × B × world held-out windows
+    (same set every time), rank r taking every world-th one."""
+    items = corpus.val_windows()
+    per = layout.micro_batch_size * layout.world_size
+    n = min(len(items) // per, n_batches) * per
+    mine = items[layout.rank:n:layout.world_size]
+    out = []
+    for s in range(0, len(mine), layout.micro_batch_size):
+        chunk = mine[s:s + layout.micro_batch_size]
+        arr = np.empty((len(chunk), corpus.D + 1), dtype=np.int64)
+        for row, (c, p) in enumerate(chunk):
+            corpus.read_window(c, p, arr[row])
+        out.append(torch.from_numpy(arr))
+    return out

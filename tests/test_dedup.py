@@ -1,0 +1,202 @@
+"""MinHash near-dedup: kernels against their plain references, quality against exact Jaccard,
+Ray against the one-process path, and the CLI's handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.dedup import MinHashConfig, NearDedup, lsh, minhash, optimal_bands_rows
+from pipeline.dedup import components as cc
+from pipeline.dedup.synth import SynthConfig, evaluate, make_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _random_texts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    alphabet = list("abcdef ghij  \n\tKLMNÄÖ 中文字日本語сло ва") + ["\u3000", "😀"]
+    return ["".join(rng.choice(alphabet, int(rng.integers(0, 60)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind,size", [("char", 5), ("char", 1), ("word", 2), ("word", 5)])
+def test_signatures_match_reference(kind, size):
+    cfg = MinHashConfig(num_perm=16, shingle_kind=kind, shingle_size=size, seed=3)
+    texts = _random_texts(80, seed=size) + ["", "   ", "a", "ab cd"]
+    fast = NearDedup(cfg).signatures(texts)
+    ref = minhash.signatures_reference(texts, cfg)
+    assert fast.dtype == np.uint32 and fast.shape == (len(texts), 16)
+    np.testing.assert_array_equal(fast, ref)
+    assert (fast[-4] == minhash.EMPTY).all() and (fast[-3] == minhash.EMPTY).all()
+
+
+def test_signatures_threads_equal_single():
+    texts = _random_texts(300, seed=9)
+    one = NearDedup(MinHashConfig(threads=1)).signatures(texts)
+    two = NearDedup(MinHashConfig(threads=2)).signatures(texts)
+    np.testing.assert_array_equal(one, two)
+
+
+def test_normalisation_makes_case_and_whitespace_irrelevant():
+    nd = NearDedup(MinHashConfig(num_perm=32))
+    sig = nd.signatures(["Hello   World\n\tagain", "hello world again", "hello world agaim"])
+    assert (sig[0] == sig[1]).all() and not (sig[0] == sig[2]).all()
+
+
+def test_minhash_estimates_jaccard():
+    """Agreement of 256-value signatures is an unbiased estimate of the exact shingle Jaccard."""
+    cfg = MinHashConfig(num_perm=256)
+    texts, planted = make_corpus(SynthConfig(docs=300, copy_fraction=0.5, mean_chars=600, seed=4))
+    pairs = [(s, c) for s, c, _ in planted] + [(i, i + 1) for i in range(0, 100, 2)]
+    sig = NearDedup(cfg).signatures(texts)
+    est = lsh.agreement(sig[[p[0] for p in pairs]], sig[[p[1] for p in pairs]])
+    true = np.array([minhash.jaccard_reference(texts[a], texts[b], cfg) for a, b in pairs])
+    assert true.min() < 0.3 and true.max() == 1.0  # the pairs span the range
+    err = est - true
+    assert abs(err.mean()) < 0.01 and np.abs(err).max() < 0.15
+
+
+def test_band_keys_match_reference():
+    cfg = MinHashConfig(num_perm=32, threshold=0.7)
+    sig = NearDedup(cfg).signatures(_random_texts(40, seed=1) + [""])
+    np.testing.assert_array_equal(lsh.band_keys(sig, cfg), lsh.band_keys_reference(sig, cfg))
+    assert (lsh.band_keys(sig, cfg)[-1] == 0).all()
+
+
+@pytest.mark.parametrize("threshold,num_perm", [(0.8, 128), (0.5, 64), (0.9, 256), (0.7, 32)])
+def test_bands_rows_as_datasketch(threshold, num_perm):
+    from datasketch.lsh import _optimal_param
+
+    assert optimal_bands_rows(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        MinHashConfig(threshold=0)
+    with pytest.raises(ValueError):
+        MinHashConfig(bands=4)
+    with pytest.raises(ValueError):
+        MinHashConfig(num_perm=16, bands=4, rows=5)
+    with pytest.raises(ValueError):
+        MinHashConfig(shingle_kind="byte")
+    assert (MinHashConfig(num_perm=16, bands=4, rows=4).bands, MinHashConfig().bands) == (4, 9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_components_three_ways(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(50, 3000))
+    u = rng.integers(0, n, n // 2) * 7 + 3  # sparse, non-contiguous keys
+    v = rng.integers(0, n, n // 2) * 7 + 3
+    ref = lsh.components_reference(u, v)
+    fast = lsh.components(u, v)
+    star = cc.star_components(u, v, parts=int(rng.integers(1, 6)))
+    for got in (fast, star[:2]):
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+
+
+def test_components_long_path():
+    """A path is the worst case for label propagation; large/small-star still converges."""
+    u = np.arange(1, 2000)
+    v = np.arange(0, 1999)
+    removed, dup, rounds = cc.star_components(u[::-1], v[::-1], parts=3)
+    np.testing.assert_array_equal(removed, np.arange(1, 2000))
+    assert (dup == 0).all() and rounds < 40
+
+
+def test_duplicates_semantics():
+    """Smallest key kept whatever the block order; result sorted; empty docs never matched."""
+    base = "the quick brown fox jumps over the lazy dog again and again " * 20
+    texts = [base, "unrelated text about gardening " * 30, base + " end", "", "", base.upper()]
+    keys = np.array([50, 10, 30, 11, 12, 7])
+    nd = NearDedup(MinHashConfig(mode="local"))
+    sig = nd.signatures(texts)
+    removed, dup = nd.duplicates([(keys[3:], sig[3:]), (keys[:3], sig[:3])])
+    assert removed.dtype == np.int64 and dup.dtype == np.int64
+    np.testing.assert_array_equal(removed, [30, 50])
+    np.testing.assert_array_equal(dup, [7, 7])
+    empty = nd.duplicates([])
+    assert len(empty[0]) == 0 and len(empty[1]) == 0
+    with pytest.raises(ValueError):
+        nd.duplicates([(np.array([1, 1]), sig[:2])])
+
+
+def test_quality_on_planted_corpus():
+    """>= 95 % of planted copies with exact Jaccard >= 0.9 found, <= 1 % gross removals."""
+    cfg = MinHashConfig(mode="local")
+    texts, planted = make_corpus(SynthConfig(docs=3000, seed=11))
+    nd = NearDedup(cfg)
+    sig = nd.signatures(texts)
+    keys = np.arange(len(texts))
+    removed, dup = nd.duplicates([(keys[:1234], sig[:1234]), (keys[1234:], sig[1234:])])
+    q = evaluate(texts, planted, removed, dup, cfg)
+    assert q["pairs_high"] > 300
+    assert q["recall_high"] >= 0.95, q
+    assert q["gross_error_rate"] <= 0.01, q
+    assert q["found_by_kind"]["exact"] == 1.0 and q["found_by_kind"]["whitespace"] == 1.0
+    assert np.all(np.diff(removed) > 0) and np.all(dup < removed)
+
+
+def test_ray_matches_local():
+    """The Ray path (band shuffle + distributed large/small-star) gives the one-process answer."""
+    import ray
+
+    texts, _ = make_corpus(SynthConfig(docs=1500, seed=5, mean_chars=800))
+    nd_local = NearDedup(MinHashConfig(mode="local"))
+    sig = nd_local.signatures(texts)
+    keys = np.arange(len(texts), dtype=np.int64)[::-1].copy()  # keys against row order
+    blocks = [(keys[i : i + 400], sig[i : i + 400]) for i in range(0, len(texts), 400)]
+    want = nd_local.duplicates(blocks)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        nd = NearDedup(MinHashConfig(partitions=3))
+        assert nd.use_ray(10)
+        got = nd.duplicates(blocks)
+        assert nd.last_stats["mode"] == "ray"
+        got_refs = nd.duplicates([ray.put(b) for b in blocks])
+    finally:
+        ray.shutdown()
+    assert len(want[0]) > 100
+    for g in (got, got_refs):
+        np.testing.assert_array_equal(g[0], want[0])
+        np.testing.assert_array_equal(g[1], want[1])
+
+
+def test_cli_bad_input_and_earliest_kept(tmp_path):
+    doc = "ein kleiner Text über Äpfel und Birnen, der zweimal vorkommt. " * 10
+    lines = [
+        json.dumps({"id": "a", "text": "etwas ganz anderes " * 20}),
+        json.dumps({"id": "b", "text": doc}),
+        "{not json",
+        json.dumps({"id": "c"}),
+        json.dumps({"text": doc}),
+        json.dumps({"id": "d", "text": "   "}),
+        json.dumps({"id": "e", "text": doc.replace("  ", " ") + " Fußzeile"}),
+        "",
+        json.dumps({"id": 17, "text": "  " + doc.upper()}),
+        json.dumps([1, 2]),
+    ]
+    inp = tmp_path / "docs.jsonl"
+    inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out, rep = tmp_path / "removed.jsonl", tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.dedup", "--input", str(inp), "--out", str(out), "--report", str(rep)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert got == [{"id": "e", "duplicate_of": "b"}, {"id": 17, "duplicate_of": "b"}]
+    report = json.loads(rep.read_text())
+    assert report["bad"] == {"not_json": 1, "missing_text": 1, "missing_id": 1, "empty_text": 1, "not_object": 1}
+    assert report["bad_first_lines"]["not_json"] == [3]
+    assert (report["documents"], report["removed"], report["kept"]) == (4, 2, 2)
+    assert not list(tmp_path.glob("*.tmp*"))

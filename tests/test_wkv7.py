@@ -1,0 +1,157 @@
+"""WKV7: every implementation against the naive loop in float64 (outputs, final state, all seven gradients).
+
+The Triton kernels run under TRITON_INTERPRET=1 on machines without a GPU. The variable must be set before
+the kernel module is decorated, so it is set here before import, and the module is reloaded if something
+imported it earlier without it.
+"""
+import importlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dataclasses import replace  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels.wkv7 import chunk_wkv7_torch, naive_wkv7, wkv7  # noqa: E402
+
+N = 64
+
+
+def _triton_modules():
+    """The Triton kernel modules, interpreted when there is no GPU; outputs poisoned with NaN."""
+    pytest.importorskip("triton")
+    from kernels.wkv7 import chunk, triton_kernels
+    if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    from triton.runtime.interpreter import InterpretedFunction
+    if not torch.cuda.is_available() and not isinstance(triton_kernels.chunk_fwd_kernel, InterpretedFunction):
+        importlib.reload(triton_kernels)
+    return chunk
+
+
+def make_inputs(B, T, H, n=N, dtype=torch.float64, seed=0):
+    """Inputs shaped like the model's: w = -0.6065 sigmoid(.), a = -kk, b = kk * sigmoid(.), |kk| = 1."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda: torch.randn(B, T, H, n, generator=g, dtype=dtype)
+    r, k, v = rnd(), rnd(), rnd()
+    w = -0.6065306597 * torch.sigmoid(2 * rnd())
+    kk = torch.nn.functional.normalize(rnd(), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(rnd())
+    s0 = torch.randn(B, H, n, n, generator=g, dtype=dtype)
+    dy = rnd()
+    ds = torch.randn(B, H, n, n, generator=g, dtype=dtype)
+    return (r, w, k, v, a, b), s0, dy, ds
+
+
+def run_with_grads(fn, xs, s0, dy, ds, dtype):
+    """One upstream gradient through y and the final state; returns (y, final, [7 grads or None])."""
+    leaves = [x.to(dtype).clone().requires_grad_() for x in xs]
+    s = None if s0 is None else s0.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    if s is not None:
+        s = s.clone().requires_grad_()
+    y, sT = fn(*leaves, s, True)
+    ((y.double() * dy).sum() + (sT.double() * ds).sum()).backward()
+    return y, sT, [x.grad for x in leaves] + [None if s is None else s.grad]
+
+
+def rel(x, ref):
+    """RMS-relative error; absolute when the reference is exactly zero (e.g. dw at T=1 from a zero state)."""
+    diff = (x.double() - ref.double()).norm()
+    scale = ref.double().norm()
+    return (diff / scale if scale > 0 else diff).item()
+
+
+def compare(fn, B, T, H, with_s0, dtype, tol, n=N, seed=0):
+    xs, s0, dy, ds = make_inputs(B, T, H, n, seed=seed)
+    s0 = s0 if with_s0 else None
+    y0, s_0, g0 = run_with_grads(naive_wkv7, xs, s0, dy, ds, torch.float64)
+    y1, s_1, g1 = run_with_grads(fn, xs, s0, dy, ds, dtype)
+    errs = {"y": rel(y1, y0), "state": rel(s_1, s_0)}
+    for name, a, b in zip(["dr", "dw", "dk", "dv", "da", "db", "ds0"], g1, g0):
+        if b is not None:
+            assert a is not None, name
+            errs[name] = rel(a, b)
+    bad = {k: v for k, v in errs.items() if not v < tol}   # NaN fails too
+    assert not bad, f"B{B} T{T} H{H} s0={with_s0}: {errs}"
+
+
+@pytest.mark.parametrize("T", [1, 15, 17, 63, 130])
+@pytest.mark.parametrize("with_s0", [False, True])
+def test_chunk_torch_float64_matches_naive(T, with_s0):
+    compare(lambda *a: chunk_wkv7_torch(*a, chunk_size=16), 2, T, 3, with_s0, torch.float64, 1e-10)
+
+
+def test_chunk_torch_exact_path_for_fast_decay():
+    """Chunk decays beyond the factorised form's safe range take the exact [C, C, K] path."""
+    xs, s0, dy, ds = make_inputs(1, 40, 2)
+    xs = (xs[0], xs[1] * 8, *xs[2:])               # w down to -4.9 per step: -sum over 32 steps >> 40
+    y0, s_0 = naive_wkv7(*xs, s0, True)
+    y1, s_1 = chunk_wkv7_torch(*xs, s0, True, chunk_size=32)
+    assert rel(y1, y0) < 1e-10 and rel(s_1, s_0) < 1e-10
+
+
+def test_wkv7_cpu_dispatch_float64_and_fp32():
+    compare(wkv7, 2, 70, 2, True, torch.float64, 1e-10)
+    compare(wkv7, 2, 70, 2, True, torch.float32, 1e-4)
+
+
+@pytest.mark.parametrize("T,H,with_s0,chunk_size,block_v", [
+    (1, 1, True, 16, 64),
+    (15, 3, False, 16, 64),
+    (17, 1, True, 16, 32),
+    (63, 3, True, 32, 64),
+    (130, 1, False, 16, 16),
+    (130, 3, True, 64, 64),
+])
+def test_chunk_triton_matches_naive(T, H, with_s0, chunk_size, block_v, monkeypatch):
+    chunk = _triton_modules()
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True, chunk_size=chunk_size,
+                                                 block_v=block_v))
+    compare(chunk.chunk_wkv7, 2, T, H, with_s0, torch.float32, 1e-3)
+
+
+@pytest.mark.parametrize("T,H,with_s0", [(1, 3, False), (17, 1, True), (63, 3, True)])
+def test_recurrent_triton_matches_naive(T, H, with_s0, monkeypatch):
+    chunk = _triton_modules()
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True))
+    compare(chunk.recurrent_wkv7, 1, T, H, with_s0, torch.float32, 1e-3)
+
+
+def test_chunk_triton_bf16_inputs(monkeypatch):
+    """bf16 inputs: y and gradients come back in bf16 and agree with float64 to bf16 precision."""
+    chunk = _triton_modules()
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True))
+    xs, s0, dy, ds = make_inputs(1, 33, 2)
+    xs = tuple(x.bfloat16().double() for x in xs)   # the same inputs, exactly representable in bf16
+    y0, s_0, g0 = run_with_grads(naive_wkv7, xs, s0, dy, ds, torch.float64)
+    y1, s_1, g1 = run_with_grads(chunk.chunk_wkv7, xs, s0, dy, ds, torch.bfloat16)
+    assert y1.dtype == torch.bfloat16 and g1[0].dtype == torch.bfloat16
+    assert rel(y1, y0) < 1e-2 and rel(s_1, s_0) < 1e-4
+    for a, b in zip(g1, g0):
+        assert rel(a, b) < 1e-2
+
+
+def test_chunk_triton_only_final_state_gradient(monkeypatch):
+    """Gradient from the final state alone (dy is None in backward), as the infctx trainer can produce."""
+    chunk = _triton_modules()
+    xs, s0, _, ds = make_inputs(1, 20, 1)
+    leaves = [x.float().requires_grad_() for x in xs]
+    _, sT = chunk.chunk_wkv7(*leaves, s0.float(), True)
+    (sT.double() * ds).sum().backward()
+    ref = [x.clone().requires_grad_() for x in xs]
+    _, sT0 = naive_wkv7(*ref, s0, True)
+    (sT0 * ds).sum().backward()
+    for a, b in zip(leaves, ref):
+        expected = torch.zeros_like(b) if b.grad is None else b.grad   # r does not reach the final state
+        assert rel(a.grad, expected) < 1e-3
+
+
+def test_bad_shapes_are_rejected():
+    chunk = _triton_modules()
+    xs, s0, _, _ = make_inputs(1, 4, 2)
+    with pytest.raises(ValueError, match="k has shape"):
+        chunk.chunk_wkv7(xs[0].float(), xs[1].float(), xs[2][:, :3].float(), *(x.float() for x in xs[3:]))
+    with pytest.raises(ValueError, match="initial_state"):
+        chunk.chunk_wkv7(*(x.float() for x in xs), s0[:, :1].float())

@@ -84,7 +84,8 @@ def test_config_validation():
         MinHashConfig(num_perm=16, bands=4, rows=5)
     with pytest.raises(ValueError):
         MinHashConfig(shingle_kind="byte")
-    assert (MinHashConfig(num_perm=16, bands=4, rows=4).bands, MinHashConfig().bands) == (4, 9)
+    assert (MinHashConfig(num_perm=16, bands=4, rows=4).bands, MinHashConfig().bands) == (4, 14)
+    assert (MinHashConfig(verify=False).bands, MinHashConfig(verify=False).rows) == (9, 13)
 
 
 @pytest.mark.parametrize("seed", range(4))

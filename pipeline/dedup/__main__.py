@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from collections import Counter
@@ -94,6 +95,7 @@ def run(input_path: str, out_path: str, cfg: MinHashConfig, threads: int, batch:
         "mode": nd.last_stats.get("mode"),
         "bands": cfg.bands,
         "rows": cfg.rows,
+        "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "seconds": {
             "read_and_signatures": round(t_sig - t0, 3),
             "lsh_and_components": round(t_dup - t_sig, 3),

@@ -154,9 +154,11 @@ class TimeMix(nn.Module):
         if x.dtype == torch.float64:
             w = w.double()
 
-        # the six WKV inputs in one dtype: the matmul dtype (bf16 under autocast, else the model's)
+        # WKV inputs in the matmul dtype (bf16 under autocast, else the model's); the log decay stays
+        # fp32 (fp64), since long-range decay products amplify its rounding
         dt = r.dtype
-        r4, w4, k4, v4 = (t.reshape(B, T, H, N).to(dt) for t in (r, w, k, v))
+        r4, k4, v4 = (t.reshape(B, T, H, N).to(dt) for t in (r, k, v))
+        w4 = w.reshape(B, T, H, N)
         a4 = (-kk).to(dt)
         b4 = (kk * a.view(B, T, H, N)).to(dt)
         s_dtype = torch.float64 if dt == torch.float64 else torch.float32

@@ -70,7 +70,7 @@ def _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pv, mk, tri_s, tr
 
 @triton.jit
 def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr,
-                     T, NC, H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BV: tl.constexpr,
+                     T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BV: tl.constexpr,
                      HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
                      PREC: tl.constexpr):
     """grid (B*H, N/BV). Inputs [B, T, H, N]; s0/sT [B, H, N, N]; st (chunk-start states) [B, H, NC, N, N]."""
@@ -114,7 +114,7 @@ def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT
 @triton.jit
 def chunk_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, dsT_ptr, ds0_ptr,
                      dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
-                     T, NC, BTHN, H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
+                     T, NC, BTHN, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
                      BV: tl.constexpr,
                      HAS_DST: tl.constexpr, PREC: tl.constexpr):
     """grid (B*H, N/BV). dr, dw, dk, da, db: fp32 partials [N/BV, B, T, H, N]; dv [B, T, H, N] fp32;
@@ -191,7 +191,7 @@ def chunk_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, d
 
 @triton.jit
 def recurrent_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr,
-                         T, H: tl.constexpr, N: tl.constexpr, BV: tl.constexpr,
+                         T, H, N: tl.constexpr, BV: tl.constexpr,
                          HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr):
     """grid (B*H, N/BV): one step at a time, state block [BV, N] in registers."""
     i_bh = tl.program_id(0)

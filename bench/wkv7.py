@@ -1,0 +1,282 @@
+"""WKV7 kernel benchmark on one GPU: ours (chunk_wkv7, several configs) vs flash-linear-attention's
+chunk_rwkv7 and the official RWKV-LM CUDA kernels (rwkv7_clampw v1 and v3_for_h100), on the five shapes of
+BENCHMARKS.md, bf16, head size 64.
+
+Times forward and forward+backward (median of triton.testing.do_bench), checks each implementation's
+forward error (and our gradients' errors) against a float64 reference, and reports achieved bandwidth against
+the memory floor (each input read once, each output written once). Writes JSON incrementally to --out.
+
+Peers are optional: fla from an installed `fla` package, the official kernels from --rwkvlm DIR holding
+rwkv7_clampw.{cu,cpp}, rwkv7_clampw_v3.cpp and rwkv7_clampw_v3_for_h100.cu (copied from RWKV-LM at bench time;
+never committed here). A peer that fails to load or run is reported and skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, replace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.wkv7 import chunk as ours  # noqa: E402
+from kernels.wkv7 import chunk_wkv7_torch  # noqa: E402
+
+SHAPES = [(8, 4096, 12), (8, 4096, 32), (4, 4096, 32), (1, 32768, 32), (16, 512, 12)]
+N = 64
+W_SCALE = -0.6065306597
+CHUNK_LEN_OFFICIAL = 16
+
+
+def make_inputs(B, T, H, device, seed=0):
+    """r, k, v ~ N(0,1); w_raw ~ N(0, 4); a = -kk, b = kk sigmoid(noise), kk unit per head. bf16."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda: torch.randn(B, T, H, N, device=device, generator=g)
+    r, k, v = rnd(), rnd(), rnd()
+    w_raw = 2 * rnd()
+    kk = torch.nn.functional.normalize(rnd(), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(rnd())
+    bf = lambda x: x.bfloat16().contiguous()
+    r, w_raw, k, v, a, b = map(bf, (r, w_raw, k, v, a, b))
+    w = bf(W_SCALE * torch.sigmoid(w_raw.float()))     # log decay, as the model passes it
+    return dict(r=r, w=w, w_raw=w_raw, k=k, v=v, a=a, b=b)
+
+
+# ---------------------------------------------------------------------------------------------------- peers
+def load_fla():
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    def fwd(x):
+        return chunk_rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], scale=1.0)[0]
+    return fwd
+
+
+def load_official(src_dir, v3):
+    from torch.utils.cpp_extension import load
+    flags = ["-res-usage", f"-D_N_={N}", f"-D_CHUNK_LEN_={CHUNK_LEN_OFFICIAL}", "--use_fast_math", "-O3",
+             "-Xptxas -O3", "--extra-device-vectorization"]
+    name = "rwkv7_clampw_v3" if v3 else "rwkv7_clampw"
+    srcs = (["rwkv7_clampw_v3_for_h100.cu", "rwkv7_clampw_v3.cpp"] if v3 else ["rwkv7_clampw.cu", "rwkv7_clampw.cpp"])
+    load(name=name, sources=[os.path.join(src_dir, s) for s in srcs], is_python_module=False, verbose=False,
+         extra_cuda_cflags=flags)
+    op = getattr(torch.ops, name)
+
+    def fwd(x):
+        B, T, H, _ = x["r"].shape
+        y = torch.empty_like(x["v"])
+        s = torch.empty(B, H, T // CHUNK_LEN_OFFICIAL, N, N, dtype=torch.float32, device=y.device)
+        sa = torch.empty(B, T, H, N, dtype=torch.float32, device=y.device)
+        op.forward(x["r"], x["w_raw"], x["k"], x["v"], x["a"], x["b"], y, s, sa)
+        return y, s, sa
+
+    def fwd_bwd(x, dy):
+        y, s, sa = fwd(x)
+        grads = [torch.empty_like(x[n]) for n in ("r", "w_raw", "k", "v", "a", "b")]
+        op.backward(x["r"], x["w_raw"], x["k"], x["v"], x["a"], x["b"], dy, s, sa, *grads)
+        return grads
+    return (lambda x: fwd(x)[0]), fwd_bwd
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def rel(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def floor_ms(B, T, H, fwd_bwd):
+    """Memory floor at the measured copy bandwidth: fwd reads 6 inputs, writes y (bf16); bwd reads 6 inputs
+    and dy, writes 6 gradients."""
+    elems = B * T * H * N
+    nbytes = (7 + (13 if fwd_bwd else 0)) * 2 * elems
+    return nbytes, nbytes / BW_BYTES_PER_MS
+
+
+def copy_bandwidth():
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 2 / ms
+
+
+def cfg_tag(cfg):
+    return f"ours_C{cfg.chunk_size}_BV{cfg.block_v}_W{cfg.num_warps}_{cfg.precision}"
+
+
+def ours_fwd(x):
+    return ours.chunk_wkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"])[0]
+
+
+def ours_fwd_bwd_fn(x, dy):
+    leaves = {n: x[n].detach().requires_grad_() for n in "rwkvab"}
+
+    def run():
+        for t in leaves.values():
+            t.grad = None
+        y, _ = ours.chunk_wkv7(*(leaves[n] for n in "rwkvab"))
+        y.backward(dy)
+    return run, leaves
+
+
+def fla_fwd_bwd_fn(fla_mod, x, dy):
+    from fla.ops.rwkv7 import chunk_rwkv7
+    leaves = {n: x[n].detach().requires_grad_() for n in "rwkvab"}
+
+    def run():
+        for t in leaves.values():
+            t.grad = None
+        y = chunk_rwkv7(*(leaves[n] for n in "rwkvab"), scale=1.0)[0]
+        y.backward(dy)
+    return run
+
+
+def main():
+    global do_bench, BW_BYTES_PER_MS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--rwkvlm", default=".whl-kernels/rwkvlm")
+    ap.add_argument("--shapes", default="all")
+    ap.add_argument("--configs", default="16-64-4,16-32-4,32-64-8,32-32-4,16-16-4")
+    ap.add_argument("--precision", default="tf32")
+    ap.add_argument("--build-only", choices=["v1", "v3"], help="build one official extension and exit")
+    args = ap.parse_args()
+    if args.build_only:
+        load_official(args.rwkvlm, args.build_only == "v3")
+        return
+    builds = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--rwkvlm", args.rwkvlm, "--build-only", v])
+              for v in ("v1", "v3")] if os.path.isdir(args.rwkvlm) else []
+    os.makedirs(args.out, exist_ok=True)
+    out_path = os.path.join(args.out, "wkv7.json")
+    import triton
+    from triton.testing import do_bench as _db
+    do_bench = lambda f: _db(f, warmup=25, rep=100, return_mode="median")
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        import fla
+        res["fla"] = getattr(fla, "__version__", "?")
+    except Exception as e:  # noqa: BLE001
+        res["fla"] = f"unavailable: {e}"
+    try:
+        res["nvcc"] = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    except Exception as e:  # noqa: BLE001
+        res["nvcc"] = f"unavailable: {e}"
+    res["rows"], res["errors"], res["failures"] = [], {}, {}
+
+    def save():
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, out_path)
+
+    BW_BYTES_PER_MS = copy_bandwidth()
+    res["copy_bandwidth_TBps"] = BW_BYTES_PER_MS / 1e9
+    print(f"copy bandwidth {BW_BYTES_PER_MS / 1e9:.2f} TB/s", flush=True)
+    configs = []
+    for c in args.configs.split(","):
+        f = c.split("-")
+        configs.append(replace(ours.CONFIG, chunk_size=int(f[0]), block_v=int(f[1]), num_warps=int(f[2]),
+                               precision=f[3] if len(f) > 3 else args.precision))
+
+    peers = {}
+    try:
+        peers["fla"] = (load_fla(), None)
+    except Exception:  # noqa: BLE001
+        res["failures"]["fla_load"] = traceback.format_exc()[-2000:]
+    for p in builds:
+        p.wait()
+    for v3 in (False, True):
+        nm = "official_v3" if v3 else "official_v1"
+        try:
+            t0 = time.time()
+            peers[nm] = load_official(args.rwkvlm, v3)
+            res[f"{nm}_build_s"] = time.time() - t0
+        except Exception:  # noqa: BLE001
+            res["failures"][f"{nm}_load"] = traceback.format_exc()[-2000:]
+    save()
+    print("peers:", list(peers), "failures:", list(res["failures"]), flush=True)
+
+    # --- accuracy vs float64 (B2-T256-H4 as in BENCHMARKS.md, and one long sequence)
+    for (B, T, H) in [(2, 256, 4), (1, 4096, 4)]:
+        x = make_inputs(B, T, H, "cuda", seed=1)
+        x64 = {n: x[n].double().requires_grad_() for n in "rwkvab"}
+        y64, _ = chunk_wkv7_torch(*(x64[n] for n in "rwkvab"), chunk_size=16)
+        dy = torch.randn_like(x["v"])
+        y64.backward(dy.double())
+        key = f"B{B}-T{T}-H{H}"
+        errs = {}
+        for cfg in configs:
+            ours.CONFIG = cfg
+            leaves = {n: x[n].detach().requires_grad_() for n in "rwkvab"}
+            y, _ = ours.chunk_wkv7(*(leaves[n] for n in "rwkvab"))
+            y.backward(dy)
+            tag = cfg_tag(cfg)
+            errs[tag] = {"y": rel(y, y64), **{f"d{n}": rel(leaves[n].grad, x64[n].grad) for n in "rwkvab"}}
+        for nm, (f, _) in peers.items():
+            try:
+                errs[nm] = {"y": rel(f(x), y64)}
+            except Exception:  # noqa: BLE001
+                res["failures"][f"{nm}_err_{key}"] = traceback.format_exc()[-2000:]
+        res["errors"][key] = errs
+        print(key, json.dumps(errs), flush=True)
+        save()
+
+    # --- timing
+    shapes = SHAPES if args.shapes == "all" else [tuple(int(t) for t in s.split("-")) for s in args.shapes.split(",")]
+    for (B, T, H) in shapes:
+        x = make_inputs(B, T, H, "cuda")
+        dy = torch.randn_like(x["v"])
+        nb_f, fl_f = floor_ms(B, T, H, False)
+        nb_fb, fl_fb = floor_ms(B, T, H, True)
+        row = {"shape": f"{B}-{T}-{H}", "floor_fwd_ms": fl_f, "floor_fwd_bwd_ms": fl_fb}
+        for cfg in configs:
+            ours.CONFIG = cfg
+            tag = cfg_tag(cfg)
+            try:
+                row[tag] = {"fwd": do_bench(lambda x=x: ours_fwd(x))}
+                run, _ = ours_fwd_bwd_fn(x, dy)
+                row[tag]["fwd_bwd"] = do_bench(run)
+            except Exception:  # noqa: BLE001
+                res["failures"][f"{tag}_{row['shape']}"] = traceback.format_exc()[-2000:]
+            print(row["shape"], tag, row.get(tag), flush=True)
+        for nm, (f, fb) in peers.items():
+            try:
+                row[nm] = {"fwd": do_bench(lambda f=f, x=x: f(x))}
+                if nm == "fla":
+                    row[nm]["fwd_bwd"] = do_bench(fla_fwd_bwd_fn(None, x, dy))
+                else:
+                    row[nm]["fwd_bwd"] = do_bench(lambda fb=fb, x=x, dy=dy: fb(x, dy))
+            except Exception:  # noqa: BLE001
+                res["failures"][f"{nm}_{row['shape']}"] = traceback.format_exc()[-2000:]
+            print(row["shape"], nm, row.get(nm), flush=True)
+        res["rows"].append(row)
+        save()
+        torch.cuda.empty_cache()
+
+    # --- table
+    print("\nshape | best ours cfg | ours fwd / fwd+bwd ms | fla | official v1 | official v3 | speedup vs best peer"
+          " (fwd+bwd) | % of memory floor (fwd+bwd)")
+    for row in res["rows"]:
+        ours_tags = [k for k in row if k.startswith("ours_") and "fwd_bwd" in row[k]]
+        peer_tags = [k for k in ("fla", "official_v1", "official_v3") if k in row and "fwd_bwd" in row[k]]
+        if not ours_tags:
+            continue
+        best = min(ours_tags, key=lambda k: row[k]["fwd_bwd"])
+        bp = min((row[k]["fwd_bwd"] for k in peer_tags), default=float("nan"))
+        row["best_ours"] = best
+        row["speedup_vs_best_peer"] = bp / row[best]["fwd_bwd"]
+        cell = lambda k, row=row: f"{row[k]['fwd']:.2f} / {row[k]['fwd_bwd']:.2f}" if "fwd_bwd" in row.get(k, {}) else "-"
+        print(f"{row['shape']} | {best} | {cell(best)} | {cell('fla')} | {cell('official_v1')} | "
+              f"{cell('official_v3')} | {row['speedup_vs_best_peer']:.2f}x | "
+              f"{100 * row['floor_fwd_bwd_ms'] / row[best]['fwd_bwd']:.0f}%")
+    save()
+    print("config:", asdict(ours.CONFIG))
+
+
+if __name__ == "__main__":
+    main()

@@ -59,6 +59,12 @@ def test_minhash_estimates_jaccard():
     assert true.min() < 0.3 and true.max() == 1.0  # the pairs span the range
     err = est - true
     assert abs(err.mean()) < 0.01 and np.abs(err).max() < 0.15
+    ia, ib = [p[0] for p in pairs], [p[1] for p in pairs]
+    low = lsh.low_bits(sig, 8)
+    assert low.dtype == np.uint8 and (low == (sig & 0xFF)).all()
+    err8 = lsh.estimate_jaccard(low[ia], low[ib], 8) - true
+    assert abs(err8.mean()) < 0.01 and np.abs(err8).max() < 0.15
+    assert np.abs(lsh.estimate_jaccard(sig[ia], sig[ib], 32) - est).max() < 1e-6
 
 
 def test_band_keys_match_reference():
@@ -84,6 +90,8 @@ def test_config_validation():
         MinHashConfig(num_perm=16, bands=4, rows=5)
     with pytest.raises(ValueError):
         MinHashConfig(shingle_kind="byte")
+    with pytest.raises(ValueError):
+        MinHashConfig(verify_bits=4)
     assert (MinHashConfig(num_perm=16, bands=4, rows=4).bands, MinHashConfig().bands) == (4, 14)
     assert (MinHashConfig(verify=False).bands, MinHashConfig(verify=False).rows) == (9, 13)
 

@@ -10,25 +10,29 @@ is removed with `duplicate_of` = that smallest key. Files: config.py (settings, 
 minhash.py (signatures), lsh.py (bands, buckets, one-process clustering), components.py
 (large-star/small-star connected components), ray_exec.py (the same on Ray), __main__.py (CLI).
 
-How it scales to a billion documents (N = 1e9, P = num_perm = 128, B = 9 bands at threshold 0.8,
-D = duplicate-involved documents, usually 10-30 % of N):
+How it scales to a billion documents (N = 1e9, P = num_perm = 128, B = 14 bands x 9 rows at
+threshold 0.8 with verification, D = duplicate-involved documents, usually 10-30 % of N):
 
 - Signatures: O(total characters x P) multiply-min operations, embarrassingly parallel inside the
-  pipeline's per-block tasks; ~10-25k documents of 2 KB per second per core here, so 1e9 documents
-  are ~12-25 core-hours. Output 4P bytes per document = 512 GB, kept in the blocks' object store
-  / spilled, never gathered.
-- Band shuffle: each block emits B rows of (band key 8 B, doc key 8 B) = 144 GB in all, plus, with
-  `verify`, the signature per row (B x 512 GB; turn `verify` off or shrink num_perm at that scale,
-  or verify after the shuffle by a join). Partitioned by band key, so a reduce task holds 1/P of
-  the rows; it sorts them (O(rows log rows)) and emits one star edge per bucket member beyond the
-  first: at most D x B edges, and after its local union-find at most D per partition.
-- Connected components: large-star/small-star rounds, each a shuffle of the current edges (16 B
-  per directed edge, both directions): a few rounds of ~2D edges for the shallow components that
-  near-duplicate graphs have (O(log^2 N) rounds worst case). The driver sees one checksum per task
-  per round, and finally the (removed, duplicate_of) pairs, which is the stage's output anyway
-  (m x 16 B; write them per partition instead at that scale).
-- Small inputs run all of it in one process (band keys, sorts, numba union-find): no Ray start-up.
-  `mode="auto"` uses Ray when it is already initialised or the input has >= `ray_min_docs` docs.
+  pipeline's per-block tasks; ~10k documents of 2 KB per second per core measured here (36 MB/s),
+  so 1e9 documents are ~30 core-hours. Output 4P bytes per document = 512 GB, left in the blocks'
+  object store / spilled, never gathered.
+- Band shuffle: each block emits B rows of (band key 8 B, doc key 8 B) plus, with `verify`, the
+  low 8 bits of the signature (P B, b-bit minwise hashing): 14 x 144 B x 1e9 = 2 TB moved once.
+  Partitioned by band key, so a reduce task holds 1/partitions of the rows; it sorts them
+  (O(rows log rows)), emits one star edge per bucket member beyond the first (at most D x B
+  edges), checks each edge's b-bit Jaccard estimate, and compresses its edges with a local
+  union-find to at most one edge per node it saw.
+- Connected components: large-star/small-star rounds (Kiveris et al. 2014), each a shuffle of the
+  current edges (16 B per directed edge, both directions, ~2D edges): a handful of rounds for the
+  shallow components of near-duplicate graphs (O(log^2 N) worst case; a 2000-node path takes
+  < 40). The driver sees one checksum per task per round, then the (removed, duplicate_of) pairs,
+  the stage's output (16 B per removed document; written per partition instead at that scale).
+- Memory per task is its partition's share, so adding partitions (and machines) keeps every task
+  bounded; no process holds all signatures or all edges.
+- Small inputs run all of it in one process (band keys, per-band sorts, numba union-find): no Ray
+  start-up. `mode="auto"` uses Ray when it is already initialised or the input has at least
+  `ray_min_docs` documents. Measured in one process here: 1M documents (see bench/results/).
 """
 
 from __future__ import annotations

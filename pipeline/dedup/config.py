@@ -60,6 +60,10 @@ class MinHashConfig:
     verify: bool = True
     """Keep an LSH candidate pair only if its full-signature Jaccard estimate is >= threshold
     (removes band collisions of dissimilar documents at the cost of one signature compare per pair)."""
+    verify_bits: int = 8
+    """Bits of each MinHash value the check compares (b-bit minwise hashing, Li & Koenig 2010:
+    P[low b bits equal] = J + (1 - J) 2^-b, corrected for); 8 bits cut the check's share of the Ray
+    shuffle to 1/4 of full signatures for ~no loss (std of the estimate at J = 0.9: 0.0266 vs 0.0265)."""
     fp_weight: float | None = None
     """Weight of the false-positive area when deriving bands/rows; None: 0.1 with `verify` (its
     false positives are removed by the check, so the bands lean to recall: 14 x 9 at 0.8/128,
@@ -89,6 +93,8 @@ class MinHashConfig:
             raise ValueError(f"mode must be auto, local or ray, got {self.mode!r}")
         if (self.bands is None) != (self.rows is None):
             raise ValueError("give both bands and rows, or neither")
+        if self.verify_bits not in (8, 16, 32):
+            raise ValueError(f"verify_bits must be 8, 16 or 32, got {self.verify_bits}")
         if self.fp_weight is None:
             self.fp_weight = 0.1 if self.verify else 0.5
         if self.fn_weight is None:

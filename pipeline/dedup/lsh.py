@@ -6,7 +6,7 @@ be shuffled together by key. Documents with equal band keys form a bucket. A buc
 yields k-1 "star" edges (member -> smallest key in the bucket) instead of k(k-1)/2 pairs: the same
 connected components with linear edges. With `verify`, an edge is kept only if the two full
 signatures agree in >= threshold of their positions (the MinHash estimate of Jaccard), which drops
-band collisions of dissimilar documents.
+band collisions of dissimilar documents (on b-bit values, see `MinHashConfig.verify_bits`).
 
 Clusters are connected components of the kept edges; each is represented by its smallest key, and
 every other member is removed with `duplicate_of` = that key.
@@ -87,6 +87,17 @@ def agreement(sig_u: np.ndarray, sig_v: np.ndarray) -> np.ndarray:
     return (sig_u == sig_v).mean(axis=1) if len(sig_u) else np.zeros(0)
 
 
+def low_bits(sig: np.ndarray, bits: int) -> np.ndarray:
+    """The lowest `bits` bits of each MinHash value, what the verification compares.  # [n, P]"""
+    return sig.astype({8: np.uint8, 16: np.uint16, 32: np.uint32}[bits])
+
+
+def estimate_jaccard(low_u: np.ndarray, low_v: np.ndarray, bits: int) -> np.ndarray:
+    """Jaccard estimate from b-bit values: (matches - 2^-b) / (1 - 2^-b).  # [e] float"""
+    chance = 2.0**-bits
+    return (agreement(low_u, low_v) - chance) / (1.0 - chance)
+
+
 @numba.njit(nogil=True, cache=True)
 def _union_find(n, u, v):
     """Components of edges (u, v) over nodes 0..n-1; returns the smallest node of each component."""
@@ -157,7 +168,8 @@ def duplicates_local(keys: np.ndarray, sig: np.ndarray, cfg: MinHashConfig) -> t
         pair = np.unique(np.stack([u, v], 1), axis=0)  # same pair from several bands
         u, v = pair[:, 0], pair[:, 1]
     if cfg.verify and len(u):
-        ok = agreement(sig[u], sig[v]) >= cfg.threshold
+        low = low_bits(sig, cfg.verify_bits)
+        ok = estimate_jaccard(low[u], low[v], cfg.verify_bits) >= cfg.threshold
         u, v = u[ok], v[ok]
     removed, dup = components(keys[u], keys[v])
     return removed, dup

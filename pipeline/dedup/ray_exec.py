@@ -1,6 +1,6 @@
 """The near-dedup stage on Ray: band shuffle, candidate edges, distributed connected components.
 
-  1. map (one task per input block): band keys [n, bands]; rows (band key, doc key[, signature])
+  1. map (one task per input block): band keys [n, bands]; rows (band key, doc key[, low 8 bits of the signature])
      are split into P partitions by band key and returned as P objects (num_returns=P).
   2. reduce (one task per band partition): star edges inside each bucket, signature verification,
      then a local union-find that compresses the partition's edges to a forest (node -> local min);
@@ -22,7 +22,7 @@ import ray
 
 from . import components as cc
 from .config import MinHashConfig
-from .lsh import agreement, band_keys, components, star_edges
+from .lsh import band_keys, components, estimate_jaccard, low_bits, star_edges
 
 
 def _split(parts: int, part: np.ndarray, *cols: np.ndarray) -> list[tuple[np.ndarray, ...]]:
@@ -41,7 +41,7 @@ def _map_block(block, cfg: MinHashConfig, parts: int):
     live = flat != 0
     flat, rows = flat[live], rows[live]
     part = ((flat >> np.uint64(40)) % np.uint64(parts)).astype(np.int64)
-    cols = (flat, keys[rows]) + ((sig[rows],) if cfg.verify else ())
+    cols = (flat, keys[rows]) + ((low_bits(sig, cfg.verify_bits)[rows],) if cfg.verify else ())
     out = _split(parts, part, *cols)
     return out if parts > 1 else out[0]
 
@@ -52,8 +52,8 @@ def _reduce_bands(cfg: MinHashConfig, parts: int, *pieces):
     pos = np.arange(len(keys), dtype=np.int64)
     u, v = star_edges(bk, pos)  # row positions
     if cfg.verify and len(u):
-        sig = np.concatenate([p[2] for p in pieces])
-        ok = agreement(sig[u], sig[v]) >= cfg.threshold
+        low = np.concatenate([p[2] for p in pieces])
+        ok = estimate_jaccard(low[u], low[v], cfg.verify_bits) >= cfg.threshold
         u, v = u[ok], v[ok]
     ru, rv = components(keys[u], keys[v])  # local forest: each node -> its local minimum
     a, b = cc.both_directions(ru, rv)

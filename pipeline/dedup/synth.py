@@ -129,6 +129,7 @@ def evaluate(
     cfg: MinHashConfig | None = None,
     high: float = 0.9,
     gross: float = 0.5,
+    cache: dict | None = None,
 ) -> dict:
     """Recall on planted pairs with exact Jaccard >= high; gross errors among removals.
 
@@ -137,12 +138,19 @@ def evaluate(
     its exact Jaccard to the document it names is < gross.
     """
     cfg = cfg or MinHashConfig()
+    cache = {} if cache is None else cache  # (i, j) -> exact Jaccard, shared across calls on one corpus
+
+    def jac(i: int, j: int) -> float:
+        if (i, j) not in cache:
+            cache[i, j] = jaccard_reference(texts[i], texts[j], cfg)
+        return cache[i, j]
+
     cluster = np.arange(len(texts))
     cluster[removed] = dup_of
     per_kind: dict[str, list[int]] = {}
     hits = total = 0
     for s, c, kind in planted:
-        j = jaccard_reference(texts[s], texts[c], cfg)
+        j = jac(s, c)
         same = int(cluster[s] == cluster[c])
         rec = per_kind.setdefault(kind, [0, 0])
         rec[0] += same
@@ -150,7 +158,7 @@ def evaluate(
         if j >= high:
             hits += same
             total += 1
-    bad = sum(jaccard_reference(texts[r], texts[d], cfg) < gross for r, d in zip(removed.tolist(), dup_of.tolist()))
+    bad = sum(jac(r, d) < gross for r, d in zip(removed.tolist(), dup_of.tolist()))
     return {
         "recall_high": hits / max(total, 1),
         "pairs_high": total,

@@ -98,7 +98,9 @@ def _cli(inp: Path, out: Path, mode: str, threads: int) -> tuple[float, dict]:
     cmd = [sys.executable, "-m", "pipeline.dedup", "--input", str(inp), "--out", str(out)]
     cmd += ["--mode", mode, "--threads", str(threads), "--report", str(out) + ".report.json"]
     t = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - t, json.loads(Path(str(out) + ".report.json").read_text())
 
 

@@ -1,0 +1,428 @@
+"""Build a tokenized corpus from a manifest: ``python pipeline/build.py --manifest M --out D``.
+
+Stages (pipeline/stages.py): read → filter → exact dedup → near dedup → tokenize → shards.
+Ingest and shard writing run as Ray tasks, tokenization in Ray actors (one World tokenizer
+each); plain runs start Ray locally, ``ray job submit -- python pipeline/build.py ...`` runs on
+the cluster in ``$RAY_ADDRESS``. Output:
+
+    D/shards/NNNNN.arrow   Arrow IPC stream files, uncompressed: id, component, input_ids (uint16)
+    D/index.json           schema, tokenizer, manifest, shards (+sha256), per-component stage counts
+    D/report.json          the same counts plus timings, throughput, quarantine and duplicate lists
+    D/quarantine.jsonl     samples of bad rows (file:line, reason) — the counts are exact
+    D/duplicates.jsonl     every document removed by dedup with the id it duplicates
+    D/work/                completion markers and intermediate files (kept: reruns resume)
+
+Re-running on the same ``--out`` skips finished units; the index is written last, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+
+if __package__ in (None, ""):  # run as a script: make `import pipeline` work from any cwd
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from pipeline import stages  # noqa: E402
+from pipeline.manifest import Manifest, ManifestError, load_manifest  # noqa: E402
+from pipeline.read import Unit, units_for  # noqa: E402
+
+SCHEMA_VERSION = 1
+TOKENIZER_NAME = "rwkv_vocab_v20230424"
+VOCAB_SIZE = 65536
+STAGES = ("read", "filter", "exact_dedup", "near_dedup", "tokenize")
+
+
+class BuildError(RuntimeError):
+    """A build that cannot start or continue; the message says why."""
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="unit", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, leave=True)
+
+
+def _prepare_out(out: str, fingerprint: dict, force: bool) -> str:
+    work = os.path.join(out, "work")
+    try:
+        for sub in ("ingest", "tok", "shards"):
+            os.makedirs(os.path.join(work, sub), exist_ok=True)
+        os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+        probe = os.path.join(work, f".probe{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise BuildError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
+    fp_path = os.path.join(work, "build.json")
+    if os.path.exists(fp_path):
+        old = stages.read_json(fp_path)
+        if old != fingerprint:
+            if not force:
+                changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                raise BuildError(f"--out {out!r} holds a build with different settings ({', '.join(changed)}); "
+                                 f"use another --out or pass --force to discard it")
+            shutil.rmtree(work)
+            shutil.rmtree(os.path.join(out, "shards"))
+            for name in ("index.json", "report.json", "quarantine.jsonl", "duplicates.jsonl"):
+                if os.path.exists(os.path.join(out, name)):
+                    os.remove(os.path.join(out, name))
+            return _prepare_out(out, fingerprint, False)
+    else:
+        stages.atomic_write_json(fp_path, fingerprint)
+    for d in (os.path.join(work, "ingest"), os.path.join(work, "tok"), os.path.join(work, "shards"),
+              os.path.join(out, "shards"), work, out):
+        for name in os.listdir(d):  # leftovers of a killed run; finished files were renamed
+            if ".tmp" in name:
+                try:
+                    os.remove(os.path.join(d, name))
+                except OSError:
+                    pass
+    return work
+
+
+def _stage_counts(metas: list[dict], comps: list[str], removed: dict[str, np.ndarray],
+                  tok_metas: list[dict], near_enabled: bool) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for ci, name in enumerate(comps):
+        st = {s: {"in": 0, "out": 0, "dropped": Counter()} for s in STAGES}
+        for m in metas:
+            if m["ci"] != ci:
+                continue
+            for s in ("read", "filter"):
+                st[s]["in"] += m[s]["in"]
+                st[s]["out"] += m[s]["out"]
+                st[s]["dropped"].update(m[s]["dropped"])
+        n = st["filter"]["out"]
+        for s, reason in (("exact_dedup", "duplicate"), ("near_dedup", "near_duplicate")):
+            r = removed.get(s, np.zeros(0, np.int64))
+            k = int(np.count_nonzero((r >> 48) == ci))
+            st[s]["in"], st[s]["out"] = n, n - k
+            if k:
+                st[s]["dropped"][reason] = k
+            n -= k
+        tok = [t for t in tok_metas if t["component"] == name]
+        st["tokenize"]["in"] = n
+        st["tokenize"]["out"] = sum(t["docs_out"] for t in tok)
+        if not near_enabled:
+            del st["near_dedup"]
+        out[name] = {s: {"in": v["in"], "out": v["out"], "dropped": dict(sorted(v["dropped"].items()))}
+                     for s, v in st.items()}
+    return out
+
+
+def _shard_plan(tok_paths: list[str], shard_tokens: int) -> list[list[tuple[str, int, int]]]:
+    """Split the tokenized units, in key order, into shards of about ``shard_tokens`` tokens."""
+    plan: list[list[tuple[str, int, int]]] = []
+    cur: list[tuple[str, int, int]] = []
+    cur_tokens = 0
+    for p in tok_paths:
+        t = stages.read_arrow(p)
+        if t.num_rows == 0:
+            continue
+        lens = t.column("input_ids").combine_chunks().value_lengths().to_numpy()
+        start = 0
+        for j, n in enumerate(lens):
+            cur_tokens += int(n)
+            if cur_tokens >= shard_tokens:
+                cur.append((p, start, j + 1))
+                plan.append(cur)
+                cur, cur_tokens, start = [], 0, j + 1
+        if start < len(lens):
+            cur.append((p, start, len(lens)))
+    if cur:
+        plan.append(cur)
+    return plan
+
+
+def _ids_for(keys: np.ndarray, ingest_paths: list[str]) -> dict[int, str]:
+    want = np.unique(keys)
+    out: dict[int, str] = {}
+    for p in ingest_paths:
+        t = stages.read_arrow(p).select(["key", "id"])
+        k = t.column("key").to_numpy()
+        hit = np.isin(k, want)
+        if hit.any():
+            for key, i in zip(k[hit].tolist(), t.column("id").filter(pa.array(hit)).to_pylist()):
+                out[key] = i
+    return out
+
+
+def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
+          near_threshold: float | None = None, progress: bool = True, force: bool = False,
+          manifest_arg: str | None = None) -> dict:
+    """Run every stage (resuming finished units) and return the report dict."""
+    from tokenizer import WorldTokenizer
+
+    t_start = time.perf_counter()
+    nd = manifest.near_dedup
+    if near is not None:
+        nd.enabled = near
+    if near_threshold is not None:
+        nd.threshold = near_threshold
+        nd.enabled = True if near is None else near
+    tok = WorldTokenizer()
+    comps = manifest.components
+    units: list[Unit] = [u for ci, c in enumerate(comps) for u in units_for(ci, c, manifest.root)]
+    fingerprint = {"manifest_sha256": manifest.sha256, "root": manifest.root,
+                   "files": [[u.rel, os.path.getsize(u.path) if "://" not in u.path else None] for u in units],
+                   "near_dedup": {"enabled": nd.enabled, "threshold": nd.threshold, **nd.params}
+                   if nd.enabled else False,
+                   "exact_dedup": manifest.exact_dedup, "tokenizer_sha256": tok.vocab_sha256,
+                   "shard_tokens": manifest.shard_tokens}
+    work = _prepare_out(out, fingerprint, force)
+    if executor is None:
+        from pipeline.executor import LocalExecutor
+
+        executor = LocalExecutor()
+    timings: dict[str, float] = {}
+    unit_secs: Counter = Counter()
+
+    # 1. read → filter → hash (+ MinHash signatures), one job per input file
+    t0 = time.perf_counter()
+    metas: list[dict | None] = [None] * len(units)
+    jobs = [(u, comps[u.ci], work, nd if nd.enabled else None) for u in units]
+    chars = docs = 0
+    with _progress(len(units), "ingest", progress) as bar:
+        for i, m in executor.ingest(jobs):
+            metas[i] = m
+            chars += m["chars_read"]
+            docs += m["read"]["in"]
+            el = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{docs / el:,.0f} docs/s {chars / el / 1e6:.1f} MB/s", refresh=False)
+            bar.update(1)
+            for k, v in m["seconds"].items():
+                unit_secs[k] += v
+    timings["ingest_wall"] = time.perf_counter() - t0
+    ingest_paths = [os.path.join(work, "ingest", u.name + ".arrow") for u in units]
+
+    # 2. exact and near dedup: global decisions, computed once and stored
+    t0 = time.perf_counter()
+    dedup_path = os.path.join(work, "dedup.arrow")
+    if os.path.exists(dedup_path):
+        t = stages.read_arrow(dedup_path)
+        stage_col = np.array(t.column("stage").to_pylist())
+        rk, ok = t.column("key").to_numpy(), t.column("duplicate_of").to_numpy()
+        removed = {s: rk[stage_col == s] for s in ("exact_dedup", "near_dedup")}
+        dup_of = {s: ok[stage_col == s] for s in ("exact_dedup", "near_dedup")}
+    else:
+        empty = np.zeros(0, np.int64)
+        removed, dup_of = {"exact_dedup": empty, "near_dedup": empty}, {"exact_dedup": empty, "near_dedup": empty}
+        if manifest.exact_dedup:
+            removed["exact_dedup"], dup_of["exact_dedup"] = stages.exact_duplicates(ingest_paths)
+        timings["exact_dedup_wall"] = time.perf_counter() - t0
+        if nd.enabled:
+            t1 = time.perf_counter()
+            n_docs = sum(m["filter"]["out"] for m in metas)
+            params = dict(nd.params)
+            params.setdefault("mode", "local" if n_docs < 2_000_000 else "ray")
+            nd_run = type(nd)(enabled=True, threshold=nd.threshold, params=params)
+            removed["near_dedup"], dup_of["near_dedup"] = stages.near_duplicates(
+                ingest_paths, removed["exact_dedup"], nd_run)
+            timings["near_dedup_wall"] = time.perf_counter() - t1
+        keys = np.concatenate([removed["exact_dedup"], removed["near_dedup"]])
+        ofs = np.concatenate([dup_of["exact_dedup"], dup_of["near_dedup"]])
+        names = ["exact_dedup"] * len(removed["exact_dedup"]) + ["near_dedup"] * len(removed["near_dedup"])
+        order = np.argsort(keys, kind="stable")
+        table = pa.table({"key": keys[order], "duplicate_of": ofs[order],
+                          "stage": pa.array([names[i] for i in order], pa.string())})
+        tmp = dedup_path + f".tmp{os.getpid()}"
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        dup_ids = _ids_for(np.concatenate([keys, ofs]), ingest_paths)
+        lines = [json.dumps({"id": dup_ids[int(k)], "duplicate_of": dup_ids[int(o)], "stage": names[i],
+                             "component": comps[int(k) >> 48].name}, ensure_ascii=False)
+                 for i, k, o in ((i, keys[i], ofs[i]) for i in order)]
+        stages.atomic_write_bytes(os.path.join(out, "duplicates.jsonl"),
+                                  ("\n".join(lines) + "\n" if lines else "").encode())
+        os.replace(tmp, dedup_path)  # the marker of this stage
+    timings["dedup_wall"] = time.perf_counter() - t0
+    all_removed = np.sort(np.concatenate([removed["exact_dedup"], removed["near_dedup"]]))
+
+    # 3. tokenize, one job per unit, in actors holding a tokenizer
+    t0 = time.perf_counter()
+    tok_jobs = []
+    for u in units:
+        lo, hi = np.searchsorted(all_removed, [u.key_base, u.key_base + 2**32])
+        tok_jobs.append((u.name, work, all_removed[lo:hi]))
+    tok_metas: list[dict | None] = [None] * len(units)
+    ntok = chars = 0
+    with _progress(len(units), "tokenize", progress) as bar:
+        for i, m in executor.tokenize(tok_jobs):
+            tok_metas[i] = m
+            ntok += m["tokens"]
+            chars += m["chars"]
+            el = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{ntok / el:,.0f} tok/s {chars / el / 1e6:.1f} MB/s", refresh=False)
+            bar.update(1)
+            unit_secs["tokenize"] += m["seconds"]
+    timings["tokenize_wall"] = time.perf_counter() - t0
+
+    # 4. shards: contiguous runs of documents in key (= manifest) order
+    t0 = time.perf_counter()
+    plan = _shard_plan([os.path.join(work, "tok", u.name + ".arrow") for u in units], manifest.shard_tokens)
+    shard_metas: list[dict | None] = [None] * len(plan)
+    with _progress(len(plan), "shards", progress) as bar:
+        for i, m in executor.shards([(i, pieces, out) for i, pieces in enumerate(plan)]):
+            shard_metas[i] = m
+            bar.update(1)
+            unit_secs["write"] += m["seconds"]
+    timings["write_wall"] = time.perf_counter() - t0
+    for name in os.listdir(os.path.join(out, "shards")):  # shards of an older, larger plan
+        if name.endswith(".arrow") and int(name.split(".")[0]) >= len(plan):
+            os.remove(os.path.join(out, "shards", name))
+
+    # 5. index (last) and report
+    counts = _stage_counts(metas, [c.name for c in comps], removed, tok_metas, nd.enabled)
+    components = {}
+    for c in comps:
+        tm = [t for t in tok_metas if t["component"] == c.name]
+        components[c.name] = {"weight": c.weight, "language": c.language, "category": c.category,
+                              "documents": sum(t["docs_out"] for t in tm), "tokens": sum(t["tokens"] for t in tm),
+                              "stages": counts[c.name]}
+    shards_idx = [{k: m[k] for k in ("path", "documents", "tokens", "bytes", "sha256")} for m in shard_metas]
+    index = {"schema_version": SCHEMA_VERSION, "shard_format": "arrow_ipc_stream",
+             "tokenizer": {"name": TOKENIZER_NAME, "sha256": tok.vocab_sha256, "eod_id": 0,
+                           "vocab_size": VOCAB_SIZE},
+             "manifest": {"name": manifest.name, "path": manifest_arg or manifest.path, "sha256": manifest.sha256},
+             "shards": shards_idx, "components": components,
+             "totals": {"documents": sum(s["documents"] for s in shards_idx),
+                        "tokens": sum(s["tokens"] for s in shards_idx)}}
+    quarantine = [q for m in metas for q in m["quarantine"]]
+    stages.atomic_write_bytes(os.path.join(out, "quarantine.jsonl"),
+                              "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine).encode())
+    total = time.perf_counter() - t_start
+    chars_in = sum(m["chars_read"] for m in metas)
+    input_bytes = sum(os.path.getsize(u.path) for u in units if "://" not in u.path)
+    report = {"manifest": index["manifest"], "executor": getattr(executor, "name", "?"),
+              "components": {n: c["stages"] for n, c in components.items()},
+              "totals": index["totals"], "input_bytes": input_bytes, "text_chars_read": chars_in,
+              "seconds": {"total": total, **timings},
+              "stage_cpu_seconds": dict(unit_secs),
+              "throughput": {"input_MB_per_s": input_bytes / total / 1e6,
+                             "docs_per_s": sum(m["read"]["in"] for m in metas) / total},
+              "near_dedup": {"enabled": nd.enabled, "threshold": nd.threshold, **nd.params} if nd.enabled else False,
+              "quarantine": {"path": "quarantine.jsonl", "samples": len(quarantine)},
+              "duplicates": {"path": "duplicates.jsonl",
+                             "exact": int(len(removed["exact_dedup"])), "near": int(len(removed["near_dedup"]))}}
+    stages.atomic_write_json(os.path.join(out, "report.json"), report)
+    stages.atomic_write_bytes(os.path.join(out, "index.json"),
+                              (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode())
+    return report
+
+
+def table(report: dict) -> str:
+    """The human summary: per component, documents through each stage, tokens out, drops."""
+    rows = [("component", "read", "bad", "filtered", "exact dup", "near dup", "docs out", "tokens")]
+    reasons: Counter = Counter()
+    tot = [0] * 7
+    idx = report.get("_index_components", {})
+    for name, st in report["components"].items():
+        bad = st["read"]["in"] - st["read"]["out"]
+        filt = st["filter"]["in"] - st["filter"]["out"]
+        ex = st["exact_dedup"]["in"] - st["exact_dedup"]["out"]
+        nd = st["near_dedup"]["in"] - st["near_dedup"]["out"] if "near_dedup" in st else 0
+        toks = idx.get(name, {}).get("tokens", 0)
+        vals = [st["read"]["in"], bad, filt, ex, nd, st["tokenize"]["out"], toks]
+        tot = [a + b for a, b in zip(tot, vals)]
+        rows.append((name, *(f"{v:,}" for v in vals)))
+        for s in ("read", "filter"):
+            for r, n in st[s]["dropped"].items():
+                reasons[f"{s}:{r}"] += n
+    rows.append(("TOTAL", *(f"{v:,}" for v in tot)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    if reasons:
+        lines.append("drops: " + ", ".join(f"{k}={v:,}" for k, v in sorted(reasons.items())))
+    s = report["seconds"]
+    lines.append(f"time {s['total']:.1f}s (ingest {s.get('ingest_wall', 0):.1f}, dedup {s.get('dedup_wall', 0):.1f}, "
+                 f"tokenize {s.get('tokenize_wall', 0):.1f}, write {s.get('write_wall', 0):.1f}); "
+                 f"{report['throughput']['input_MB_per_s']:.1f} MB/s input")
+    return "\n".join(lines)
+
+
+def dry_run(manifest: Manifest) -> str:
+    rows = [("component", "format", "category", "language", "files", "missing", "published tokens")]
+    for c in manifest.components:
+        lang = ",".join(c.language) if isinstance(c.language, list) else (c.language or "-")
+        rows.append((c.name, c.format, c.category or "-", lang[:24], str(len(c.files)),
+                     ", ".join(c.missing) if c.missing else "-",
+                     f"{c.published_tokens:,}" if c.published_tokens else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"manifest {manifest.name} ({manifest.path}), root {manifest.root}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    present = sum(1 for c in manifest.components if c.files and not c.missing)
+    partial = sum(1 for c in manifest.components if c.files and c.missing)
+    lines.append(f"{present} present, {partial} partly present, "
+                 f"{len(manifest.components) - present - partial} missing, of {len(manifest.components)} components")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--manifest", required=True, help="corpus manifest YAML")
+    ap.add_argument("--out", help="output folder (required unless --dry-run)")
+    ap.add_argument("--root", help="override the manifest's root (where the component files live)")
+    ap.add_argument("--dry-run", action="store_true", help="list present/missing files per component and exit")
+    ap.add_argument("--executor", choices=("ray", "local"), default="ray",
+                    help="ray (default): Ray tasks/actors; local: everything in this process")
+    ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start Ray locally)")
+    ap.add_argument("--num-cpus", type=int, help="CPUs for a locally started Ray (default: all cores)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--near-dedup", dest="near", action="store_true", default=None, help="enable MinHash near dedup")
+    g.add_argument("--no-near-dedup", dest="near", action="store_false", help="disable MinHash near dedup")
+    ap.add_argument("--near-threshold", type=float, help="Jaccard threshold for near dedup")
+    ap.add_argument("--force", action="store_true", help="discard an --out built with other settings")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    try:
+        manifest = load_manifest(args.manifest, root=args.root, allow_missing=args.dry_run)
+        if args.dry_run:
+            print(dry_run(manifest))
+            return 0
+        if not args.out:
+            raise BuildError("--out is required (or use --dry-run)")
+        if args.executor == "ray":
+            from pipeline.executor import RayExecutor, init_ray
+
+            started = init_ray(args.address, args.num_cpus)
+            executor = RayExecutor()
+        else:
+            from pipeline.executor import LocalExecutor
+
+            started, executor = False, LocalExecutor()
+        try:
+            report = build(manifest, args.out, executor, near=args.near, near_threshold=args.near_threshold,
+                           progress=not args.no_progress, force=args.force, manifest_arg=args.manifest)
+        finally:
+            executor.close()
+            if started:
+                import ray
+
+                ray.shutdown()
+        with open(os.path.join(args.out, "index.json")) as f:
+            report["_index_components"] = json.load(f)["components"]
+        print(table(report))
+        print(f"wrote {args.out}/index.json ({report['totals']['documents']:,} documents, "
+              f"{report['totals']['tokens']:,} tokens)")
+        return 0
+    except (ManifestError, BuildError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

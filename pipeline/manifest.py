@@ -1,0 +1,356 @@
+"""Corpus manifests: a typed YAML schema for "which components, where, how much, which filters".
+
+A manifest names the corpus and lists components; each component is a set of files (globs
+relative to the manifest's ``root``, or URLs fsspec can open) in one format. Validation is
+strict: unknown keys, wrong types, missing files and bad globs raise ``ManifestError`` naming
+the manifest file, the component and the YAML line (from the yaml node marks), so a typo
+never silently turns into an empty component.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt", "hf_disk")
+_SUFFIX_FORMAT = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst",
+                  ".parquet": "parquet", ".txt": "txt"}
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names file, component and line."""
+
+
+@dataclass
+class FilterConfig:
+    """Document-level quality filters. They only keep or drop; text is never modified."""
+
+    min_chars: int = 1
+    """Drop documents shorter than this many characters (reason ``too_short``)."""
+    max_chars: int = 2_000_000
+    """Drop documents longer than this many characters (reason ``too_long``)."""
+    max_dup_line_frac: float = 0.5
+    """Drop documents whose repeated non-empty lines exceed this fraction of all non-empty
+    lines (Gopher's duplicate-line heuristic; reason ``dup_lines``). Needs >= 4 lines."""
+    max_char_run: int = 256
+    """Drop documents with one character repeated more than this many times in a row
+    (reason ``char_run``)."""
+    min_distinct_chars: int = 4
+    """Drop documents made of fewer distinct characters than this (reason ``low_diversity``)."""
+    max_doc_bytes: int = 64 * 2**20
+    """Rows larger than this many UTF-8 bytes are bad input (reason ``oversized``), counted in
+    the read stage and quarantined."""
+
+
+@dataclass
+class NearDedupSettings:
+    """MinHash near-duplicate removal (pipeline.dedup); ``params`` go to ``MinHashConfig``."""
+
+    enabled: bool = False
+    threshold: float = 0.8
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ComponentSpec:
+    """One corpus component: files in one format, with its metadata and filter settings."""
+
+    name: str
+    paths: list[str]
+    format: str
+    text_field: str = "text"
+    id_field: str | None = None
+    language: str | list[str] | None = None
+    category: str | None = None
+    weight: float = 1.0
+    """How many times the trainer sees the component (fractional allowed)."""
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    source: str | None = None
+    """Where the component comes from (dataset id or URL); metadata only."""
+    license: str | None = None
+    published_tokens: int | None = None
+    """Token count published by the source, where known (metadata only)."""
+    notes: str | None = None
+    line: int = 0
+    """Manifest line where the component starts (1-based), for error messages."""
+    files: list[str] = field(default_factory=list)
+    """Resolved, sorted file list (absolute paths or URLs); filled by ``resolve``."""
+    missing: list[str] = field(default_factory=list)
+    """Path patterns that matched nothing (only kept when resolving with allow_missing)."""
+
+
+@dataclass
+class Manifest:
+    """A validated manifest; ``components`` keep manifest order (it defines document keys)."""
+
+    name: str
+    path: str
+    sha256: str
+    root: str
+    components: list[ComponentSpec]
+    near_dedup: NearDedupSettings = field(default_factory=NearDedupSettings)
+    exact_dedup: bool = True
+    shard_tokens: int = 64 * 2**20
+    """Target tokens per output shard (a shard closes after the document that crosses it)."""
+    description: str | None = None
+    total_tokens: int | None = None
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings remember the line of the mapping and of each key."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    out = _LineDict()
+    out.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+class _LineDict(dict):
+    line: int = 0
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.key_lines: dict[str, int] = {}
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+_TOP_KEYS = {"name", "description", "root", "components", "defaults", "near_dedup", "exact_dedup",
+             "shard_tokens", "total_tokens"}
+_COMPONENT_KEYS = {f.name for f in dataclasses.fields(ComponentSpec)} - {"line", "files", "missing"}
+_DEFAULT_KEYS = {"text_field", "id_field", "format", "filters", "weight", "language", "category"}
+_FILTER_KEYS = {f.name for f in dataclasses.fields(FilterConfig)}
+
+
+def _where(mpath: str, line: int, comp: str | None = None) -> str:
+    return f"{mpath}:{line}" + (f": component {comp!r}" if comp else "")
+
+
+def _check_keys(d: _LineDict, allowed: set[str], mpath: str, comp: str | None, what: str) -> None:
+    for k in d:
+        if k not in allowed:
+            raise ManifestError(f"{_where(mpath, d.key_lines.get(k, d.line), comp)}: unknown key "
+                                f"{k!r} in {what} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _typed(value: Any, types: tuple, mpath: str, line: int, comp: str | None, key: str) -> Any:
+    if isinstance(value, bool) and bool not in types:
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        names = "/".join(t.__name__ for t in types)
+        raise ManifestError(f"{_where(mpath, line, comp)}: {key!r} must be {names}, got {value!r}")
+    return value
+
+
+def _filters(d: Any, base: FilterConfig, mpath: str, line: int, comp: str | None) -> FilterConfig:
+    if d is None:
+        return base
+    if not isinstance(d, _LineDict):
+        raise ManifestError(f"{_where(mpath, line, comp)}: 'filters' must be a mapping")
+    _check_keys(d, _FILTER_KEYS, mpath, comp, "filters")
+    out = dataclasses.replace(base)
+    for f in dataclasses.fields(FilterConfig):
+        if f.name in d:
+            types = (int, float) if f.type in ("float",) else (int,)
+            setattr(out, f.name, _typed(d[f.name], types, mpath, d.key_lines[f.name], comp,
+                                        f"filters.{f.name}"))
+    return out
+
+
+_BAD_GLOB = re.compile(r"\[[^\]]*$|(?<![/\\])\*\*|\*\*(?![/\\]|$)")
+
+
+def _is_url(p: str) -> bool:
+    return "://" in p
+
+
+def _expand(pattern: str, root: str) -> list[str]:
+    if _is_url(pattern):
+        import fsspec
+
+        fs, _, paths = fsspec.get_fs_token_paths(pattern)
+        proto = pattern.split("://", 1)[0]
+        return sorted(p if "://" in p else f"{proto}://{p}" for p in paths)
+    full = pattern if os.path.isabs(pattern) else os.path.join(root, pattern)
+    if glob.has_magic(full):
+        return sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True))
+    return [os.path.abspath(full)] if os.path.exists(full) else []
+
+
+def infer_format(path: str) -> str | None:
+    for suf in sorted(_SUFFIX_FORMAT, key=len, reverse=True):
+        if path.endswith(suf):
+            return _SUFFIX_FORMAT[suf]
+    return None
+
+
+def load_manifest(path: str, root: str | None = None, allow_missing: bool = False) -> Manifest:
+    """Parse, validate and resolve a manifest.
+
+    ``root`` overrides the manifest's ``root`` (paths are relative to it; a relative root is
+    relative to the manifest's folder; ``$VARS`` are expanded). With ``allow_missing`` the
+    missing path patterns are recorded on each component instead of raising (``--dry-run``).
+    """
+    mpath = path
+    try:
+        raw = open(path, "rb").read()
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read manifest: {e.strerror}") from None
+    try:
+        doc = yaml.load(raw.decode("utf-8"), Loader=_LineLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(doc, _LineDict):
+        raise ManifestError(f"{path}:1: manifest must be a mapping with 'name' and 'components'")
+    _check_keys(doc, _TOP_KEYS, mpath, None, "manifest")
+    for req in ("name", "components"):
+        if req not in doc:
+            raise ManifestError(f"{path}:{doc.line}: missing required key {req!r}")
+    name = _typed(doc["name"], (str,), mpath, doc.key_lines["name"], None, "name")
+
+    root_spec = root if root is not None else doc.get("root", ".")
+    _typed(root_spec, (str,), mpath, doc.key_lines.get("root", doc.line), None, "root")
+    root_dir = os.path.expandvars(os.path.expanduser(root_spec))
+    if not _is_url(root_dir) and not os.path.isabs(root_dir):
+        root_dir = os.path.join(os.path.dirname(os.path.abspath(path)), root_dir)
+    root_dir = root_dir if _is_url(root_dir) else os.path.normpath(root_dir)
+
+    defaults = doc.get("defaults") or _LineDict()
+    if not isinstance(defaults, _LineDict):
+        raise ManifestError(f"{_where(mpath, doc.key_lines['defaults'])}: 'defaults' must be a mapping")
+    _check_keys(defaults, _DEFAULT_KEYS, mpath, None, "defaults")
+    base_filters = _filters(defaults.get("filters"), FilterConfig(), mpath, defaults.line, None)
+
+    nd = NearDedupSettings()
+    if "near_dedup" in doc:
+        d = doc["near_dedup"]
+        line = doc.key_lines["near_dedup"]
+        if not isinstance(d, _LineDict):
+            raise ManifestError(f"{_where(mpath, line)}: 'near_dedup' must be a mapping")
+        params = {k: v for k, v in d.items() if k not in ("enabled", "threshold")}
+        nd = NearDedupSettings(
+            enabled=_typed(d.get("enabled", True), (bool,), mpath, line, None, "near_dedup.enabled"),
+            threshold=float(_typed(d.get("threshold", 0.8), (int, float), mpath, line, None,
+                                   "near_dedup.threshold")),
+            params=params)
+        _check_near_params(params, mpath, d)
+    exact = _typed(doc.get("exact_dedup", True), (bool,), mpath,
+                   doc.key_lines.get("exact_dedup", 0), None, "exact_dedup")
+    shard_tokens = _typed(doc.get("shard_tokens", Manifest.shard_tokens), (int,), mpath,
+                          doc.key_lines.get("shard_tokens", 0), None, "shard_tokens")
+
+    comps_raw = doc["components"]
+    if not isinstance(comps_raw, list) or not comps_raw:
+        raise ManifestError(f"{_where(mpath, doc.key_lines['components'])}: 'components' must be "
+                            f"a non-empty list")
+    comps: list[ComponentSpec] = []
+    seen: set[str] = set()
+    for i, c in enumerate(comps_raw):
+        if not isinstance(c, _LineDict):
+            raise ManifestError(f"{mpath}: components[{i}] must be a mapping")
+        cname = c.get("name")
+        if not isinstance(cname, str) or not cname:
+            raise ManifestError(f"{_where(mpath, c.line)}: components[{i}] needs a 'name' (string)")
+        if cname in seen:
+            raise ManifestError(f"{_where(mpath, c.line, cname)}: duplicate component name")
+        seen.add(cname)
+        _check_keys(c, _COMPONENT_KEYS, mpath, cname, "component")
+        comps.append(_component(c, cname, defaults, base_filters, mpath, root_dir, allow_missing))
+    if len(comps) >= 2**15:
+        raise ManifestError(f"{mpath}: at most {2**15 - 1} components")
+    return Manifest(name=name, path=path, sha256=hashlib.sha256(raw).hexdigest(), root=root_dir,
+                    components=comps, near_dedup=nd, exact_dedup=exact, shard_tokens=shard_tokens,
+                    description=doc.get("description"), total_tokens=doc.get("total_tokens"))
+
+
+def _check_near_params(params: dict, mpath: str, d: _LineDict) -> None:
+    try:
+        from pipeline.dedup import MinHashConfig
+    except ImportError:
+        return
+    allowed = {f.name for f in dataclasses.fields(MinHashConfig)}
+    for k in params:
+        if k not in allowed:
+            raise ManifestError(f"{_where(mpath, d.key_lines.get(k, d.line))}: unknown key {k!r} in "
+                                f"near_dedup (allowed: enabled, {', '.join(sorted(allowed))})")
+
+
+def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: FilterConfig,
+               mpath: str, root_dir: str, allow_missing: bool) -> ComponentSpec:
+    kl = c.key_lines
+    paths = c.get("paths")
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise ManifestError(f"{_where(mpath, kl.get('paths', c.line), cname)}: 'paths' must be a "
+                            f"non-empty list of path globs")
+    fmt = c.get("format", defaults.get("format"))
+    if fmt is None:
+        fmt = infer_format(paths[0])
+    if fmt not in FORMATS:
+        raise ManifestError(f"{_where(mpath, kl.get('format', c.line), cname)}: 'format' must be one "
+                            f"of {', '.join(FORMATS)}, got {fmt!r}")
+
+    def get(key: str, types: tuple, default: Any) -> Any:
+        if key in c:
+            return _typed(c[key], types, mpath, kl[key], cname, key)
+        if key in defaults:
+            return _typed(defaults[key], types, mpath, defaults.key_lines[key], cname, key)
+        return default
+
+    weight = float(get("weight", (int, float), 1.0))
+    if weight < 0:
+        raise ManifestError(f"{_where(mpath, kl.get('weight', c.line), cname)}: 'weight' must be >= 0")
+    spec = ComponentSpec(
+        name=cname, paths=paths, format=fmt, text_field=get("text_field", (str,), "text"),
+        id_field=get("id_field", (str, type(None)), None),
+        language=get("language", (str, list, type(None)), None),
+        category=get("category", (str, type(None)), None), weight=weight,
+        filters=_filters(c.get("filters"), base_filters, mpath, kl.get("filters", c.line), cname),
+        source=get("source", (str, type(None)), None), license=get("license", (str, type(None)), None),
+        published_tokens=get("published_tokens", (int, type(None)), None),
+        notes=get("notes", (str, type(None)), None), line=c.line)
+    files: list[str] = []
+    for p in paths:
+        line = kl.get("paths", c.line)
+        if _BAD_GLOB.search(p):
+            raise ManifestError(f"{_where(mpath, line, cname)}: bad glob {p!r} (unclosed '[' or '**' "
+                                f"not a whole path segment)")
+        try:
+            matched = _expand(p, root_dir)
+        except Exception as e:  # fsspec raises many kinds for unreachable URLs
+            raise ManifestError(f"{_where(mpath, line, cname)}: cannot list {p!r}: {e}") from None
+        if fmt == "hf_disk":
+            matched = [m for m in matched if _is_url(m) or os.path.isdir(m)]
+        elif not any(_is_url(m) for m in matched):
+            matched = [m for m in matched if os.path.isfile(m)]
+        if not matched:
+            if allow_missing:
+                spec.missing.append(p)
+                continue
+            where = p if os.path.isabs(p) or _is_url(p) else os.path.join(root_dir, p)
+            raise ManifestError(f"{_where(mpath, line, cname)}: path {p!r} matches no "
+                                f"{'dataset folder' if fmt == 'hf_disk' else 'file'} (looked for {where})")
+        files.extend(matched)
+    spec.files = sorted(dict.fromkeys(files))
+    if len(spec.files) >= 2**16:
+        raise ManifestError(f"{_where(mpath, c.line, cname)}: at most 65535 files per component")
+    return spec

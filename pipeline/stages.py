@@ -1,0 +1,300 @@
+"""The pipeline's stages as plain functions over one unit of work (no Ray in here).
+
+ingest_unit    read → filter → content hash (+ MinHash signatures) for one input file;
+               writes ``work/ingest/<unit>.arrow`` + a ``.json`` completion marker.
+exact_duplicates / near_duplicates
+               global decisions over all ingested units (smaller key wins = earliest in
+               manifest order), written once to ``work/dedup.arrow``.
+tokenize_unit  drops the unit's removed keys and tokenizes the rest with the World
+               tokenizer; writes ``work/tok/<unit>.arrow`` + marker.
+write_shard    concatenates row ranges of tokenized units into ``shards/NNNNN.arrow``.
+
+Every output appears by atomic rename, and the ``.json`` marker is written last, so a unit
+either has both files or is redone. All outputs are pure functions of the inputs, which is
+what makes reruns byte-identical whatever the scheduling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+
+from pipeline import filters
+from pipeline.manifest import ComponentSpec, NearDedupSettings
+from pipeline.read import Unit, read_rows
+
+QUARANTINE_PER_REASON = 5
+"""Bad rows kept as samples per (unit, reason); the totals are always exact."""
+BATCH_ROWS = 2048
+
+INGEST_SCHEMA = pa.schema([("key", pa.int64()), ("id", pa.string()), ("text", pa.large_string()),
+                           ("hash", pa.binary(16))])
+SHARD_SCHEMA = pa.schema([("id", pa.string()), ("component", pa.string()),
+                          ("input_ids", pa.list_(pa.uint16()))])
+TOK_SCHEMA = pa.schema([("key", pa.int64())] + list(SHARD_SCHEMA))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+class _ArrowOut:
+    """An Arrow IPC stream written to a temp name and renamed into place on close."""
+
+    def __init__(self, path: str, schema: pa.Schema):
+        self.path, self.tmp = path, f"{path}.tmp{os.getpid()}"
+        self.sink = pa.OSFile(self.tmp, "wb")
+        self.writer = pa.ipc.new_stream(self.sink, schema)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows:
+            self.writer.write_batch(batch)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sink.close()
+        os.replace(self.tmp, self.path)
+
+
+def read_arrow(path: str) -> pa.Table:
+    """A zero-copy table over a memory-mapped Arrow IPC stream file."""
+    return pa.ipc.open_stream(pa.memory_map(path)).read_all()
+
+
+@dataclass
+class StageCount:
+    """Documents in/out of one stage for one component, with drop reasons."""
+
+    docs_in: int = 0
+    docs_out: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"in": self.docs_in, "out": self.docs_out, "dropped": dict(sorted(self.dropped.items()))}
+
+
+def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSettings | None) -> dict:
+    """Read, filter and hash one input file; returns (and writes) the unit's meta record."""
+    marker = os.path.join(work, "ingest", unit.name + ".json")
+    if os.path.exists(marker):
+        return read_json(marker)
+    nd = None
+    if near is not None and near.enabled:
+        from pipeline.dedup import MinHashConfig, NearDedup
+
+        nd = NearDedup(MinHashConfig(threshold=near.threshold, **near.params))
+    read, filt = StageCount(), StageCount()
+    quarantine: list[dict] = []
+    qcount: Counter = Counter()
+    secs = Counter()
+    bytes_read = bytes_kept = 0
+    out = _ArrowOut(os.path.join(work, "ingest", unit.name + ".arrow"), INGEST_SCHEMA)
+    sig_parts: list[np.ndarray] = []
+    key_base = unit.key_base
+    rows = read_rows(unit, comp)
+    done = False
+    while not done:
+        t0 = time.perf_counter()
+        keys, ids, texts = [], [], []
+        for row in rows:
+            read.docs_in += 1
+            if row.reason is not None:
+                read.dropped[row.reason] += 1
+                if qcount[row.reason] < QUARANTINE_PER_REASON:
+                    qcount[row.reason] += 1
+                    raw = row.raw.decode("utf-8", "replace") if isinstance(row.raw, bytes) else row.raw
+                    quarantine.append({"component": comp.name, "file": unit.rel, "line": row.line,
+                                       "stage": "read", "reason": row.reason, "sample": (raw or "")[:200]})
+                continue
+            keys.append(key_base | row.line)
+            ids.append(row.id if row.id is not None else f"{comp.name}/{unit.rel}:{row.line}")
+            texts.append(row.text)
+            if len(texts) >= BATCH_ROWS:
+                break
+        else:
+            done = True
+        read.docs_out += len(texts)
+        t1 = time.perf_counter()
+        secs["read"] += t1 - t0
+        keep = []
+        for j, t in enumerate(texts):
+            bytes_read += len(t)
+            reason = filters.check(t, comp.filters)
+            if reason is None:
+                keep.append(j)
+            else:
+                filt.dropped[reason] += 1
+                if qcount[reason] < QUARANTINE_PER_REASON:
+                    qcount[reason] += 1
+                    quarantine.append({"component": comp.name, "file": unit.rel, "line": keys[j] & 0xFFFFFFFF,
+                                       "stage": "filter", "reason": reason, "sample": t[:200]})
+        filt.docs_in += len(texts)
+        filt.docs_out += len(keep)
+        keys = [keys[j] for j in keep]
+        ids = [ids[j] for j in keep]
+        texts = [texts[j] for j in keep]
+        t2 = time.perf_counter()
+        secs["filter"] += t2 - t1
+        encoded = [t.encode("utf-8") for t in texts]
+        bytes_kept += sum(map(len, encoded))
+        digest = xxhash.xxh3_128_digest
+        hashes = [digest(b) for b in encoded]
+        t3 = time.perf_counter()
+        secs["exact_dedup"] += t3 - t2
+        if nd is not None and texts:
+            sig_parts.append(np.asarray(nd.signatures(texts)))
+            secs["near_dedup"] += time.perf_counter() - t3
+        out.write(pa.record_batch([pa.array(keys, pa.int64()), pa.array(ids, pa.string()),
+                                   pa.array(texts, pa.large_string()), pa.array(hashes, pa.binary(16))],
+                                  schema=INGEST_SCHEMA))
+    out.close()
+    if nd is not None:
+        sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, 0), np.uint64)
+        tmp = os.path.join(work, "ingest", f"{unit.name}.sig.tmp{os.getpid()}.npy")
+        np.save(tmp, sigs)
+        os.replace(tmp, os.path.join(work, "ingest", unit.name + ".sig.npy"))
+    meta = {"unit": unit.name, "component": comp.name, "ci": unit.ci, "fi": unit.fi, "file": unit.rel,
+            "read": read.as_dict(), "filter": filt.as_dict(), "chars_read": bytes_read,
+            "bytes_kept": bytes_kept, "quarantine": quarantine, "seconds": dict(secs),
+            "near_dedup": bool(nd is not None)}
+    atomic_write_json(marker, meta)
+    return meta
+
+
+def _hash_words(h: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """[n] binary(16) → two [n] uint64 words (hi, lo)."""
+    buf = np.frombuffer(h.buffers()[1], np.uint64, count=2 * len(h) + 2 * h.offset)[2 * h.offset:]
+    return buf[0::2], buf[1::2]
+
+
+def exact_duplicates(ingest_paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(removed_keys, duplicate_of_keys) over all units: a document whose content hash was
+    already seen at a smaller key is removed. Both sorted by removed key. [m], [m] int64."""
+    keys, his, los = [], [], []
+    for p in ingest_paths:
+        t = read_arrow(p)
+        if t.num_rows == 0:
+            continue
+        keys.append(t.column("key").to_numpy())
+        for chunk in t.column("hash").chunks:
+            hi, lo = _hash_words(chunk)
+            his.append(hi)
+            los.append(lo)
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    k = np.concatenate(keys)
+    hi, lo = np.concatenate(his), np.concatenate(los)
+    order = np.lexsort((k, lo, hi))  # by hash, then key
+    k, hi, lo = k[order], hi[order], lo[order]
+    same = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])  # [n-1] row i+1 repeats row i's hash
+    first = np.maximum.accumulate(np.where(np.r_[True, ~same], np.arange(len(k)), 0))
+    dup = np.r_[False, same]
+    removed, of = k[dup], k[first[dup]]
+    o = np.argsort(removed, kind="stable")
+    return removed[o], of[o]
+
+
+def near_duplicates(ingest_paths: list[str], removed_exact: np.ndarray,
+                    near: NearDedupSettings) -> tuple[np.ndarray, np.ndarray]:
+    """MinHash near duplicates among documents that survived exact dedup."""
+    from pipeline.dedup import MinHashConfig, NearDedup
+
+    nd = NearDedup(MinHashConfig(threshold=near.threshold, **near.params))
+    blocks = []
+    for p in ingest_paths:
+        sig_path = p[: -len(".arrow")] + ".sig.npy"
+        keys = read_arrow(p).column("key").to_numpy()
+        sigs = np.load(sig_path)
+        if len(keys) == 0:
+            continue
+        live = ~np.isin(keys, removed_exact)
+        blocks.append((keys[live], sigs[live]))
+    if not blocks:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    removed, of = nd.duplicates(blocks)
+    return np.asarray(removed, np.int64), np.asarray(of, np.int64)
+
+
+def tokenize_unit(unit_name: str, work: str, removed: np.ndarray, tokenizer) -> dict:
+    """Tokenize the unit's surviving documents; ``removed`` holds the unit's removed keys."""
+    marker = os.path.join(work, "tok", unit_name + ".json")
+    if os.path.exists(marker):
+        return read_json(marker)
+    t0 = time.perf_counter()
+    src = read_arrow(os.path.join(work, "ingest", unit_name + ".arrow"))
+    meta_in = read_json(os.path.join(work, "ingest", unit_name + ".json"))
+    comp = meta_in["component"]
+    out = _ArrowOut(os.path.join(work, "tok", unit_name + ".arrow"), TOK_SCHEMA)
+    docs_in = docs_out = tokens = nbytes = 0
+    for batch in src.to_batches(max_chunksize=BATCH_ROWS):
+        keys = batch.column("key").to_numpy()
+        docs_in += len(keys)
+        live = ~np.isin(keys, removed) if len(removed) else np.ones(len(keys), bool)
+        if not live.any():
+            continue
+        batch = batch.filter(pa.array(live))
+        texts = batch.column("text").to_pylist()
+        nbytes += sum(len(t) for t in texts)
+        arrays = tokenizer.encode_batch_to_arrays(texts, num_workers=1)  # [n] of uint16 [len_i]
+        lengths = np.fromiter((len(a) for a in arrays), np.int64, len(arrays))
+        offsets = np.zeros(len(arrays) + 1, np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.concatenate(arrays).astype(np.uint16, copy=False) if arrays else np.zeros(0, np.uint16)
+        ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.uint16()))
+        out.write(pa.record_batch([batch.column("key"), batch.column("id"),
+                                   pa.array([comp] * batch.num_rows, pa.string()), ids], schema=TOK_SCHEMA))
+        docs_out += batch.num_rows
+        tokens += int(lengths.sum())
+    out.close()
+    meta = {"unit": unit_name, "component": comp, "docs_in": docs_in, "docs_out": docs_out,
+            "tokens": tokens, "chars": nbytes, "seconds": time.perf_counter() - t0}
+    atomic_write_json(marker, meta)
+    return meta
+
+
+def write_shard(index: int, pieces: list[tuple[str, int, int]], out_dir: str) -> dict:
+    """Write shard ``index`` from (tok_unit_path, row_start, row_stop) pieces, in order."""
+    rel = f"shards/{index:05d}.arrow"
+    path = os.path.join(out_dir, rel)
+    marker = os.path.join(out_dir, "work", "shards", f"{index:05d}.json")
+    if os.path.exists(marker) and os.path.exists(path):
+        return read_json(marker)
+    t0 = time.perf_counter()
+    tables = [read_arrow(p).slice(a, b - a).select(SHARD_SCHEMA.names) for p, a, b in pieces]
+    table = pa.concat_tables(tables).combine_chunks() if tables else SHARD_SCHEMA.empty_table()
+    tmp = f"{path}.tmp{os.getpid()}"
+    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, SHARD_SCHEMA) as w:
+        w.write_table(table, max_chunksize=65536)
+    h = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    os.replace(tmp, path)
+    lens = table.column("input_ids").combine_chunks().value_lengths() if table.num_rows else pa.array([], pa.int32())
+    meta = {"path": rel, "documents": table.num_rows, "tokens": int(pc.sum(lens).as_py() or 0),
+            "bytes": os.path.getsize(path), "sha256": h.hexdigest(), "seconds": time.perf_counter() - t0}
+    atomic_write_json(marker, meta)
+    return meta

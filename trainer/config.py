@@ -240,4 +240,9 @@ def resolve_model_config(sec: ModelSection):
             raise ConfigError(f"model: unknown key {k!r} (RWKV7Config fields: {', '.join(sorted(names))})")
     hints = typing.get_type_hints(type(base))
     ov = {k: _coerce(v, hints[k], f"model.{k}") for k, v in sec.overrides.items()}
-    return dataclasses.replace(base, **ov)
+    if "n_embd" in ov:  # LoRA and FFN widths follow the new width unless given explicitly
+        ov = {**{d: None for d in ("dim_w", "dim_a", "dim_v", "dim_g", "dim_ffn")}, **ov}
+    try:
+        return dataclasses.replace(base, **ov)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None

@@ -1,0 +1,199 @@
+"""The mmap shard loader: window contents, zero-copy reads, rank/worker-independent order, mixture,
+validation hold-out, resume position, and one clear error for each kind of bad corpus."""
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+import torch
+
+from trainer.data import (
+    DataError,
+    Layout,
+    MixtureSampler,
+    ShardCorpus,
+    TrainWindows,
+    feistel_permute,
+    make_train_loader,
+    val_batches,
+)
+from trainer.testing import random_docs, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    docs = random_docs(120, ["web", "code", "books"], seed=1, max_len=200)
+    # record batches of 7 rows inside shards of 50 documents: windows cross batch and shard boundaries
+    return write_corpus(tmp_path_factory.mktemp("c") / "data", docs, docs_per_shard=50,
+                        weights={"web": 1.0, "code": 2.0, "books": 0.5}, rows_per_batch=7), docs
+
+
+def _stream(docs, comp):
+    parts = []
+    for _, c, ids in docs:
+        if c == comp:
+            parts += [np.asarray(ids, dtype=np.int64), np.zeros(1, dtype=np.int64)]
+    return np.concatenate(parts)
+
+
+def test_windows_equal_documents_joined_with_eod(corpus_dir):
+    path, docs = corpus_dir
+    D = 37
+    corpus = ShardCorpus(path, D, val_fraction=0.1)
+    out = np.empty(D + 1, dtype=np.int64)
+    for comp, c in corpus.components.items():
+        stream = _stream(docs, comp)
+        assert c.n_windows == (len(stream) - 1) // D
+        assert 1 <= c.n_windows - c.n_train <= c.n_windows // 5 + 1
+        for p in range(c.n_windows):
+            corpus.read_window(comp, p, out)
+            np.testing.assert_array_equal(out, stream[p * D:p * D + D + 1])
+
+
+def test_token_buffers_are_zero_copy_views_of_the_memory_map(corpus_dir):
+    path, _ = corpus_dir
+    before = pa.total_allocated_bytes()
+    corpus = ShardCorpus(path, 16)
+    assert pa.total_allocated_bytes() - before < 4096  # nothing copied out of the shards
+    for v in corpus._values:
+        assert v.dtype == np.uint16 and not v.flags.owndata and not v.flags.writeable
+    # the numpy view's memory lies inside the file's mapping (read_buffer on a memory map is zero-copy)
+    mm = corpus._maps[0]
+    mm.seek(0)
+    whole = mm.read_buffer(mm.size())
+    addr = corpus._values[0].__array_interface__["data"][0]
+    assert whole.address <= addr < whole.address + whole.size
+
+
+def test_feistel_is_a_bijection():
+    for n in (1, 2, 3, 17, 64, 1000, 4097):
+        out = feistel_permute(np.arange(n), n, key=123)
+        assert sorted(out.tolist()) == list(range(n))
+    a = feistel_permute(np.arange(1000), 1000, key=1)
+    b = feistel_permute(np.arange(1000), 1000, key=2)
+    assert (a != b).mean() > 0.9
+
+
+def _global_order(corpus, seed, world, accum, mb, steps, workers=0):
+    """Concatenate what every rank sees, ordered by global sample index."""
+    rows = {}
+    for rank in range(world):
+        layout = Layout(mb, world, rank, accum)
+        ds = TrainWindows(corpus, seed, layout)
+        for m in range(steps * accum):
+            ids = layout.sample_ids(0, m)
+            for i, row in zip(ids, ds.batch(m)):
+                assert int(i) not in rows
+                rows[int(i)] = row
+    return torch.stack([rows[i] for i in sorted(rows)])
+
+
+def test_order_independent_of_ranks_and_accumulation(corpus_dir):
+    corpus = ShardCorpus(corpus_dir[0], 16)
+    ref = _global_order(corpus, 7, world=1, accum=1, mb=8, steps=6)
+    for world, accum, mb in ((2, 1, 4), (4, 2, 1), (1, 4, 2)):
+        got = _global_order(corpus, 7, world, accum, mb, steps=48 // (world * accum * mb))
+        assert torch.equal(got, ref), (world, accum, mb)
+
+
+def test_loader_workers_produce_the_same_stream(corpus_dir):
+    corpus = ShardCorpus(corpus_dir[0], 16)
+    layout = Layout(3, 2, 1, 2)
+    ref = [b for _, b in zip(range(7), make_train_loader(corpus, 5, layout, 0, 0))]
+    got = [b for _, b in zip(range(7), make_train_loader(corpus, 5, layout, 0, 2))]
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+def test_resume_position_repeats_and_skips_nothing(corpus_dir):
+    corpus = ShardCorpus(corpus_dir[0], 16)
+    layout = Layout(4, 1, 0, 1)
+    full = TrainWindows(corpus, 3, layout, start_sample=0)
+    resumed = TrainWindows(corpus, 3, layout, start_sample=5 * 4)
+    for m in range(4):
+        assert torch.equal(full.batch(5 + m), resumed.batch(m))
+
+
+def test_each_component_epoch_is_a_permutation_and_mixture_follows_weights(corpus_dir):
+    corpus = ShardCorpus(corpus_dir[0], 16)
+    sampler = MixtureSampler(corpus, seed=11)
+    n = 30000
+    picks = sampler.locate(np.arange(n))
+    counts = Counter(c for c, _ in picks)
+    w = {c: corpus.weights[c] * corpus.components[c].n_train for c in corpus.components}
+    tot = sum(w.values())
+    for c in corpus.components:
+        assert abs(counts[c] / n - w[c] / tot) < 0.02, c
+        seen = [p for cc, p in picks if cc == c]
+        nt = corpus.components[c].n_train
+        for e in range(len(seen) // nt):
+            assert sorted(seen[e * nt:(e + 1) * nt]) == list(range(nt))  # no repeats within an epoch
+        assert max(seen) < nt  # never a validation window
+
+
+def test_mixture_override_and_validation_windows(corpus_dir):
+    corpus = ShardCorpus(corpus_dir[0], 16, val_fraction=0.05, mixture={"books": 0.0})
+    picks = MixtureSampler(corpus, seed=0).locate(np.arange(2000))
+    assert "books" not in {c for c, _ in picks}
+    vb = val_batches(corpus, Layout(2, 2, 1), n_batches=3)
+    assert len(vb) == 3 and vb[0].shape == (2, 17)
+    items = corpus.val_windows()
+    for c, p in items:
+        assert p >= corpus.components[c].n_train
+    with pytest.raises(DataError, match="not in the corpus"):
+        ShardCorpus(corpus_dir[0], 16, mixture={"nope": 1.0})
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_corpora_give_one_clear_error(corpus_dir, tmp_path):
+    src = corpus_dir[0]
+    with pytest.raises(DataError, match="index not found"):
+        ShardCorpus(tmp_path / "none", 16)
+
+    d = _copy(src, tmp_path / "missing")
+    (d / "shards" / "00001.arrow").unlink()
+    with pytest.raises(DataError, match=r"00001\.arrow .*shards\[1\].*missing"):
+        ShardCorpus(d, 16)
+
+    d = _copy(src, tmp_path / "corrupt")
+    raw = bytearray((d / "shards" / "00002.arrow").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (d / "shards" / "00002.arrow").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"00002\.arrow.*sha256"):
+        ShardCorpus(d, 16)
+
+    d = _copy(src, tmp_path / "badjson")
+    (d / "index.json").write_text('{"schema_version": 1,\n "shards": [,]}')
+    with pytest.raises(DataError, match=r"index\.json:2: invalid JSON"):
+        ShardCorpus(d, 16)
+
+    d = _copy(src, tmp_path / "version")
+    idx = json.loads((d / "index.json").read_text())
+    idx["schema_version"] = 2
+    (d / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(DataError, match="schema_version"):
+        ShardCorpus(d, 16)
+
+    d = tmp_path / "schema"
+    (d / "shards").mkdir(parents=True)
+    t = pa.table({"id": ["a"], "component": ["x"], "input_ids": pa.array([[1, 2, 3]], pa.list_(pa.int32()))})
+    with pa.OSFile(str(d / "shards" / "00000.arrow"), "wb") as f, ipc.new_file(f, t.schema) as w:
+        w.write_table(t)
+    from trainer.data import sha256_file
+
+    (d / "index.json").write_text(json.dumps({
+        "schema_version": 1, "tokenizer": {"eod_id": 0, "vocab_size": 65536},
+        "shards": [{"path": "shards/00000.arrow", "documents": 1, "tokens": 3,
+                    "sha256": sha256_file(d / "shards" / "00000.arrow")}], "components": {}}))
+    with pytest.raises(DataError, match=r"00000\.arrow.*input_ids.*list<uint16>"):
+        ShardCorpus(d, 16)
+
+    with pytest.raises(DataError, match="fewer than"):
+        ShardCorpus(src, 100000)

@@ -1,0 +1,92 @@
+"""Run checkpoints: official weights plus an exact-resume file, written atomically, newest N kept.
+
+Layout: RUN/checkpoints/step-00000120/ with
+  model.pth  - the official RWKV-LM state dict (loadable by the `rwkv` package and `load_official`)
+  resume.pt  - Fabric state: the wrapped model (full precision), optimizer, step, samples consumed,
+               RNG states (python, numpy, torch, cuda), config
+Each checkpoint is written into `.tmp-step-...` and renamed into place, so a folder named `step-*`
+is always complete; `latest()` picks the highest step among those holding both files.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+FILES = ("model.pth", "resume.pt")
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and all((p / f).exists() for f in FILES):
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest(run_dir: Path) -> Path | None:
+    ck = complete_checkpoints(run_dir)
+    return ck[-1][1] if ck else None
+
+
+def rng_states() -> dict:
+    """Every RNG's state as tensors and plain values (loadable with weights_only=True)."""
+    npst = np.random.get_state(legacy=False)
+    npst["state"]["key"] = torch.from_numpy(npst["state"]["key"].astype(np.int64))
+    st = {"python": random.getstate(), "numpy": npst, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_states(st: dict) -> None:
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = dict(st["numpy"])
+    npst["state"] = dict(npst["state"], key=npst["state"]["key"].numpy().astype(np.uint32))
+    np.random.set_state(npst)
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save(fabric, run_dir: Path, step: int, state: dict, lm, keep: int) -> Path:
+    """Write checkpoint `step` on every rank (Fabric decides who writes what), then rank 0 exports
+    the official weights, renames the folder into place and prunes old ones."""
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(".tmp-" + final.name)
+    if fabric.global_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    fabric.barrier()
+    fabric.save(tmp / "resume.pt", state)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        lm.save_official(tmp / "model.pth")
+        if final.exists():
+            trash = final.with_name(".old-" + final.name)
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, final)
+        for _, old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    fabric.barrier()
+    return final

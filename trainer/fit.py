@@ -1,0 +1,300 @@
+"""Train an RWKV model on the pipeline's shards with Lightning Fabric.
+
+    python trainer/fit.py --config trainer/configs/debug.yaml --data data/sample --run-dir runs/debug
+    fabric run --devices 2 --strategy ddp trainer/fit.py --config trainer/configs/0.1b.yaml --data D --run-dir R
+    ... --max-steps N --resume --set optim.lr_init=1e-3 --set data.micro_batch_size=4
+
+Everything that could stop a run (config keys, index, shard checksums and schemas) is checked before
+the model is built. Per optimizer step: the micro-batches of this rank run through `InfctxLM`
+(segments of ctx_len with carried state), gradients are accumulated (no DDP sync until the last
+micro-batch), clipped, and AdamW steps with the cosine schedule (RWKV-LM's optimizer groups: lr_scale
+per group). Outputs in RUN/: metrics.csv (one row per step), tb/ (TensorBoard), checkpoints/,
+config.yaml, loss.png; a generated sample is printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (`python trainer/fit.py`, `fabric run trainer/fit.py`)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import yaml
+
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, TrainConfig, load_config, resolve_model_config
+from trainer.data import DataError, Layout, ShardCorpus, make_train_loader, val_batches
+from trainer.infctx import InfctxLM
+
+METRICS = ["step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "val_loss"]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from lr_init/100, then cosine
+    from lr_init to lr_final over lr_decay_steps (default max_steps), constant lr_final after."""
+    o = cfg.optim
+    total = o.lr_decay_steps or cfg.train.max_steps
+    if step < o.warmup_steps:
+        return o.lr_init * (0.01 + 0.99 * step / o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.lr_final + 0.5 * (o.lr_init - o.lr_final) * (1 + math.cos(math.pi * progress))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="YAML preset (trainer/configs/*.yaml)")
+    p.add_argument("--data", required=True, help="pipeline output folder holding index.json")
+    p.add_argument("--run-dir", required=True, help="where metrics, logs and checkpoints go")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides train.max_steps)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr_init=1e-3 (repeatable)")
+    return p.parse_args(argv)
+
+
+def build_fabric(cfg: TrainConfig, run_dir: Path):
+    import lightning as L
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    precision = cfg.train.precision
+    if precision == "auto":
+        if os.environ.get("LT_PRECISION"):          # set by `fabric run --precision`
+            precision = None
+        else:
+            precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    loggers = [TensorBoardLogger(root_dir=str(run_dir), name="tb", version="")] if cfg.train.tensorboard else []
+    return L.Fabric(precision=precision, loggers=loggers)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_metrics_upto(path: Path, step: int) -> None:
+    """On resume: keep only rows of steps already covered by the checkpoint (atomic rewrite)."""
+    rows = [r for r in read_metrics(path) if int(r["step"]) <= step]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRICS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir / "metrics.csv")
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([int(r["tokens"]) for r in rows], [float(r["loss"]) for r in rows], label="train")
+    val = [(int(r["tokens"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    tmp = run_dir / "loss.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+@torch.no_grad()
+def evaluate(fabric, model, batches) -> float | None:
+    if not batches:
+        return None
+    model.eval()
+    total = torch.zeros((), device=fabric.device, dtype=torch.float64)
+    for b in batches:
+        total += model(fabric.to_device(b)).double()
+    model.train()
+    return float(fabric.all_reduce(total / len(batches), reduce_op="mean"))
+
+
+def generate_sample(lm, cfg: TrainConfig) -> str | None:
+    if cfg.sample.tokens <= 0:
+        return None
+    from tokenizer import WorldTokenizer
+    from trainer.generate import stream
+
+    tok = WorldTokenizer()
+    ids = tok.encode(cfg.sample.prompt)
+    was_training = lm.training
+    lm.eval()
+    out = [t for t, _ in stream(lm, ids, cfg.sample.tokens, temperature=cfg.sample.temperature, top_p=0.85,
+                                seed=cfg.train.seed, stop_token=None)]
+    lm.train(was_training)
+    return cfg.sample.prompt + tok.decode(out)
+
+
+def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -> dict:
+    """Train; returns a summary dict (final step, losses, run paths)."""
+    from tqdm import tqdm
+
+    model_cfg = resolve_model_config(cfg.model)
+    corpus = ShardCorpus(data_dir, cfg.data.data_ctx_len, cfg.data.val_fraction, cfg.data.mixture,
+                         cfg.data.verify_checksums)
+    if corpus.vocab_size > model_cfg.vocab_size:
+        raise DataError(f"{data_dir}/index.json: vocab_size {corpus.vocab_size} exceeds the model's "
+                        f"{model_cfg.vocab_size}")
+    if resume and ckpt.latest(run_dir) is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
+
+    fabric = build_fabric(cfg, run_dir)
+    fabric.launch()
+    fabric.seed_everything(cfg.train.seed)
+    rank0 = fabric.global_rank == 0
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
+
+    from trainer.models.rwkv7 import RWKV7
+
+    with fabric.init_module():
+        lm = RWKV7(model_cfg)
+    model = InfctxLM(lm, cfg.data.ctx_len, cfg.train.bptt_truncate, cfg.train.recompute_segments)
+    o = cfg.optim
+    groups = lm.optimizer_groups(o.weight_decay)
+    for g in groups:
+        g.pop("names")
+    fused = fabric.device.type == "cuda"
+    optimizer = torch.optim.AdamW(groups, lr=o.lr_init, betas=o.betas, eps=o.eps, fused=fused)
+    model, optimizer = fabric.setup(model, optimizer)
+
+    layout = Layout(cfg.data.micro_batch_size, fabric.world_size, fabric.global_rank, o.accumulate_grad_batches)
+    step, samples = 0, 0
+    metrics_path = run_dir / "metrics.csv"
+    if resume:
+        where = ckpt.latest(run_dir)
+        state = {"model": model, "optimizer": optimizer}
+        rest = fabric.load(where / "resume.pt", state)
+        step, samples = int(rest["step"]), int(rest["samples"])
+        ckpt.set_rng_states(rest["rng"])
+        fabric.print(f"resuming from {where} (step {step}, {samples} samples consumed)")
+        if rank0:
+            write_metrics_upto(metrics_path, step)
+    elif rank0 and metrics_path.exists():
+        metrics_path.unlink()
+
+    loader = make_train_loader(corpus, cfg.train.seed, layout, samples, cfg.data.num_workers)
+    val = val_batches(corpus, layout, cfg.data.val_batches)
+    tokens_per_step = layout.global_batch * cfg.data.data_ctx_len
+    n_params = sum(p.numel() for p in lm.parameters())
+    fabric.print(f"model {cfg.model.arch}/{cfg.model.preset}: {n_params / 1e6:.2f}M parameters, "
+                 f"L{model_cfg.n_layer}-D{model_cfg.n_embd}; corpus {data_dir}: "
+                 f"{', '.join(f'{c}={corpus.components[c].n_train}' for c in corpus.train_components)} "
+                 f"train windows; {len(val) * layout.micro_batch_size} val windows/rank; "
+                 f"{tokens_per_step} tokens/step; precision {fabric.strategy.precision.__class__.__name__}")
+
+    def save_checkpoint(at_step: int, at_samples: int):
+        state = {"model": model, "optimizer": optimizer, "step": at_step, "samples": at_samples,
+                 "rng": ckpt.rng_states(), "config": cfg.to_dict()}
+        return ckpt.save(fabric, run_dir, at_step, state, lm, cfg.train.keep_checkpoints)
+
+    f = None
+    writer = None
+    if rank0:
+        new = not metrics_path.exists()
+        f = open(metrics_path, "a", newline="")
+        writer = csv.DictWriter(f, fieldnames=METRICS)
+        if new:
+            writer.writeheader()
+    losses = []
+    it = iter(loader)
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not rank0, dynamic_ncols=True, desc="train")
+    model.train()
+    try:
+        while step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            acc = torch.zeros((), device=fabric.device, dtype=torch.float64)
+            for micro in range(o.accumulate_grad_batches):
+                batch = fabric.to_device(next(it))
+                last = micro == o.accumulate_grad_batches - 1
+                with fabric.no_backward_sync(model, enabled=not last):
+                    loss = model(batch)
+                    fabric.backward(loss / o.accumulate_grad_batches)
+                acc += loss.detach().double()
+            grad_norm = float("nan")
+            if o.grad_clip > 0:
+                grad_norm = float(fabric.clip_gradients(model, optimizer, max_norm=o.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            samples += layout.global_batch
+            loss_val = float(fabric.all_reduce(acc / o.accumulate_grad_batches, reduce_op="mean"))
+            dt = time.perf_counter() - t0
+            row = {"step": step, "loss": f"{loss_val:.6f}", "lr": f"{lr:.6g}", "tokens": step * tokens_per_step,
+                   "tokens_per_s": f"{tokens_per_step / dt:.1f}", "grad_norm": f"{grad_norm:.4f}", "val_loss": ""}
+            final = step == cfg.train.max_steps
+            if val and ((cfg.train.val_every and step % cfg.train.val_every == 0) or final):
+                vl = evaluate(fabric, model, [b for b in val])
+                row["val_loss"] = f"{vl:.6f}"
+            losses.append(loss_val)
+            fabric.log_dict({k: float(v) for k, v in row.items() if v != "" and k != "step"}, step=step)
+            if rank0:
+                writer.writerow(row)
+                f.flush()
+            if step % max(1, cfg.train.log_every) == 0 or final:
+                bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=row["tokens_per_s"])
+            bar.update(1)
+            if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or final:
+                save_checkpoint(step, samples)
+    finally:
+        bar.close()
+        if f is not None:
+            f.close()
+    for lg in fabric.loggers:
+        lg.finalize("success")
+    summary = {"step": step, "losses": losses, "run_dir": str(run_dir), "checkpoint": str(ckpt.latest(run_dir))}
+    if rank0:
+        png = plot_loss(run_dir)
+        summary["loss_png"] = str(png) if png else None
+        text = generate_sample(lm, cfg)
+        if text is not None:
+            fabric.print("--- sample " + "-" * 60)
+            fabric.print(text)
+            fabric.print("-" * 71)
+        summary["sample"] = text
+    fabric.print(f"done: step {step}; metrics {metrics_path}; checkpoint {summary['checkpoint']}")
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.max_steps is not None:
+            cfg.train.max_steps = args.max_steps
+        resolve_model_config(cfg.model)
+        fit(cfg, Path(args.data), Path(args.run_dir), resume=args.resume)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

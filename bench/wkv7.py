@@ -105,7 +105,7 @@ def copy_bandwidth():
 
 
 def cfg_tag(cfg):
-    return f"ours_C{cfg.chunk_size}_BV{cfg.block_v}_W{cfg.num_warps}_{cfg.precision}"
+    return f"ours_C{cfg.chunk_size}_BV{cfg.block_v}_W{cfg.num_warps}_Wb{cfg.num_warps_bwd}_{cfg.precision}"
 
 
 def ours_fwd(x):
@@ -141,15 +141,17 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--rwkvlm", default=".whl-kernels/rwkvlm")
     ap.add_argument("--shapes", default="all")
-    ap.add_argument("--configs", default="16-64-4,16-32-4,32-64-8,32-32-4,16-16-4")
+    ap.add_argument("--configs", default="16-64-4-4,16-32-4-4,16-16-4-4,16-64-4-8")
     ap.add_argument("--precision", default="tf32")
+    ap.add_argument("--acc-shapes", type=int, default=2, help="how many accuracy shapes to check (<= 2)")
+    ap.add_argument("--peers", default="fla,official_v1,official_v3")
     ap.add_argument("--build-only", choices=["v1", "v3"], help="build one official extension and exit")
     args = ap.parse_args()
     if args.build_only:
         load_official(args.rwkvlm, args.build_only == "v3")
         return
     builds = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--rwkvlm", args.rwkvlm, "--build-only", v])
-              for v in ("v1", "v3")] if os.path.isdir(args.rwkvlm) else []
+              for v in ("v1", "v3") if f"official_{v}" in args.peers] if os.path.isdir(args.rwkvlm) else []
     os.makedirs(args.out, exist_ok=True)
     out_path = os.path.join(args.out, "wkv7.json")
     import triton
@@ -181,17 +183,21 @@ def main():
     for c in args.configs.split(","):
         f = c.split("-")
         configs.append(replace(ours.CONFIG, chunk_size=int(f[0]), block_v=int(f[1]), num_warps=int(f[2]),
-                               precision=f[3] if len(f) > 3 else args.precision))
+                               num_warps_bwd=int(f[3]), precision=f[4] if len(f) > 4 else args.precision))
 
     peers = {}
+    want = set(args.peers.split(",")) if args.peers else set()
     try:
-        peers["fla"] = (load_fla(), None)
+        if "fla" in want:
+            peers["fla"] = (load_fla(), None)
     except Exception:  # noqa: BLE001
         res["failures"]["fla_load"] = traceback.format_exc()[-2000:]
     for p in builds:
         p.wait()
     for v3 in (False, True):
         nm = "official_v3" if v3 else "official_v1"
+        if nm not in want:
+            continue
         try:
             t0 = time.time()
             peers[nm] = load_official(args.rwkvlm, v3)
@@ -202,7 +208,7 @@ def main():
     print("peers:", list(peers), "failures:", list(res["failures"]), flush=True)
 
     # --- accuracy vs float64 (B2-T256-H4 as in BENCHMARKS.md, and one long sequence)
-    for (B, T, H) in [(2, 256, 4), (1, 4096, 4)]:
+    for (B, T, H) in [(2, 256, 4), (1, 4096, 4)][:args.acc_shapes]:
         x = make_inputs(B, T, H, "cuda", seed=1)
         x64 = {n: x[n].double().requires_grad_() for n in "rwkvab"}
         y64, _ = chunk_wkv7_torch(*(x64[n] for n in "rwkvab"), chunk_size=16)

@@ -19,11 +19,14 @@ class WKV7KernelConfig:
     chunk_size: int = 16
     """Steps per chunk (power of two, 16..64): larger means fewer sequential steps but bigger [C, C] work."""
     block_v: int = 64
-    """Rows of the state (value index) per program; N / block_v programs per head share its work."""
+    """Rows of the state (value index) per program in the sequential kernels; N / block_v programs per
+    head share its work."""
     precision: str = "tf32"
     """tl.dot input precision for float32 operands: "tf32" (tensor cores), "tf32x3" or "ieee"."""
     num_warps: int = 4
-    """Warps per program for the chunked kernels."""
+    """Warps per program for the sequential chunked kernels (forward, backward state pass)."""
+    num_warps_bwd: int = 4
+    """Warps per program for the parallel backward kernel (one program per chunk and head)."""
     poison_outputs: bool = False
     """Fill outputs with NaN before the kernels run (tests: an unwritten element then fails)."""
 
@@ -60,7 +63,7 @@ def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
     sT = _alloc((B, H, N, N), torch.float32, r.device) if store_final else None
     st = _alloc((B, H, NC, N, N), torch.float32, r.device) if store_states else None
     K.chunk_fwd_kernel[(B * H, N // BV)](
-        r, w, k, v, a, b, s0, y, sT, st, T, NC, H=H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV,
+        r, w, k, v, a, b, s0, y, sT, st, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV,
         HAS_S0=s0 is not None, STORE_FINAL=store_final, STORE_STATES=store_states,
         PREC=CONFIG.precision, num_warps=CONFIG.num_warps)
     return y, sT, st
@@ -71,18 +74,17 @@ def _bwd(r, w, k, v, a, b, st, dy, dsT, need_ds0):
     B, T, H, N = r.shape
     C, BV = CONFIG.chunk_size, min(CONFIG.block_v, N)
     NC = st.shape[2]
-    NV = N // BV
-    dev = r.device
-    parts = [_alloc((NV, B, T, H, N), torch.float32, dev) for _ in range(5)]  # dr, dw, dk, da, db
-    dv = _alloc((B, T, H, N), torch.float32, dev)
-    ds0 = _alloc((B, H, N, N), torch.float32, dev)
-    K.chunk_bwd_kernel[(B * H, NV)](
-        r, w, k, v, a, b, st, dy.contiguous(), dsT, ds0, parts[0], parts[1], parts[2], dv, parts[3], parts[4],
-        T, NC, B * T * H * N, H=H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV, HAS_DST=dsT is not None,
-        PREC=CONFIG.precision, num_warps=CONFIG.num_warps)
-    dr, dw, dk, da, db = (p[0] if NV == 1 else p.sum(0) for p in parts)
-    return (dr.to(r.dtype), dw.to(w.dtype), dk.to(k.dtype), dv.to(v.dtype), da.to(a.dtype), db.to(b.dtype),
-            ds0 if need_ds0 else None)
+    dy = dy.contiguous()
+    dst = _alloc((B, H, NC, N, N), torch.float32, r.device)   # dL/dS at each chunk's end
+    ds0 = _alloc((B, H, N, N), torch.float32, r.device)
+    K.chunk_bwd_dstate_kernel[(B * H, N // BV)](
+        r, w, k, a, b, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV,
+        HAS_DST=dsT is not None, PREC=CONFIG.precision, num_warps=CONFIG.num_warps)
+    grads = [_alloc(x.shape, x.dtype, x.device) for x in (r, w, k, v, a, b)]
+    K.chunk_bwd_grads_kernel[(NC, B * H)](
+        r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
+        PREC=CONFIG.precision, num_warps=CONFIG.num_warps_bwd)
+    return (*grads, ds0 if need_ds0 else None)
 
 
 def triton_cdiv(x: int, y: int) -> int:
@@ -120,7 +122,7 @@ class RecurrentWKV7(torch.autograd.Function):
         y = _alloc((B, T, H, N), r.dtype, r.device)
         sT = _alloc((B, H, N, N), torch.float32, r.device) if output_final_state else None
         K.recurrent_fwd_kernel[(B * H, N // BV)](
-            r, w, k, v, a, b, s0, y, sT, T, H=H, N=N, BV=BV, HAS_S0=s0 is not None,
+            r, w, k, v, a, b, s0, y, sT, T, H, N=N, BV=BV, HAS_S0=s0 is not None,
             STORE_FINAL=output_final_state, num_warps=1)
         ctx.save_for_backward(r, w, k, v, a, b, s0)
         return y, sT

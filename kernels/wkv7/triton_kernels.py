@@ -12,15 +12,15 @@ g = inclusive cumsum of w over the chunk (per key), gx = g - w, g_C = g at the c
 The factorisation e^{gx_t - g_s} = e^{gx_t} e^{-g_s} needs |g| over a chunk well inside float32 range:
 for the model's w >= -0.6065 and C <= 64, |g| <= 39 (e^39 ~ 1e17).
 
-The backward walks the chunks in reverse, recomputing each chunk's intra-chunk terms from the chunk-start
-states the forward stored, and carries dS (gradient of the state at the chunk end) from chunk to chunk:
+The backward has two passes. A sequential one walks the chunks in reverse carrying dS (the gradient of the
+state at a chunk's end) and stores it per chunk; then a parallel one, a program per chunk, recomputes the
+chunk's terms from the chunk-start state the forward stored and produces all gradients:
     dU = M_rb^T dY + b_e dS_C^T;  dZ = (I - L_ab)^{-T} dU
     dL_ab = strict_lower(dZ U^T), dL_ak = strict_lower(dZ V^T), dM_rb = lower(dY U^T), dM_rk = lower(dY V^T)
     dV = M_rk^T dY + L_ak^T dZ + k_e dS_C^T
     dS0 = dY^T r_d + dZ^T a_d + dS_C diag(e^{g_C})
 and the chain rule through the exponentials to r, w, k, a, b (dw by reverse cumsums of dg and dgx).
-The value dimension is split in blocks of BV (rows of S evolve independently); key-side gradients from
-each block are partial sums, added on the host.
+The value dimension of the sequential passes is split in blocks of BV (rows of S evolve independently).
 """
 from __future__ import annotations
 
@@ -112,13 +112,11 @@ def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT
 
 
 @triton.jit
-def chunk_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, dsT_ptr, ds0_ptr,
-                     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
-                     T, NC, BTHN, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
-                     BV: tl.constexpr,
-                     HAS_DST: tl.constexpr, PREC: tl.constexpr):
-    """grid (B*H, N/BV). dr, dw, dk, da, db: fp32 partials [N/BV, B, T, H, N]; dv [B, T, H, N] fp32;
-    dsT/ds0 [B, H, N, N] fp32."""
+def chunk_bwd_dstate_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr,
+                            T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BV: tl.constexpr,
+                            HAS_DST: tl.constexpr, PREC: tl.constexpr):
+    """Sequential pass of the backward, grid (B*H, N/BV): walks the chunks in reverse carrying dS and stores
+    dst[n] = dL/dS at the end of chunk n [B, H, NC, N, N]; ds0 = dL/d(initial state) [B, H, N, N]."""
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_b = i_bh // H
@@ -134,59 +132,93 @@ def chunk_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dy_ptr, d
     tri_s = offs_t[:, None] > offs_t[None, :]
     tri_i = offs_t[:, None] >= offs_t[None, :]
     eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
-    part = i_v * BTHN
     for i in range(NC):
         n = NC - 1 - i
+        tl.store(dst_ptr + (i_bh * NC + n) * N * N + p_s, dS)
         t = n * C + offs_t
         mk = (t < T)[:, None]
         base = ((i_b * T + t) * H + i_h) * N
         pk = base[:, None] + offs_k[None, :]
         pv = base[:, None] + offs_v[None, :]
-        S = tl.load(st_ptr + (i_bh * NC + n) * N * N + p_s)          # [BV, N] chunk-start state
+        rr = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32)
+        ww = tl.load(w_ptr + pk, mask=mk, other=0.).to(tl.float32)
+        aa = tl.load(a_ptr + pk, mask=mk, other=0.).to(tl.float32)
+        bb = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32)
         dY = tl.load(dy_ptr + pv, mask=mk, other=0.).to(tl.float32)  # [C, BV]
-        (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
-         Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pv, mk, tri_s, tri_i, eye, LOG2C, PREC)
-        Z = tl.dot(a_d, tl.trans(S), input_precision=PREC) + tl.dot(L_ak, vv, input_precision=PREC)
-        U = tl.dot(Pinv, Z, input_precision=PREC)   # [C, BV]
-        dSt = tl.trans(dS)                          # [N, BV]
-        dU = tl.dot(tl.trans(M_rb), dY, input_precision=PREC) + tl.dot(b_e, dSt, input_precision=PREC)
+        g = tl.cumsum(ww, axis=0)
+        gC = tl.sum(ww, axis=0)
+        a_d = aa * tl.exp(g - ww)
+        r_d = rr * tl.exp(g)
+        b_u = bb * tl.exp(-g)
+        b_e = bb * tl.exp(gC[None, :] - g)
+        L_ab = tl.where(tri_s, tl.dot(a_d, tl.trans(b_u), input_precision=PREC), 0.)
+        M_rb = tl.where(tri_i, tl.dot(r_d, tl.trans(b_u), input_precision=PREC), 0.)
+        Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC)
+        dU = tl.dot(tl.trans(M_rb), dY, input_precision=PREC) + tl.dot(b_e, tl.trans(dS), input_precision=PREC)
         dZ = tl.dot(tl.trans(Pinv), dU, input_precision=PREC)
-        dL_ab = tl.where(tri_s, tl.dot(dZ, tl.trans(U), input_precision=PREC), 0.)
-        dL_ak = tl.where(tri_s, tl.dot(dZ, tl.trans(vv), input_precision=PREC), 0.)
-        dM_rb = tl.where(tri_i, tl.dot(dY, tl.trans(U), input_precision=PREC), 0.)
-        dM_rk = tl.where(tri_i, tl.dot(dY, tl.trans(vv), input_precision=PREC), 0.)
-        dV = (tl.dot(tl.trans(M_rk), dY, input_precision=PREC) + tl.dot(tl.trans(L_ak), dZ, input_precision=PREC)
-              + tl.dot(k_e, dSt, input_precision=PREC))
-        dR_d = (tl.dot(dY, S, input_precision=PREC) + tl.dot(dM_rb, b_u, input_precision=PREC)
-                + tl.dot(dM_rk, k_u, input_precision=PREC))
-        dA_d = (tl.dot(dZ, S, input_precision=PREC) + tl.dot(dL_ab, b_u, input_precision=PREC)
-                + tl.dot(dL_ak, k_u, input_precision=PREC))
-        dB_u = (tl.dot(tl.trans(dM_rb), r_d, input_precision=PREC)
-                + tl.dot(tl.trans(dL_ab), a_d, input_precision=PREC))
-        dK_u = (tl.dot(tl.trans(dM_rk), r_d, input_precision=PREC)
-                + tl.dot(tl.trans(dL_ak), a_d, input_precision=PREC))
-        dB_e = tl.dot(U, dS, input_precision=PREC)  # [C, N]
-        dK_e = tl.dot(vv, dS, input_precision=PREC)
-        egC = tl.exp(gC)
-        dgC = tl.sum(dS * S, axis=0) * egC + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)   # [N]
-        e_neg = tl.exp(-g)
-        e_end = tl.exp(gC[None, :] - g)
-        dr = dR_d * tl.exp(g)
-        da = dA_d * tl.exp(gx)
-        db = dB_u * e_neg + dB_e * e_end
-        dk = dK_u * e_neg + dK_e * e_end
-        dg = dR_d * r_d - dB_u * b_u - dB_e * b_e - dK_u * k_u - dK_e * k_e
-        dgx = dA_d * a_d
-        dw = tl.cumsum(dg, axis=0, reverse=True) + tl.cumsum(dgx, axis=0, reverse=True) - dgx + dgC[None, :]
-        tl.store(dr_ptr + part + pk, dr, mask=mk)
-        tl.store(dw_ptr + part + pk, dw, mask=mk)
-        tl.store(dk_ptr + part + pk, dk, mask=mk)
-        tl.store(da_ptr + part + pk, da, mask=mk)
-        tl.store(db_ptr + part + pk, db, mask=mk)
-        tl.store(dv_ptr + pv, dV, mask=mk)
         dS = (tl.dot(tl.trans(dY), r_d, input_precision=PREC) + tl.dot(tl.trans(dZ), a_d, input_precision=PREC)
-              + dS * egC[None, :])
+              + dS * tl.exp(gC)[None, :])
     tl.store(ds0_ptr + i_bh * N * N + p_s, dS)
+
+
+@triton.jit
+def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
+                           dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
+                           T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
+                           PREC: tl.constexpr):
+    """Parallel pass of the backward, grid (NC, B*H): one chunk each, from its start state st[n] and the
+    gradient dst[n] of its end state; writes the chunk's dr, dw, dk, dv, da, db [B, T, H, N]."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_t = tl.arange(0, C)
+    offs_k = tl.arange(0, N)
+    p_s = offs_k[:, None] * N + offs_k[None, :]
+    tri_s = offs_t[:, None] > offs_t[None, :]
+    tri_i = offs_t[:, None] >= offs_t[None, :]
+    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
+    t = n * C + offs_t
+    mk = (t < T)[:, None]
+    base = ((i_b * T + t) * H + i_h) * N
+    pk = base[:, None] + offs_k[None, :]
+    S = tl.load(st_ptr + (i_bh * NC + n) * N * N + p_s)            # [V, K] chunk-start state
+    dS = tl.load(dst_ptr + (i_bh * NC + n) * N * N + p_s)          # [V, K] gradient of the chunk-end state
+    dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)    # [C, V]
+    (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
+     Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pk, mk, tri_s, tri_i, eye, LOG2C, PREC)
+    Z = tl.dot(a_d, tl.trans(S), input_precision=PREC) + tl.dot(L_ak, vv, input_precision=PREC)
+    U = tl.dot(Pinv, Z, input_precision=PREC)       # [C, V]
+    dSt = tl.trans(dS)                              # [K, V]
+    dU = tl.dot(tl.trans(M_rb), dY, input_precision=PREC) + tl.dot(b_e, dSt, input_precision=PREC)
+    dZ = tl.dot(tl.trans(Pinv), dU, input_precision=PREC)
+    dL_ab = tl.where(tri_s, tl.dot(dZ, tl.trans(U), input_precision=PREC), 0.)
+    dL_ak = tl.where(tri_s, tl.dot(dZ, tl.trans(vv), input_precision=PREC), 0.)
+    dM_rb = tl.where(tri_i, tl.dot(dY, tl.trans(U), input_precision=PREC), 0.)
+    dM_rk = tl.where(tri_i, tl.dot(dY, tl.trans(vv), input_precision=PREC), 0.)
+    dV = (tl.dot(tl.trans(M_rk), dY, input_precision=PREC) + tl.dot(tl.trans(L_ak), dZ, input_precision=PREC)
+          + tl.dot(k_e, dSt, input_precision=PREC))
+    dR_d = (tl.dot(dY, S, input_precision=PREC) + tl.dot(dM_rb, b_u, input_precision=PREC)
+            + tl.dot(dM_rk, k_u, input_precision=PREC))
+    dA_d = (tl.dot(dZ, S, input_precision=PREC) + tl.dot(dL_ab, b_u, input_precision=PREC)
+            + tl.dot(dL_ak, k_u, input_precision=PREC))
+    dB_u = tl.dot(tl.trans(dM_rb), r_d, input_precision=PREC) + tl.dot(tl.trans(dL_ab), a_d, input_precision=PREC)
+    dK_u = tl.dot(tl.trans(dM_rk), r_d, input_precision=PREC) + tl.dot(tl.trans(dL_ak), a_d, input_precision=PREC)
+    dB_e = tl.dot(U, dS, input_precision=PREC)      # [C, K]
+    dK_e = tl.dot(vv, dS, input_precision=PREC)
+    egC = tl.exp(gC)
+    dgC = tl.sum(dS * S, axis=0) * egC + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)   # [K]
+    e_neg = tl.exp(-g)
+    e_end = tl.exp(gC[None, :] - g)
+    dg = dR_d * r_d - dB_u * b_u - dB_e * b_e - dK_u * k_u - dK_e * k_e
+    dgx = dA_d * a_d
+    dw = tl.cumsum(dg, axis=0, reverse=True) + tl.cumsum(dgx, axis=0, reverse=True) - dgx + dgC[None, :]
+    tl.store(dr_ptr + pk, (dR_d * tl.exp(g)).to(dr_ptr.dtype.element_ty), mask=mk)
+    tl.store(dw_ptr + pk, dw.to(dw_ptr.dtype.element_ty), mask=mk)
+    tl.store(dk_ptr + pk, (dK_u * e_neg + dK_e * e_end).to(dk_ptr.dtype.element_ty), mask=mk)
+    tl.store(dv_ptr + pk, dV.to(dv_ptr.dtype.element_ty), mask=mk)
+    tl.store(da_ptr + pk, (dA_d * tl.exp(gx)).to(da_ptr.dtype.element_ty), mask=mk)
+    tl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)
 
 
 @triton.jit

@@ -77,10 +77,13 @@ def parse_vocab_text(text: str, path: Path | str) -> list[bytes]:
     return tokens
 
 
-def load_vocab(path: Path | str | None = None, expected_sha256: str | None = VOCAB_SHA256) -> Vocab:
-    """Read, sha256-check and parse a vocab file (default: the one shipped in tokenizer/data/).
+def read_vocab(
+    path: Path | str | None = None, expected_sha256: str | None = VOCAB_SHA256
+) -> tuple[Path, bytes, str]:
+    """(path, raw bytes, sha256) of a vocab file (default: the one shipped in tokenizer/data/).
 
-    `expected_sha256=None` skips the check (for a deliberately different vocab).
+    Raises VocabError if the file is missing or its sha256 differs from `expected_sha256`
+    (None skips the check, for a deliberately different vocab).
     """
     path = Path(path) if path is not None else VOCAB_PATH
     try:
@@ -95,16 +98,29 @@ def load_vocab(path: Path | str | None = None, expected_sha256: str | None = VOC
             f"{path}: sha256 {sha} does not match the expected {expected_sha256}; "
             "the vocab file was altered or is a different vocab"
         )
+    return path, raw, sha
+
+
+def parse_vocab(raw: bytes, path: Path | str, sha: str) -> list[bytes]:
+    """`tokens[id]` from the raw file content; checks what the encoder relies on."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise VocabError(f"{path}:{line}: vocab file is not valid UTF-8: {e}") from e
     tokens = parse_vocab_text(text, path)
-    if expected_sha256 == VOCAB_SHA256 and len(tokens) - 1 != VOCAB_ENTRIES:
+    if sha == VOCAB_SHA256 and len(tokens) - 1 != VOCAB_ENTRIES:
         raise VocabError(f"{path}: {len(tokens) - 1} entries, expected {VOCAB_ENTRIES}")
+    if len(tokens) > 65536:
+        raise VocabError(f"{path}: {len(tokens) - 1} entries; ids must fit in uint16")
     if max(map(len, tokens)) > VOCAB_MAX_LEN:
         raise VocabError(f"{path}: an entry is longer than {VOCAB_MAX_LEN} bytes")
     if len({t for t in tokens if len(t) == 1}) != 256:
         raise VocabError(f"{path}: the vocab must hold all 256 single bytes so every input encodes")
-    return Vocab(path=path, sha256=sha, tokens=tokens)
+    return tokens
+
+
+def load_vocab(path: Path | str | None = None, expected_sha256: str | None = VOCAB_SHA256) -> Vocab:
+    """Read, sha256-check and parse a vocab file (default: the one shipped in tokenizer/data/)."""
+    path, raw, sha = read_vocab(path, expected_sha256)
+    return Vocab(path=path, sha256=sha, tokens=parse_vocab(raw, path, sha))

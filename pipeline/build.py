@@ -300,7 +300,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
                         "tokens": sum(s["tokens"] for s in shards_idx)}}
     quarantine = [q for m in metas for q in m["quarantine"]]
     stages.atomic_write_bytes(os.path.join(out, "quarantine.jsonl"),
-                              "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine).encode())
+                              "".join(json.dumps(q, ensure_ascii=False, sort_keys=True) + "\n" for q in quarantine).encode())
     total = time.perf_counter() - t_start
     chars_in = sum(m["chars_read"] for m in metas)
     input_bytes = sum(os.path.getsize(u.path) for u in units if "://" not in u.path)

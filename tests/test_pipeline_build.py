@@ -1,0 +1,177 @@
+"""End to end on the sample manifest, in-process (LocalExecutor): counts, formats, resume, SIGKILL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pytest
+
+from pipeline import stages
+from pipeline.build import build
+from pipeline.executor import LocalExecutor
+from pipeline.manifest import load_manifest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "corpus_manifests", "sample.yaml")
+
+
+def output_files(out: str) -> dict[str, bytes]:
+    """Everything that must be byte-identical between runs: shards and index."""
+    files = {"index.json": open(os.path.join(out, "index.json"), "rb").read(),
+             "duplicates.jsonl": open(os.path.join(out, "duplicates.jsonl"), "rb").read(),
+             "quarantine.jsonl": open(os.path.join(out, "quarantine.jsonl"), "rb").read()}
+    for name in sorted(os.listdir(os.path.join(out, "shards"))):
+        files[f"shards/{name}"] = open(os.path.join(out, "shards", name), "rb").read()
+    return files
+
+
+@pytest.fixture(scope="module")
+def sample_out(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sample") / "out")
+    report = build(load_manifest(SAMPLE), out, LocalExecutor(), progress=False)
+    return out, report
+
+
+def test_index_and_shards_are_consistent(sample_out):
+    import datasets
+
+    out, report = sample_out
+    index = json.load(open(os.path.join(out, "index.json")))
+    assert index["schema_version"] == 1
+    assert index["tokenizer"]["name"] == "rwkv_vocab_v20230424" and index["tokenizer"]["eod_id"] == 0
+    assert len(index["tokenizer"]["sha256"]) == 64
+    assert len(index["shards"]) >= 2
+    docs = toks = 0
+    for s in index["shards"]:
+        path = os.path.join(out, s["path"])
+        data = open(path, "rb").read()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
+        table = pa.ipc.open_stream(pa.memory_map(path)).read_all()
+        assert table.schema.names == ["id", "component", "input_ids"]
+        assert table.schema.field("input_ids").type == pa.list_(pa.uint16())
+        ds = datasets.Dataset.from_file(path)
+        assert len(ds) == table.num_rows == s["documents"]
+        assert ds[0]["input_ids"] == table.column("input_ids")[0].as_py()
+        n = sum(len(x) for x in ds["input_ids"])
+        assert n == s["tokens"]
+        assert all(len(x) > 0 and 0 not in x for x in table.column("input_ids").to_pylist())
+        docs += s["documents"]
+        toks += n
+    assert index["totals"] == {"documents": docs, "tokens": toks}
+    assert sum(c["documents"] for c in index["components"].values()) == docs
+    assert sum(c["tokens"] for c in index["components"].values()) == toks
+    assert index["components"]["wiki"]["weight"] == 2.0
+
+
+def test_every_stage_does_something_and_counts_add_up(sample_out):
+    out, _ = sample_out
+    comps = json.load(open(os.path.join(out, "index.json")))["components"]
+    reasons = {}
+    for name, c in comps.items():
+        st = c["stages"]
+        order = ["read", "filter", "exact_dedup", "near_dedup", "tokenize"]
+        for a, b in zip(order[:-1], order[1:]):
+            assert st[a]["out"] == st[b]["in"], (name, a, b)
+        for s in order:
+            assert st[s]["in"] - st[s]["out"] == sum(st[s]["dropped"].values()), (name, s)
+            for r, n in st[s]["dropped"].items():
+                reasons[(s, r)] = reasons.get((s, r), 0) + n
+        assert st["tokenize"]["out"] == c["documents"]
+    for r in ("bad_json", "missing_text", "not_utf8", "empty", "oversized"):
+        assert reasons.get(("read", r), 0) >= 1, r
+    for r in ("too_short", "dup_lines", "char_run", "low_diversity"):
+        assert reasons.get(("filter", r), 0) >= 1, r
+    assert reasons[("exact_dedup", "duplicate")] >= 4
+    assert reasons[("near_dedup", "near_duplicate")] >= 2
+
+
+def test_quarantine_and_duplicates_files(sample_out):
+    out, report = sample_out
+    q = [json.loads(ln) for ln in open(os.path.join(out, "quarantine.jsonl"))]
+    bad_json = next(x for x in q if x["reason"] == "bad_json")
+    assert bad_json["component"] == "wiki" and bad_json["file"].startswith("wiki/part-")
+    line = open(os.path.join(REPO, "corpus_manifests", "sample", bad_json["file"]), "rb").read().split(b"\n")[
+        bad_json["line"] - 1]
+    assert b"unterminated" in line
+    dups = [json.loads(ln) for ln in open(os.path.join(out, "duplicates.jsonl"))]
+    ex = next(d for d in dups if d["id"] == "wiki-dup-exact")
+    assert ex["stage"] == "exact_dedup" and ex["duplicate_of"].startswith("wiki-")
+    assert any(d["stage"] == "near_dedup" and d["id"] in ("wiki-dup-near", "wiki-near-src") for d in dups)
+    shard_ids = set()
+    for s in json.load(open(os.path.join(out, "index.json")))["shards"]:
+        shard_ids |= set(pa.ipc.open_stream(pa.memory_map(os.path.join(out, s["path"]))).read_all()
+                         .column("id").to_pylist())
+    assert not shard_ids & {d["id"] for d in dups}
+    assert {d["duplicate_of"] for d in dups} <= shard_ids
+    assert report["duplicates"]["exact"] + report["duplicates"]["near"] == len(dups)
+
+
+def test_tokens_match_the_rwkv_package_tokenizer(sample_out):
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    from tokenizer.vocab import VOCAB_PATH
+
+    out, _ = sample_out
+    ref = TRIE_TOKENIZER(str(VOCAB_PATH))
+    texts = {}
+    for name in sorted(os.listdir(os.path.join(out, "work", "ingest"))):
+        if name.endswith(".arrow"):
+            t = stages.read_arrow(os.path.join(out, "work", "ingest", name))
+            texts.update(zip(t.column("id").to_pylist(), t.column("text").to_pylist()))
+    table = pa.ipc.open_stream(pa.memory_map(os.path.join(out, "shards", "00000.arrow"))).read_all()
+    checked = 0
+    for i in range(0, table.num_rows, max(1, table.num_rows // 25)):
+        doc_id = table.column("id")[i].as_py()
+        assert table.column("input_ids")[i].as_py() == ref.encode(texts[doc_id]), doc_id
+        checked += 1
+    assert checked >= 20
+
+
+def test_rerun_resumes_and_is_identical(sample_out, tmp_path):
+    out, _ = sample_out
+    before = output_files(out)
+    tok_marker = os.path.join(out, "work", "tok", "c0000_f00001.json")
+    os.remove(tok_marker)  # lose one unit's tokenization and one shard
+    os.remove(os.path.join(out, "shards", "00001.arrow"))
+    mtime = os.path.getmtime(os.path.join(out, "work", "ingest", "c0000_f00000.json"))
+    build(load_manifest(SAMPLE), out, LocalExecutor(), progress=False)
+    assert output_files(out) == before
+    assert os.path.getmtime(os.path.join(out, "work", "ingest", "c0000_f00000.json")) == mtime  # skipped
+
+
+def test_other_settings_on_same_out_refused(sample_out):
+    from pipeline.build import BuildError
+
+    out, _ = sample_out
+    with pytest.raises(BuildError, match="different settings"):
+        build(load_manifest(SAMPLE), out, LocalExecutor(), progress=False, near=False)
+
+
+def test_sigkill_driver_at_several_points_then_rerun_is_identical(sample_out, tmp_path):
+    ref, _ = sample_out
+    expect = output_files(ref)
+    cmd = [sys.executable, os.path.join(REPO, "pipeline", "build.py"), "--manifest", SAMPLE, "--executor", "local",
+           "--no-progress"]
+    out = str(tmp_path / "killed")
+    # a full local run here takes ~2-4 s; kill it at spread-out moments, resuming each time
+    states = []
+    for delay in (1.2, 1.8, 2.4, 3.0):
+        p = subprocess.Popen(cmd + ["--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        work = os.path.join(out, "work")
+        states.append((p.returncode, os.path.exists(os.path.join(out, "index.json")),
+                       len(os.listdir(os.path.join(work, "ingest"))) if os.path.isdir(work) else 0))
+    assert any(rc == -signal.SIGKILL and not done for rc, done, _ in states), states  # killed mid-build
+    r = subprocess.run(cmd + ["--out", out], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert output_files(out) == expect

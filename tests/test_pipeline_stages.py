@@ -1,0 +1,129 @@
+"""Stages without Ray: readers for every format, filters, exact dedup against a plain reference."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import xxhash
+import zstandard
+
+from pipeline import filters, stages
+from pipeline.manifest import ComponentSpec, FilterConfig
+from pipeline.read import Unit, read_rows
+
+LINES = [
+    b'{"id": "a", "text": "first document here"}',
+    b'not json at all',
+    b'{"id": "b", "body": "no text field"}',
+    b'{"id": "c", "text": "caf\xe9"}',
+    b'',
+    b'{"id": "d", "text": ""}',
+    b'[1, 2, 3]',
+    b'{"id": "e", "text": "' + b"x" * 300 + b'"}',
+    b'{"id": "f", "text": "\\ud800 lone surrogate"}',
+    b'{"id": "g", "text": "last one"}',
+]
+EXPECT = [(1, None), (2, "bad_json"), (3, "missing_text"), (4, "not_utf8"), (5, "empty"), (6, "empty"),
+          (7, "bad_json"), (8, "oversized"), (9, "not_utf8"), (10, None)]
+
+
+def _comp(fmt: str, **kw) -> ComponentSpec:
+    return ComponentSpec(name="t", paths=["x"], format=fmt, id_field="id",
+                         filters=FilterConfig(max_doc_bytes=200), **kw)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "jsonl.zst"])
+def test_jsonl_readers_report_bad_rows_with_line_numbers(tmp_path, fmt):
+    data = b"\n".join(LINES) + b"\n"
+    path = tmp_path / f"f.{fmt}"
+    if fmt == "jsonl.gz":
+        data = gzip.compress(data)
+    elif fmt == "jsonl.zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    rows = list(read_rows(Unit(0, 0, str(path), fmt, path.name), _comp(fmt)))
+    assert [(r.line, r.reason) for r in rows] == EXPECT
+    assert rows[0].text == "first document here" and rows[0].id == "a"
+    assert rows[-1].text == "last one"
+
+
+def test_parquet_hf_disk_and_txt_readers(tmp_path):
+    import datasets
+
+    recs = [{"id": "p1", "text": "alpha doc"}, {"id": "p2", "text": None}, {"id": "p3", "text": " "},
+            {"id": "p4", "text": "omega doc"}]
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "f.parquet")
+    rows = list(read_rows(Unit(0, 0, str(tmp_path / "f.parquet"), "parquet", "f.parquet"), _comp("parquet")))
+    assert [(r.line, r.reason, r.id) for r in rows] == [(1, None, "p1"), (2, "missing_text", None),
+                                                        (3, "empty", None), (4, None, "p4")]
+    datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "ds"))
+    from pipeline.read import hf_disk_files
+
+    files = hf_disk_files(str(tmp_path / "ds"))
+    rows = list(read_rows(Unit(0, 0, files[0], "hf_disk", "ds"), _comp("hf_disk")))
+    assert [(r.line, r.reason) for r in rows] == [(1, None), (2, "missing_text"), (3, "empty"), (4, None)]
+    (tmp_path / "t.txt").write_bytes("один документ\nна файл".encode())
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe broken")
+    assert next(read_rows(Unit(0, 0, str(tmp_path / "t.txt"), "txt", "t.txt"), _comp("txt"))).text == \
+        "один документ\nна файл"
+    assert next(read_rows(Unit(0, 0, str(tmp_path / "bad.txt"), "txt", "b"), _comp("txt"))).reason == "not_utf8"
+
+
+def test_filters_each_reason_and_clean_text():
+    cfg = FilterConfig(min_chars=10, max_chars=5000, max_dup_line_frac=0.3, max_char_run=50, min_distinct_chars=5)
+    assert filters.check("Ein ganz normaler Absatz über Flüsse und Berge.", cfg) is None
+    assert filters.check("这是一个正常的中文句子，没有任何问题。", cfg) is None
+    assert filters.check("short", cfg) == "too_short"
+    assert filters.check("word " * 2000, cfg) == "too_long"
+    assert filters.check("abab abab abab", cfg) == "low_diversity"
+    assert filters.check("Hello there, friend" + "!" * 80, cfg) == "char_run"
+    assert filters.check("\n".join(["spam line here"] * 8 + ["one different line"]), cfg) == "dup_lines"
+    code = "def f(x):\n    return x\n\n\ndef g(y):\n    return y\n"
+    assert filters.check(code, cfg) is None  # blank lines do not count as repeats
+
+
+def _exact_reference(docs: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    first: dict[str, int] = {}
+    out = []
+    for key, text in sorted(docs):
+        if text in first:
+            out.append((key, first[text]))
+        else:
+            first[text] = key
+    return out
+
+
+def test_exact_duplicates_match_plain_reference(tmp_path):
+    rng = random.Random(0)
+    pool = [f"doc {i} " + "x" * rng.randint(0, 30) for i in range(60)]
+    paths, docs = [], []
+    for u in range(4):
+        keys = sorted(rng.sample(range(1, 10_000), 50))
+        keys = [(u << 32) | k for k in keys]
+        texts = [rng.choice(pool) for _ in keys]
+        docs += list(zip(keys, texts))
+        t = pa.table({"key": pa.array(keys, pa.int64()), "id": [str(k) for k in keys],
+                      "text": pa.array(texts, pa.large_string()),
+                      "hash": pa.array([xxhash.xxh3_128_digest(t.encode()) for t in texts], pa.binary(16))})
+        p = str(tmp_path / f"u{u}.arrow")
+        with pa.OSFile(p, "wb") as f, pa.ipc.new_stream(f, t.schema) as w:
+            w.write_table(t, max_chunksize=17)  # several chunks: offsets inside the hash buffers
+        paths.append(p)
+    rng.shuffle(paths)  # order of units must not matter
+    removed, of = stages.exact_duplicates(paths)
+    ref = _exact_reference(docs)
+    assert list(zip(removed.tolist(), of.tolist())) == ref
+    assert len(ref) > 50
+
+
+def test_atomic_json_roundtrip(tmp_path):
+    p = str(tmp_path / "m.json")
+    stages.atomic_write_json(p, {"b": 1, "a": [1, 2], "z": "ünï"})
+    assert stages.read_json(p) == {"a": [1, 2], "b": 1, "z": "ünï"}
+    assert [f.name for f in tmp_path.iterdir()] == ["m.json"]
+    assert json.loads(open(p).read())["z"] == "ünï"

@@ -98,7 +98,7 @@ def test_wkv7_cpu_dispatch_float64_and_fp32():
 
 
 @pytest.mark.parametrize("T,H,with_s0,chunk_size,block_v", [
-    (1, 1, True, 16, 64),
+    (1, 1, True, 16, 0),
     (15, 3, False, 16, 64),
     (17, 1, True, 16, 32),
     (63, 3, True, 32, 64),
@@ -108,19 +108,28 @@ def test_wkv7_cpu_dispatch_float64_and_fp32():
 def test_chunk_triton_matches_naive(T, H, with_s0, chunk_size, block_v, monkeypatch):
     chunk = _triton_modules()
     monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True, chunk_size=chunk_size,
-                                                 block_v=block_v))
+                                                 block_v=block_v, precision="ieee"))
     compare(chunk.chunk_wkv7, 2, T, H, with_s0, torch.float32, 1e-3)
+
+
+@pytest.mark.parametrize("T,H", [(63, 3)])
+def test_chunk_triton_tf32_matches_naive(T, H, monkeypatch):
+    """The GPU default: tensor-core dots on operands rounded to tf32 (10-bit mantissa): errors near 5e-4."""
+    chunk = _triton_modules()
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True, precision="tf32"))
+    compare(chunk.chunk_wkv7, 2, T, H, True, torch.float32, 2e-3)
 
 
 @pytest.mark.parametrize("T,H,with_s0", [(1, 3, False), (17, 1, True), (63, 3, True)])
 def test_recurrent_triton_matches_naive(T, H, with_s0, monkeypatch):
     chunk = _triton_modules()
-    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True))
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True, precision="ieee"))
     compare(chunk.recurrent_wkv7, 1, T, H, with_s0, torch.float32, 1e-3)
 
 
 def test_chunk_triton_bf16_inputs(monkeypatch):
-    """bf16 inputs: y and gradients come back in bf16 and agree with float64 to bf16 precision."""
+    """bf16 inputs, GPU-default tf32 dots: y and gradients come back in bf16 and agree with float64 to
+    bf16 precision; the fp32 final state to tf32 precision."""
     chunk = _triton_modules()
     monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True))
     xs, s0, dy, ds = make_inputs(1, 33, 2)
@@ -128,7 +137,7 @@ def test_chunk_triton_bf16_inputs(monkeypatch):
     y0, s_0, g0 = run_with_grads(naive_wkv7, xs, s0, dy, ds, torch.float64)
     y1, s_1, g1 = run_with_grads(chunk.chunk_wkv7, xs, s0, dy, ds, torch.bfloat16)
     assert y1.dtype == torch.bfloat16 and g1[0].dtype == torch.bfloat16
-    assert rel(y1, y0) < 1e-2 and rel(s_1, s_0) < 1e-4
+    assert rel(y1, y0) < 1e-2 and rel(s_1, s_0) < 1e-3
     for a, b in zip(g1, g0):
         assert rel(a, b) < 1e-2
 
@@ -136,6 +145,7 @@ def test_chunk_triton_bf16_inputs(monkeypatch):
 def test_chunk_triton_only_final_state_gradient(monkeypatch):
     """Gradient from the final state alone (dy is None in backward), as the infctx trainer can produce."""
     chunk = _triton_modules()
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, precision="ieee"))
     xs, s0, _, ds = make_inputs(1, 20, 1)
     leaves = [x.float().requires_grad_() for x in xs]
     _, sT = chunk.chunk_wkv7(*leaves, s0.float(), True)

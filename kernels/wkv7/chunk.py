@@ -18,9 +18,9 @@ from . import triton_kernels as K
 class WKV7KernelConfig:
     chunk_size: int = 16
     """Steps per chunk (power of two, 16..64): larger means fewer sequential steps but bigger [C, C] work."""
-    block_v: int = 64
+    block_v: int = 0
     """Rows of the state (value index) per program in the sequential kernels; N / block_v programs per
-    head share its work."""
+    head share its work. 0: 16 when there are few heads (B*H <= 48, e.g. one long sequence), else N."""
     precision: str = "tf32"
     """tl.dot input precision for float32 operands: "tf32" (tensor cores), "tf32x3" or "ieee"."""
     num_warps: int = 4
@@ -53,11 +53,17 @@ def _check(r, w, k, v, a, b, initial_state):
         raise ValueError(f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, N, N)}")
 
 
+def _block_v(B, H, N):
+    if CONFIG.block_v:
+        return min(CONFIG.block_v, N)
+    return 16 if B * H <= 48 else N
+
+
 def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
     """Chunked forward. Returns y [B, T, H, N] (dtype of r), final [B, H, N, N] fp32 or None,
     chunk-start states [B, H, NC, N, N] fp32 or None."""
     B, T, H, N = r.shape
-    C, BV = CONFIG.chunk_size, min(CONFIG.block_v, N)
+    C, BV = CONFIG.chunk_size, _block_v(B, H, N)
     NC = triton_cdiv(T, C)
     y = _alloc((B, T, H, N), r.dtype, r.device)
     sT = _alloc((B, H, N, N), torch.float32, r.device) if store_final else None
@@ -72,7 +78,7 @@ def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
 def _bwd(r, w, k, v, a, b, st, dy, dsT, need_ds0):
     """Chunked backward from the stored chunk-start states. Returns (dr, dw, dk, dv, da, db, ds0)."""
     B, T, H, N = r.shape
-    C, BV = CONFIG.chunk_size, min(CONFIG.block_v, N)
+    C, BV = CONFIG.chunk_size, _block_v(B, H, N)
     NC = st.shape[2]
     dy = dy.contiguous()
     dst = _alloc((B, H, NC, N, N), torch.float32, r.device)   # dL/dS at each chunk's end

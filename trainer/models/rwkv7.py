@@ -87,6 +87,26 @@ def _shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([first, x[:, :-1]], dim=1)
 
 
+def _act_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype activations run in: the autocast dtype when autocast is on, else x's dtype."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+@torch.compiler.disable
+def _wkv(r, w, k, v, a, b, state):
+    """WKV over [B, T, H, N] inputs from `state` ([B, H, N, N] or None) -> (y, final state fp32/fp64).
+    T = 1 takes the one-step path; longer inputs go to kernels.wkv7 (Triton on CUDA, chunked torch on
+    CPU). Kept out of torch.compile graphs: the kernels are their own autograd functions."""
+    B, T, H, N = r.shape
+    s_dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
+    state = r.new_zeros(B, H, N, N, dtype=s_dtype) if state is None else state.to(s_dtype)
+    if T == 1:
+        y, s = _wkv_one_step(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], state)
+        return y.unsqueeze(1), s
+    return wkv7(r, w, k, v, a, b, initial_state=state, output_final_state=True)
+
+
 def _wkv_one_step(r, w, k, v, a, b, s):
     """One token of the WKV recurrence (the T = 1 path used in RNN-mode generation).
     r..b [B, H, N], s [B, H, N, N] [value][key] -> (y [B, H, N], new s). Same math as kernels.wkv7.naive."""
@@ -101,7 +121,7 @@ class TimeMix(nn.Module):
 
     def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
-        self.layer_id, self.H, self.N = layer_id, cfg.n_head, cfg.head_size
+        self.first, self.H, self.N = layer_id == 0, cfg.n_head, cfg.head_size  # no int attr: compile reuse
         C = cfg.n_embd
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
             setattr(self, name, nn.Parameter(torch.empty(1, 1, C)))
@@ -133,47 +153,35 @@ class TimeMix(nn.Module):
         wkv_state [B, H, N, N] or None -> (out [B, T, C], v_first, new shift [B, C], new wkv state)."""
         B, T, C = x.shape
         H, N = self.H, self.N
+        last = x[:, -1]
+        dt = _act_dtype(x)  # bf16 under autocast (as RWKV-LM's bf16 training), else the model's dtype
+        x = x.to(dt)
         xx = _shift(x, shift) - x
-        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
-        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+        mix = [x + xx * m.to(dt) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)]
+        xr, xw, xk, xv, xa, xg = mix
 
         r = self.receptance(xr)  # [B, T, C]
-        w_raw = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
         k = self.key(xk)
         v = self.value(xv)
-        if self.layer_id == 0:
+        if self.first:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+            v = v + (v_first - v) * torch.sigmoid(self.v0.to(dt) + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0.to(dt) + (xa @ self.a1) @ self.a2)  # in-context learning rate
         g = torch.sigmoid(xg @ self.g1) @ self.g2
+        # log decay in fp32 (fp64 for an fp64 model): long-range decay products amplify its rounding
+        wdt = torch.float64 if dt == torch.float64 else torch.float32
+        w = -DECAY_SCALE * torch.sigmoid(self.w0.to(wdt) + (torch.tanh(xw @ self.w1) @ self.w2).to(wdt))
 
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)  # [B, T, H, N]
-        k = k * (1 + (a - 1) * self.k_a)
-        w = -DECAY_SCALE * torch.sigmoid(w_raw.float())  # log decay, fp32 (fp64 model: fp64)
-        if x.dtype == torch.float64:
-            w = w.double()
+        kk = F.normalize((k * self.k_k.to(dt)).view(B, T, H, N), dim=-1, p=2.0)  # [B, T, H, N]
+        k = k * (1 + (a - 1) * self.k_a.to(dt))
+        r4, w4, k4, v4 = (t.reshape(B, T, H, N) for t in (r, w, k, v))
+        y, s = _wkv(r4.to(dt), w4, k4.to(dt), v4.to(dt), (-kk).to(dt), (kk * a.view(B, T, H, N)).to(dt), wkv_state)
 
-        # WKV inputs in the matmul dtype (bf16 under autocast, else the model's); the log decay stays
-        # fp32 (fp64), since long-range decay products amplify its rounding
-        dt = r.dtype
-        r4, k4, v4 = (t.reshape(B, T, H, N).to(dt) for t in (r, k, v))
-        w4 = w.reshape(B, T, H, N)
-        a4 = (-kk).to(dt)
-        b4 = (kk * a.view(B, T, H, N)).to(dt)
-        s_dtype = torch.float64 if dt == torch.float64 else torch.float32
-        if wkv_state is None:
-            wkv_state = x.new_zeros(B, H, N, N, dtype=s_dtype)
-        if T == 1:
-            y, s = _wkv_one_step(r4[:, 0], w4[:, 0], k4[:, 0], v4[:, 0], a4[:, 0], b4[:, 0], wkv_state.to(s_dtype))
-            y = y.unsqueeze(1)
-        else:
-            y, s = wkv7(r4, w4, k4, v4, a4, b4, initial_state=wkv_state.to(s_dtype), output_final_state=True)
-
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
-        y = y + bonus.view(B, T, C)
-        return self.output(y * g), v_first, x[:, -1], s
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C).to(dt)
+        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k.to(dt)).sum(-1, keepdim=True) * v.view(B, T, H, N)
+        y = y + bonus.view(B, T, C).to(dt)
+        return self.output(y * g.to(dt)), v_first, last, s
 
 
 class ChannelMix(nn.Module):
@@ -187,15 +195,17 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift):
         """x [B, T, C] (ln2 output), shift [B, C] or None -> (out [B, T, C], new shift [B, C])."""
-        k = x + (_shift(x, shift) - x) * self.x_k
-        return self.value(torch.relu(self.key(k)) ** 2), x[:, -1]
+        last = x[:, -1]
+        x = x.to(_act_dtype(x))
+        k = x + (_shift(x, shift) - x) * self.x_k.to(x.dtype)
+        return self.value(torch.relu(self.key(k)) ** 2), last
 
 
 class Block(nn.Module):
     def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
-        self.layer_id = layer_id
-        if layer_id == 0:
+        self.first = layer_id == 0
+        if self.first:
             self.ln0 = nn.LayerNorm(cfg.n_embd)
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
@@ -204,7 +214,7 @@ class Block(nn.Module):
 
     def forward(self, x, v_first, state):
         """x [B, T, C]; state (att_shift, wkv, ffn_shift) or None -> (x, v_first, new state)."""
-        if self.layer_id == 0:
+        if self.first:
             x = self.ln0(x)
         att_shift, wkv, ffn_shift = state if state is not None else (None, None, None)
         dx, v_first, att_shift, wkv = self.att(self.ln1(x), v_first, att_shift, wkv)

@@ -1,0 +1,278 @@
+"""Benchmark the RWKV-7 model: training throughput beside fla's RWKV-7, and RNN-mode generation speed.
+
+Training (CUDA only): one optimizer step = forward + backward + fused AdamW, fp32 master weights under
+bf16 autocast, random tokens, ctx 4096; ours with cross-entropy + L2Wrap (as the trainer runs it), eager
+and with each block torch.compile'd (the WKV kernel stays outside the graphs); peer: flash-linear-attention's
+`RWKV7ForCausalLM` (chunk mode, fused cross-entropy, L2Wrap off, as in BENCHMARKS.md) at the same size
+and LoRA widths, in the same process. MFU = 6 x (parameters outside the embedding) x tokens/s / 790e12.
+
+Generation (CPU and CUDA): greedy RNN-mode decoding with trainer.generate.stream beside the `rwkv` pip
+package's token-by-token forward, same random 0.1B checkpoint; tokens/s over the first and second half
+of the generated tokens (constant time per token shows as equal halves).
+
+    python bench/model.py --device cpu --plan gen       # generation on this machine
+    python bench/model.py --device cuda --out $OUT/model_gpu.json [--budget-s 150]
+Prints a table last and writes JSON (results so far are rewritten after every measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainer.generate import stream  # noqa: E402
+from trainer.models import PRESETS, RWKV7  # noqa: E402
+from trainer.models.rwkv7 import l2wrap  # noqa: E402
+
+PEAK_FLOPS = 790e12  # measured bf16 matmul rate of one H200 here (BENCHMARKS.md)
+
+
+def nonemb_params(n_total: int, vocab: int, width: int) -> int:
+    return n_total - vocab * width
+
+
+def perturb_(model: torch.nn.Module, scale: float = 1e-3) -> None:
+    """Move every parameter off the init's exact zeros (never time on zeros)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def time_steps(step, batches, warmup: int, steps: int) -> list[float]:
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(steps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        step(*batches[i % len(batches)])
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) / 1e3)
+    return times
+
+
+def ours_train(preset: str, batch: int, ctx: int, compiled: bool, device: str = "cuda"):
+    cfg = PRESETS[preset]
+    with torch.device(device):
+        model = RWKV7(cfg)
+    perturb_(model)
+    if compiled:
+        for blk in model.blocks:
+            blk.compile()
+    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-5, betas=(0.9, 0.99), eps=1e-18, fused=True)
+    V = cfg.vocab_size
+
+    def step(idx, tgt):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            logits, _ = model(idx)
+            loss = l2wrap(F.cross_entropy(logits.view(-1, V), tgt.view(-1)), logits)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    n = sum(t.numel() for t in model.state_dict().values())
+    return step, n, cfg, (model, opt)
+
+
+def fla_train(preset: str, batch: int, ctx: int):
+    from fla.models import RWKV7Config as FlaConfig
+    from fla.models import RWKV7ForCausalLM
+
+    cfg = PRESETS[preset]
+    fc = FlaConfig(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, head_dim=cfg.head_size,
+                   decay_low_rank_dim=cfg.dim_w, a_low_rank_dim=cfg.dim_a, v_low_rank_dim=cfg.dim_v,
+                   gate_low_rank_dim=cfg.dim_g, hidden_ratio=4, vocab_size=cfg.vocab_size, attn_mode="chunk",
+                   fuse_cross_entropy=True, use_l2warp=False, tie_word_embeddings=False, use_cache=False)
+    with torch.device("cuda"):
+        model = RWKV7ForCausalLM(fc)
+    perturb_(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.99), eps=1e-18, fused=True, weight_decay=0.1)
+
+    def step(idx, tgt):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=idx, labels=idx, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    n = sum(p.numel() for p in model.parameters())
+    return step, n, cfg, (model, opt)
+
+
+def bench_train_one(results: dict, write, preset: str, batch: int, variant: str, ctx: int, warmup: int, steps: int):
+    row = {"kind": "train", "preset": preset, "batch": batch, "ctx": ctx, "impl": variant}
+    holder = None
+    try:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        if variant == "fla":
+            step, n, cfg, holder = fla_train(preset, batch, ctx)
+        else:
+            step, n, cfg, holder = ours_train(preset, batch, ctx, compiled=variant == "ours-compile")
+        g = torch.Generator(device="cuda").manual_seed(0)
+        batches = [(torch.randint(0, cfg.vocab_size, (batch, ctx), device="cuda", generator=g),
+                    torch.randint(0, cfg.vocab_size, (batch, ctx), device="cuda", generator=g)) for _ in range(2)]
+        loss = float(step(*batches[0]))
+        row["first_step_s"] = time.perf_counter() - t0
+        times = time_steps(step, batches, warmup, steps)
+        med = statistics.median(times)
+        tps = batch * ctx / med
+        ne = nonemb_params(n, cfg.vocab_size, cfg.n_embd)
+        row.update(params=n, nonemb_params=ne, step_s=med, step_s_all=times, tokens_per_s=tps,
+                   mfu=6 * ne * tps / PEAK_FLOPS, peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9,
+                   first_loss=loss)
+    except Exception as e:  # noqa: BLE001 - one failed variant is reported, the rest still run
+        row["error"] = f"{type(e).__name__}: {e}"[:2000]
+        traceback.print_exc()
+    finally:
+        del holder
+        gc.collect()
+        torch.cuda.empty_cache()
+    results["rows"].append(row)
+    write()
+    print(json.dumps({k: v for k, v in row.items() if k != "step_s_all"}), flush=True)
+
+
+def bench_generate(results: dict, write, device: str, n_tokens: int, tmpdir: Path):
+    """Greedy decoding of n_tokens, ours vs the rwkv package, on the same random 0.1B checkpoint."""
+    torch.manual_seed(0)
+    model = RWKV7(PRESETS["0.1b"])
+    perturb_(model, 0.02)
+    path = tmpdir / "gen_0.1b.pth"
+    model.save_official(path, dtype=torch.bfloat16)
+    from trainer.models import load_official
+
+    dtypes = {"cpu": [("fp32", torch.float32)], "cuda": [("fp32", torch.float32), ("bf16", torch.bfloat16)]}[device]
+    prompt = list(range(1, 17))
+    for name, dt in dtypes:
+        m = load_official(path, dtype=dt, device=device).eval()
+        ts = []
+        for _tok, _ in stream(m, prompt, n_tokens, temperature=0.0, stop_token=None):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter())
+        half = len(ts) // 2
+        row = {"kind": "generate", "impl": "ours", "device": device, "dtype": name, "tokens": n_tokens,
+               "tokens_per_s_first_half": (half - 1) / (ts[half - 1] - ts[0]),
+               "tokens_per_s_second_half": (len(ts) - half) / (ts[-1] - ts[half - 1])}
+        results["rows"].append(row)
+        write()
+        print(json.dumps(row), flush=True)
+        del m
+    os.environ["RWKV_V7_ON"] = "1"
+    os.environ.setdefault("RWKV_JIT_ON", "1")
+    os.environ["RWKV_CUDA_ON"] = "0"
+    try:
+        from rwkv.model import RWKV
+
+        strategies = {"cpu": [("fp32", "cpu fp32")], "cuda": [("fp32", "cuda fp32"), ("bf16", "cuda bf16")]}[device]
+        for name, strategy in strategies:
+            ref = RWKV(model=str(path)[:-4], strategy=strategy)
+            logits, state = ref.forward(prompt, None)
+            ts = []
+            for _ in range(n_tokens):
+                tok = int(torch.argmax(logits))
+                logits, state = ref.forward([tok], state)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                ts.append(time.perf_counter())
+            half = len(ts) // 2
+            row = {"kind": "generate", "impl": "rwkv-pip", "device": device, "dtype": name, "tokens": n_tokens,
+                   "tokens_per_s_first_half": (half - 1) / (ts[half - 1] - ts[0]),
+                   "tokens_per_s_second_half": (len(ts) - half) / (ts[-1] - ts[half - 1])}
+            results["rows"].append(row)
+            write()
+            print(json.dumps(row), flush=True)
+    except Exception as e:  # noqa: BLE001
+        results["rows"].append({"kind": "generate", "impl": "rwkv-pip", "device": device, "error": str(e)[:500]})
+        traceback.print_exc()
+
+
+def table(rows: list[dict]) -> str:
+    out = []
+    train = [r for r in rows if r["kind"] == "train"]
+    if train:
+        out.append(f"{'size':6} {'batch':>5} {'impl':13} {'tokens/s':>10} {'MFU':>6} {'step s':>7} {'peak GB':>8} "
+                   f"{'vs fla':>7}")
+        for r in train:
+            if "error" in r:
+                out.append(f"{r['preset']:6} {r['batch']:>5} {r['impl']:13} ERROR {r['error'][:80]}")
+                continue
+            fla = next((x for x in train if x["preset"] == r["preset"] and x["impl"] == "fla" and "error" not in x), None)
+            ratio = f"{r['tokens_per_s'] / fla['tokens_per_s']:.2f}x" if fla else "-"
+            out.append(f"{r['preset']:6} {r['batch']:>5} {r['impl']:13} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} "
+                       f"{r['step_s']:>7.3f} {r['peak_mem_gb']:>8.1f} {ratio:>7}")
+    gen = [r for r in rows if r["kind"] == "generate" and "error" not in r]
+    if gen:
+        out.append(f"{'generate':9} {'device':6} {'dtype':5} {'tok/s (1st half)':>17} {'tok/s (2nd half)':>17}")
+        for r in gen:
+            out.append(f"{r['impl']:9} {r['device']:6} {r['dtype']:5} {r['tokens_per_s_first_half']:>17.1f} "
+                       f"{r['tokens_per_s_second_half']:>17.1f}")
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--plan", default="0.1b:8:fla,0.1b:8:ours-eager,1.5b:4:fla,1.5b:4:ours-eager,gen,"
+                   "0.1b:8:ours-compile,1.5b:4:ours-compile",
+                   help="comma list in priority order: preset:batch:impl (impl: fla, ours-eager, ours-compile) or gen")
+    p.add_argument("--budget-s", type=float, default=1e9, help="start no new item after this many seconds")
+    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--out", default="bench/out/model.json")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"device": a.device, "torch": torch.__version__, "host": platform.node(), "rows": [],
+               "gpu": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor(),
+               "settings": vars(a)}
+    if a.device == "cuda":
+        try:
+            import fla
+
+            results["fla"] = getattr(fla, "__version__", "?")
+        except ImportError:
+            results["fla"] = None
+
+    def write():
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, out)
+
+    t0 = time.perf_counter()
+    for item in a.plan.split(","):
+        if time.perf_counter() - t0 > a.budget_s:
+            results.setdefault("skipped", []).append(item)
+            continue
+        if item == "gen":
+            bench_generate(results, write, a.device, a.gen_tokens, out.parent)
+        elif a.device == "cuda":
+            preset, batch, impl = item.split(":")
+            bench_train_one(results, write, preset, int(batch), impl, a.ctx, a.warmup, a.steps)
+    write()
+    print(table(results["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import sysconfig
@@ -141,13 +142,16 @@ def _wall_best(fn, repeats: int) -> float:
     return best
 
 
-def _load_seconds(code: str) -> float:
-    """Wall time to import and build a tokenizer in a fresh interpreter (imports included)."""
+def _load_seconds(code: str) -> dict[str, float]:
+    """Wall and CPU seconds to import and build a tokenizer in a fresh interpreter (imports included)."""
     prog = f"import time; t = time.perf_counter(); {code}; print(time.perf_counter() - t)"
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, check=True, env=env)
-    return float(out.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"wall": round(float(out.stdout.strip().splitlines()[-1]), 3), "cpu_process_total": round(cpu, 3)}
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -190,6 +194,24 @@ def run(cfg: BenchConfig) -> dict:
             flush=True,
         )
 
+    short = [d[i : i + 200] for docs in comps.values() for d in docs[:20] for i in range(0, 20_000, 200)]
+    short = [s for s in short if s]
+    mb = sum(len(s.encode("utf-8")) for s in short) / 1e6
+    row = {
+        "documents": len(short),
+        "mb": mb,
+        "ours_encode_list_mb_s": mb / _cpu_best(lambda: [tok.encode(s) for s in short], cfg.repeats),
+        "rust_encode_mb_s": mb / _cpu_best(lambda: [rust.encode(s) for s in short], cfg.repeats),
+        "same_ids_as_rust": [tok.encode(s) for s in short[:2000]] == [rust.encode(s) for s in short[:2000]],
+    }
+    row["ratio_list_vs_rust"] = row["ours_encode_list_mb_s"] / row["rust_encode_mb_s"]
+    result["short_strings_one_call_each"] = row
+    print(
+        f"{len(short)} strings of <=200 chars, one encode() call each: ours {row['ours_encode_list_mb_s']:.1f}, "
+        f"rust {row['rust_encode_mb_s']:.1f} MB/s ({row['ratio_list_vs_rust']:.2f}x)",
+        flush=True,
+    )
+
     ref = TRIE_TOKENIZER(str(VOCAB_PATH))
     piece = texts["all"].encode("utf-8")
     step = len(piece) // 6
@@ -213,7 +235,12 @@ def run(cfg: BenchConfig) -> dict:
     size = cfg.doc_kb * 1000
     docs = [all_bytes[i : i + size].decode("utf-8", errors="replace") for i in range(0, len(all_bytes), size)]
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    batch = {"documents": len(docs), "mb": mb, "cores": os.cpu_count()}
+    batch = {
+        "documents": len(docs),
+        "mb": mb,
+        "cores": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+    }
     expected = tok.encode_batch(docs, num_workers=1)
     for workers in (1, 2):
         assert tok.encode_batch(docs, num_workers=workers) == expected

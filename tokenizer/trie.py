@@ -12,14 +12,17 @@ parent can own that slot). One uint32 per slot holds `label | base << 8`; leaves
 once. value[t] is the id of the entry ending at t (0 if none). The World vocab gives 116,078
 trie nodes in 121,334 slots: 485 KB of walk table plus 243 KB of ids, which fits in L2.
 
-What was measured (this 2-core AMD EPYC, shared, CPU time, best of 7, kernel only, Python
-stdlib code / multilingual sample lines / package docs; MB/s): three int32 arrays
-base/check/value 154/188/157; one packed int64 per slot (check|base|value) 190/241/218,
-plus a 65,536-entry table for the first two bytes 184/242/213; the label layout above
-206/259/234, plus the unrolled root step and leaf stop 204/279/256 (kept). Walking 2, 4 or
-8 documents' chunks interleaved, branchy or branch-free, was slower (65-145): each token
-ends in a mispredicted exit, and the branch-free step costs as many cycles as the latency
-it hides. pyrwkv-tokenizer (Rust) in the same conditions: 55-90 MB/s including its list.
+What was measured while choosing (this shared 2-core AMD EPYC, CPU time, best of 7, the
+kernel alone on Python stdlib code / multilingual sample lines / package docs, MB/s):
+three int32 arrays base/check/value 154/188/157; one packed int64 per slot
+(check|base|value) 190/241/218, with a 65,536-entry table for the first two bytes
+184/242/213; the label layout above 206/259/234, with the root step unrolled and a stop at
+leaves 204/279/256 (kept). Branch-free steps were slower: one stream 162/227/182, and
+walking 2-4 chunks of the text interleaved (speculative starts, re-synchronised at the
+first shared token boundary) 108-151. A fully predictable text (" the" repeated) runs at
+10.5 ns per token against 18-19 ns for real text: about half the time is the mispredicted
+exit at the end of each token, the rest the chain of dependent table loads.
+pyrwkv-tokenizer (Rust) measured the same way: 55-90 MB/s, including building its list.
 
 `encode_plain` is the plain reference (a dict of entries, longest length first); the
 compiled loops are tested against it and against the `rwkv` package.

@@ -105,7 +105,8 @@ def copy_bandwidth():
 
 
 def cfg_tag(cfg):
-    return f"ours_C{cfg.chunk_size}_BV{cfg.block_v}_W{cfg.num_warps}_Wb{cfg.num_warps_bwd}_{cfg.precision}"
+    return (f"ours_C{cfg.chunk_size}_BV{cfg.block_v}_W{cfg.num_warps}_Wb{cfg.num_warps_bwd}_{cfg.precision}"
+            f"_{cfg.split}")
 
 
 def ours_fwd(x):
@@ -141,7 +142,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--rwkvlm", default=".whl-kernels/rwkvlm")
     ap.add_argument("--shapes", default="all")
-    ap.add_argument("--configs", default="16-64-4-4,16-32-4-4,16-16-4-4,16-64-4-8")
+    ap.add_argument("--configs", default="16-0-4-4-tf32-auto,16-0-4-4-tf32-split,32-0-4-4-tf32-split")
     ap.add_argument("--precision", default="tf32")
     ap.add_argument("--acc-shapes", type=int, default=2, help="how many accuracy shapes to check (<= 2)")
     ap.add_argument("--peers", default="fla,official_v1,official_v3")
@@ -183,7 +184,8 @@ def main():
     for c in args.configs.split(","):
         f = c.split("-")
         configs.append(replace(ours.CONFIG, chunk_size=int(f[0]), block_v=int(f[1]), num_warps=int(f[2]),
-                               num_warps_bwd=int(f[3]), precision=f[4] if len(f) > 4 else args.precision))
+                               num_warps_bwd=int(f[3]), precision=f[4] if len(f) > 4 else args.precision,
+                               split=f[5] if len(f) > 5 else "auto"))
 
     peers = {}
     want = set(args.peers.split(",")) if args.peers else set()
@@ -192,6 +194,34 @@ def main():
             peers["fla"] = (load_fla(), None)
     except Exception:  # noqa: BLE001
         res["failures"]["fla_load"] = traceback.format_exc()[-2000:]
+    save()
+    print("peers:", list(peers), "failures:", list(res["failures"]), flush=True)
+
+    acc_refs = {}
+    # --- accuracy vs float64 (B2-T256-H4 as in BENCHMARKS.md, and one long sequence)
+    for (B, T, H) in [(2, 256, 4), (1, 4096, 4)][:args.acc_shapes]:
+        x = make_inputs(B, T, H, "cuda", seed=1)
+        x64 = {n: x[n].double().requires_grad_() for n in "rwkvab"}
+        y64, _ = chunk_wkv7_torch(*(x64[n] for n in "rwkvab"), chunk_size=16)
+        dy = torch.randn_like(x["v"])
+        y64.backward(dy.double())
+        key = f"B{B}-T{T}-H{H}"
+        errs = {}
+        for cfg in configs:
+            ours.CONFIG = cfg
+            tag = cfg_tag(cfg)
+            try:
+                leaves = {n: x[n].detach().requires_grad_() for n in "rwkvab"}
+                y, _ = ours.chunk_wkv7(*(leaves[n] for n in "rwkvab"))
+                y.backward(dy)
+                errs[tag] = {"y": rel(y, y64), **{f"d{n}": rel(leaves[n].grad, x64[n].grad) for n in "rwkvab"}}
+            except Exception:  # noqa: BLE001
+                res["failures"][f"{tag}_err_{key}"] = traceback.format_exc()[-2000:]
+        res["errors"][key] = errs
+        acc_refs[key] = (x, y64)
+        print(key, json.dumps(errs), flush=True)
+        save()
+
     for p in builds:
         p.wait()
     for v3 in (False, True):
@@ -204,33 +234,15 @@ def main():
             res[f"{nm}_build_s"] = time.time() - t0
         except Exception:  # noqa: BLE001
             res["failures"][f"{nm}_load"] = traceback.format_exc()[-2000:]
-    save()
-    print("peers:", list(peers), "failures:", list(res["failures"]), flush=True)
-
-    # --- accuracy vs float64 (B2-T256-H4 as in BENCHMARKS.md, and one long sequence)
-    for (B, T, H) in [(2, 256, 4), (1, 4096, 4)][:args.acc_shapes]:
-        x = make_inputs(B, T, H, "cuda", seed=1)
-        x64 = {n: x[n].double().requires_grad_() for n in "rwkvab"}
-        y64, _ = chunk_wkv7_torch(*(x64[n] for n in "rwkvab"), chunk_size=16)
-        dy = torch.randn_like(x["v"])
-        y64.backward(dy.double())
-        key = f"B{B}-T{T}-H{H}"
-        errs = {}
-        for cfg in configs:
-            ours.CONFIG = cfg
-            leaves = {n: x[n].detach().requires_grad_() for n in "rwkvab"}
-            y, _ = ours.chunk_wkv7(*(leaves[n] for n in "rwkvab"))
-            y.backward(dy)
-            tag = cfg_tag(cfg)
-            errs[tag] = {"y": rel(y, y64), **{f"d{n}": rel(leaves[n].grad, x64[n].grad) for n in "rwkvab"}}
+    for key, (x, y64) in acc_refs.items():
         for nm, (f, _) in peers.items():
             try:
-                errs[nm] = {"y": rel(f(x), y64)}
+                res["errors"][key][nm] = {"y": rel(f(x), y64)}
             except Exception:  # noqa: BLE001
                 res["failures"][f"{nm}_err_{key}"] = traceback.format_exc()[-2000:]
-        res["errors"][key] = errs
-        print(key, json.dumps(errs), flush=True)
-        save()
+        print(key, "peers", json.dumps({k: v for k, v in res["errors"][key].items() if not k.startswith("ours")}),
+              flush=True)
+    save()
 
     # --- timing
     shapes = SHAPES if args.shapes == "all" else [tuple(int(t) for t in s.split("-")) for s in args.shapes.split(",")]

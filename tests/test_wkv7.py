@@ -97,18 +97,24 @@ def test_wkv7_cpu_dispatch_float64_and_fp32():
     compare(wkv7, 2, 70, 2, True, torch.float32, 1e-4)
 
 
-@pytest.mark.parametrize("T,H,with_s0,chunk_size,block_v", [
-    (1, 1, True, 16, 0),
-    (15, 3, False, 16, 64),
-    (17, 1, True, 16, 32),
-    (63, 3, True, 32, 64),
-    (130, 1, False, 16, 16),
-    (130, 3, True, 64, 64),
+@pytest.mark.parametrize("T,H,with_s0,chunk_size,block_v,split", [
+    (1, 1, True, 16, 0, "fused"),
+    (1, 3, False, 16, 0, "split"),
+    (15, 3, False, 16, 64, "fused"),
+    (15, 1, True, 16, 16, "split"),
+    (17, 1, True, 16, 32, "fused"),
+    (17, 3, False, 32, 32, "split"),
+    (63, 3, True, 32, 64, "fused"),
+    (63, 1, True, 16, 16, "split"),
+    (130, 1, False, 16, 16, "fused"),
+    (130, 3, True, 64, 64, "fused"),
+    (130, 3, True, 16, 0, "split"),
 ])
-def test_chunk_triton_matches_naive(T, H, with_s0, chunk_size, block_v, monkeypatch):
+def test_chunk_triton_matches_naive(T, H, with_s0, chunk_size, block_v, split, monkeypatch):
+    """Fused mode (a sequential program per head) and split mode (parallel chunk maps + scan)."""
     chunk = _triton_modules()
     monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True, chunk_size=chunk_size,
-                                                 block_v=block_v, precision="ieee"))
+                                                 block_v=block_v, precision="ieee", split=split))
     compare(chunk.chunk_wkv7, 2, T, H, with_s0, torch.float32, 1e-3)
 
 

@@ -27,6 +27,12 @@ class WKV7KernelConfig:
     """Warps per program for the sequential chunked kernels (forward, backward state pass)."""
     num_warps_bwd: int = 4
     """Warps per program for the parallel backward kernel (one program per chunk and head)."""
+    split: str = "auto"
+    """"fused": one sequential program per head (and value block) does all the chunk work; "split": chunk
+    maps in parallel, then a light sequential scan (better when B*H is small); "auto": split when
+    B*H <= 64."""
+    scan_precision: str = "ieee"
+    """tl.dot precision of the split-mode scan, which carries the state across many chunks."""
     poison_outputs: bool = False
     """Fill outputs with NaN before the kernels run (tests: an unwritten element then fails)."""
 
@@ -59,6 +65,10 @@ def _block_v(B, H, N):
     return 16 if B * H <= 48 else N
 
 
+def _split(B, H):
+    return CONFIG.split == "split" or (CONFIG.split == "auto" and B * H <= 64)
+
+
 def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
     """Chunked forward. Returns y [B, T, H, N] (dtype of r), final [B, H, N, N] fp32 or None,
     chunk-start states [B, H, NC, N, N] fp32 or None."""
@@ -67,6 +77,21 @@ def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
     NC = triton_cdiv(T, C)
     y = _alloc((B, T, H, N), r.dtype, r.device)
     sT = _alloc((B, H, N, N), torch.float32, r.device) if store_final else None
+    if _split(B, H):
+        st = _alloc((B, H, NC, N, N), torch.float32, r.device)
+        m = torch.empty((B, H, NC, N, N), dtype=torch.float32, device=r.device)
+        e = torch.empty_like(m)
+        K.chunk_prep_kernel[(NC, B * H)](
+            r, w, k, v, a, b, None, m, e, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BWD=False,
+            PREC=CONFIG.precision, num_warps=CONFIG.num_warps_bwd)
+        K.chunk_scan_kernel[(B * H, N // BV)](
+            m, e, s0, st, sT, NC, N=N, BV=BV, HAS_S0=s0 is not None, STORE_FINAL=store_final, REVERSE=False,
+            PREC=CONFIG.scan_precision, num_warps=CONFIG.num_warps)
+        del m, e
+        K.chunk_out_kernel[(NC, B * H)](
+            r, w, k, v, a, b, st, y, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=CONFIG.precision,
+            num_warps=CONFIG.num_warps_bwd)
+        return y, sT, (st if store_states else None)
     st = _alloc((B, H, NC, N, N), torch.float32, r.device) if store_states else None
     K.chunk_fwd_kernel[(B * H, N // BV)](
         r, w, k, v, a, b, s0, y, sT, st, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV,
@@ -83,9 +108,20 @@ def _bwd(r, w, k, v, a, b, st, dy, dsT, need_ds0):
     dy = dy.contiguous()
     dst = _alloc((B, H, NC, N, N), torch.float32, r.device)   # dL/dS at each chunk's end
     ds0 = _alloc((B, H, N, N), torch.float32, r.device)
-    K.chunk_bwd_dstate_kernel[(B * H, N // BV)](
-        r, w, k, a, b, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV,
-        HAS_DST=dsT is not None, PREC=CONFIG.precision, num_warps=CONFIG.num_warps)
+    if _split(B, H):
+        m = torch.empty((B, H, NC, N, N), dtype=torch.float32, device=r.device)
+        e = torch.empty_like(m)
+        K.chunk_prep_kernel[(NC, B * H)](
+            r, w, k, v, a, b, dy, m, e, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BWD=True,
+            PREC=CONFIG.precision, num_warps=CONFIG.num_warps_bwd)
+        K.chunk_scan_kernel[(B * H, N // BV)](
+            m, e, dsT, dst, ds0, NC, N=N, BV=BV, HAS_S0=dsT is not None, STORE_FINAL=True, REVERSE=True,
+            PREC=CONFIG.scan_precision, num_warps=CONFIG.num_warps)
+        del m, e
+    else:
+        K.chunk_bwd_dstate_kernel[(B * H, N // BV)](
+            r, w, k, a, b, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV,
+            HAS_DST=dsT is not None, PREC=CONFIG.precision, num_warps=CONFIG.num_warps)
     grads = [_alloc(x.shape, x.dtype, x.device) for x in (r, w, k, v, a, b)]
     K.chunk_bwd_grads_kernel[(NC, B * H)](
         r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),

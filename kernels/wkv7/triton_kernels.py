@@ -21,6 +21,12 @@ chunk's terms from the chunk-start state the forward stored and produces all gra
     dS0 = dY^T r_d + dZ^T a_d + dS_C diag(e^{g_C})
 and the chain rule through the exponentials to r, w, k, a, b (dw by reverse cumsums of dg and dgx).
 The value dimension of the sequential passes is split in blocks of BV (rows of S evolve independently).
+
+Split mode (for few heads, e.g. one long sequence, where a program per head leaves the GPU idle): the
+state map of a chunk is affine, S_C = S0 M + E, with M, E computed for all chunks in parallel
+(chunk_prep_kernel); the sequential part is then one [BV, N] x [N, N] product per chunk
+(chunk_scan_kernel), and the outputs are again parallel over chunks (chunk_out_kernel). The backward's
+state pass is the same scan, reversed, on M^T and dY^T (r_d + M_rb W).
 """
 from __future__ import annotations
 
@@ -236,6 +242,102 @@ def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst
     tl.store(dv_ptr + pk, dV.to(dv_ptr.dtype.element_ty), mask=mk)
     tl.store(da_ptr + pk, (dA_d * tl.exp(gx)).to(da_ptr.dtype.element_ty), mask=mk)
     tl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)
+
+
+@triton.jit
+def chunk_prep_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, m_ptr, e_ptr,
+                      T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
+                      BWD: tl.constexpr, PREC: tl.constexpr):
+    """Split mode, parallel, grid (NC, B*H): writes each chunk's state map as S_C = S0 M + E.
+    Forward:  M = diag(e^{g_C}) + W^T b_e, E = U0^T b_e + V^T k_e, with W = P^{-1} a_d, U0 = P^{-1} L_ak V.
+    Backward: dS0 = dS_C M^T + dY^T (r_d + M_rb W); stores M^T and that second term.
+    m, e: [B, H, NC, N, N] fp32."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_t = tl.arange(0, C)
+    offs_k = tl.arange(0, N)
+    p_s = offs_k[:, None] * N + offs_k[None, :]
+    tri_s = offs_t[:, None] > offs_t[None, :]
+    tri_i = offs_t[:, None] >= offs_t[None, :]
+    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
+    t = n * C + offs_t
+    mk = (t < T)[:, None]
+    base = ((i_b * T + t) * H + i_h) * N
+    pk = base[:, None] + offs_k[None, :]
+    (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
+     Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pk, mk, tri_s, tri_i, eye, LOG2C, PREC)
+    W = _dot(Pinv, a_d, PREC)                       # [C, K]
+    diag = tl.where(offs_k[:, None] == offs_k[None, :], tl.exp(gC)[None, :], 0.)
+    if BWD:
+        dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)
+        M = diag + _dot(tl.trans(b_e), W, PREC)     # M^T [K, K]
+        E = _dot(tl.trans(dY), r_d + _dot(M_rb, W, PREC), PREC)            # [V, K]
+    else:
+        M = diag + _dot(tl.trans(W), b_e, PREC)     # [K, K]
+        U0 = _dot(Pinv, _dot(L_ak, vv, PREC), PREC)                           # [C, V]
+        E = _dot(tl.trans(U0), b_e, PREC) + _dot(tl.trans(vv), k_e, PREC)   # [V, K]
+    off = (i_bh * NC + n) * N * N
+    tl.store(m_ptr + off + p_s, M)
+    tl.store(e_ptr + off + p_s, E)
+
+
+@triton.jit
+def chunk_scan_kernel(m_ptr, e_ptr, s0_ptr, out_ptr, sT_ptr, NC, N: tl.constexpr, BV: tl.constexpr,
+                      HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
+                      PREC: tl.constexpr):
+    """Split mode, sequential, grid (B*H, N/BV): S <- S M_n + E_n over the chunks (reversed for the
+    backward), storing S before each chunk's step in out [B, H, NC, N, N] and the last S in sT."""
+    i_bh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    p_s = offs_v[:, None] * N + offs_k[None, :]
+    p_m = offs_k[:, None] * N + offs_k[None, :]
+    if HAS_S0:
+        S = tl.load(s0_ptr + i_bh * N * N + p_s).to(tl.float32)
+    else:
+        S = tl.zeros([BV, N], dtype=tl.float32)
+    for i in range(NC):
+        if REVERSE:
+            n = NC - 1 - i
+        else:
+            n = i
+        off = (i_bh * NC + n) * N * N
+        tl.store(out_ptr + off + p_s, S)
+        M = tl.load(m_ptr + off + p_m)
+        E = tl.load(e_ptr + off + p_s)
+        S = _dot(S, M, PREC) + E
+    if STORE_FINAL:
+        tl.store(sT_ptr + i_bh * N * N + p_s, S)
+
+
+@triton.jit
+def chunk_out_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, y_ptr,
+                     T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.constexpr):
+    """Split mode, parallel, grid (NC, B*H): a chunk's outputs from its start state st[n]."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_t = tl.arange(0, C)
+    offs_k = tl.arange(0, N)
+    p_s = offs_k[:, None] * N + offs_k[None, :]
+    tri_s = offs_t[:, None] > offs_t[None, :]
+    tri_i = offs_t[:, None] >= offs_t[None, :]
+    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
+    t = n * C + offs_t
+    mk = (t < T)[:, None]
+    base = ((i_b * T + t) * H + i_h) * N
+    pk = base[:, None] + offs_k[None, :]
+    S = tl.load(st_ptr + (i_bh * NC + n) * N * N + p_s)
+    (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
+     Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pk, mk, tri_s, tri_i, eye, LOG2C, PREC)
+    St = tl.trans(S)
+    U = _dot(Pinv, _dot(a_d, St, PREC) + _dot(L_ak, vv, PREC), PREC)
+    Y = _dot(r_d, St, PREC) + _dot(M_rb, U, PREC) + _dot(M_rk, vv, PREC)
+    tl.store(y_ptr + pk, Y.to(y_ptr.dtype.element_ty), mask=mk)
 
 
 @triton.jit

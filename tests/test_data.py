@@ -52,8 +52,18 @@ def test_windows_equal_documents_joined_with_eod(corpus_dir):
             np.testing.assert_array_equal(out, stream[p * D:p * D + D + 1])
 
 
-def test_token_buffers_are_zero_copy_views_of_the_memory_map(corpus_dir):
-    path, _ = corpus_dir
+def test_ipc_file_format_reads_the_same_windows(corpus_dir, tmp_path):
+    _, docs = corpus_dir
+    a = ShardCorpus(corpus_dir[0], 23)
+    b = ShardCorpus(write_corpus(tmp_path / "f", docs, docs_per_shard=40, fmt="file",
+                                 weights={"web": 1.0, "code": 2.0, "books": 0.5}), 23)
+    assert pa.ipc.open_file(str(tmp_path / "f/shards/00000.arrow")).num_record_batches == 1
+    assert torch.equal(TrainWindows(a, 1, Layout(16)).batch(0), TrainWindows(b, 1, Layout(16)).batch(0))
+
+
+@pytest.mark.parametrize("fmt", ["stream", "file"])
+def test_token_buffers_are_zero_copy_views_of_the_memory_map(corpus_dir, tmp_path, fmt):
+    path = write_corpus(tmp_path / fmt, corpus_dir[1], docs_per_shard=50, rows_per_batch=7, fmt=fmt)
     before = pa.total_allocated_bytes()
     corpus = ShardCorpus(path, 16)
     assert pa.total_allocated_bytes() - before < 4096  # nothing copied out of the shards

@@ -1,7 +1,8 @@
 """Memory-mapped shard loader: fixed-length token windows from the pipeline's Arrow shards.
 
-The corpus is `DATA/index.json` plus Arrow IPC files (one document per row, `input_ids: list<uint16>`).
-Each shard is opened with `pa.memory_map` + `ipc.open_file`; the `input_ids` column's offsets and values
+The corpus is `DATA/index.json` plus Arrow IPC shards (stream or file format; one document per row,
+`input_ids: list<uint16>`). Each shard is opened with `pa.memory_map` + `ipc.open_file` (or
+`ipc.open_stream`, the format `datasets` uses); the `input_ids` column's offsets and values
 buffers are viewed as numpy arrays without copying, so a window read touches only its own pages.
 
 Per component, the documents (in shard order) are joined with token 0 after each one into one virtual
@@ -69,6 +70,19 @@ def check_schema(schema: pa.Schema, where: str) -> None:
     it = schema.field("input_ids").type
     if not ((pa.types.is_list(it) or pa.types.is_large_list(it)) and it.value_type == pa.uint16()):
         raise DataError(f"{where}: column 'input_ids' must be list<uint16>, is {it}")
+
+
+def open_batches(mm: pa.MemoryMappedFile) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+    """Schema and record batches of an Arrow IPC file or stream (the pipeline writes the stream
+    format, which `datasets.Dataset.from_file` reads). Over a memory map both readers return batches
+    whose buffers are slices of the map: nothing is copied."""
+    try:
+        reader = ipc.open_file(mm)
+        return reader.schema, [reader.get_batch(b) for b in range(reader.num_record_batches)]
+    except pa.ArrowInvalid:
+        mm.seek(0)
+        reader = ipc.open_stream(mm)
+        return reader.schema, list(reader)
 
 
 def load_index(data_dir: str | Path) -> dict:
@@ -154,14 +168,13 @@ class ShardCorpus:
                     raise DataError(f"{where}: sha256 {digest} does not match the index ({s['sha256']})")
             try:
                 mm = pa.memory_map(str(path), "r")
-                reader = ipc.open_file(mm)
+                schema, batches = open_batches(mm)
             except (pa.ArrowInvalid, OSError) as e:
-                raise DataError(f"{where}: not a readable Arrow IPC file: {e}") from None
-            check_schema(reader.schema, where)
+                raise DataError(f"{where}: not a readable Arrow IPC file or stream: {e}") from None
+            check_schema(schema, where)
             self._maps.append(mm)
             rows = tokens = 0
-            for b in range(reader.num_record_batches):
-                batch = reader.get_batch(b)
+            for b, batch in enumerate(batches):
                 ids = batch.column("input_ids")
                 if ids.null_count or ids.values.null_count:
                     raise DataError(f"{where}: record batch {b} has null input_ids")
@@ -236,10 +249,9 @@ class ShardCorpus:
             values = []
             for s in self.index["shards"]:
                 mm = pa.memory_map(str(self.data_dir / s["path"]), "r")
-                reader = ipc.open_file(mm)
                 self._maps.append(mm)
-                for b in range(reader.num_record_batches):
-                    values.append(reader.get_batch(b).column("input_ids").values.to_numpy(zero_copy_only=True))
+                for batch in open_batches(mm)[1]:
+                    values.append(batch.column("input_ids").values.to_numpy(zero_copy_only=True))
             self._values = values
 
     # --- windows ------------------------------------------------------------------------------

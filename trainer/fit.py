@@ -46,6 +46,26 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return o.lr_final + 0.5 * (o.lr_init - o.lr_final) * (1 + math.cos(math.pi * progress))
 
 
+def train_step(fabric, model, optimizer, micro_batches, lr: float, accumulate: int, grad_clip: float):
+    """One optimizer step over `accumulate` micro-batches ([B, D + 1] token tensors): backward on each
+    (gradient sync only on the last), clip, AdamW with lr × each group's lr_scale. Returns (mean loss
+    over ranks and micro-batches, gradient norm before clipping), as tensors (no host sync here)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    acc = torch.zeros((), device=fabric.device, dtype=torch.float64)
+    for micro, batch in enumerate(micro_batches):
+        with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
+            loss = model(fabric.to_device(batch))
+            fabric.backward(loss / accumulate)
+        acc += loss.detach().double()
+    grad_norm = torch.full((), float("nan"))
+    if grad_clip > 0:
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return fabric.all_reduce(acc / accumulate, reduce_op="mean"), grad_norm
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="YAML preset (trainer/configs/*.yaml)")
@@ -227,24 +247,11 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            acc = torch.zeros((), device=fabric.device, dtype=torch.float64)
-            for micro in range(o.accumulate_grad_batches):
-                batch = fabric.to_device(next(it))
-                last = micro == o.accumulate_grad_batches - 1
-                with fabric.no_backward_sync(model, enabled=not last):
-                    loss = model(batch)
-                    fabric.backward(loss / o.accumulate_grad_batches)
-                acc += loss.detach().double()
-            grad_norm = float("nan")
-            if o.grad_clip > 0:
-                grad_norm = float(fabric.clip_gradients(model, optimizer, max_norm=o.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_t, norm_t = train_step(fabric, model, optimizer, (next(it) for _ in range(o.accumulate_grad_batches)),
+                                        lr, o.accumulate_grad_batches, o.grad_clip)
             step += 1
             samples += layout.global_batch
-            loss_val = float(fabric.all_reduce(acc / o.accumulate_grad_batches, reduce_op="mean"))
+            loss_val, grad_norm = float(loss_t), float(norm_t)
             dt = time.perf_counter() - t0
             row = {"step": step, "loss": f"{loss_val:.6f}", "lr": f"{lr:.6g}", "tokens": step * tokens_per_step,
                    "tokens_per_s": f"{tokens_per_step / dt:.1f}", "grad_norm": f"{grad_norm:.4f}", "val_loss": ""}

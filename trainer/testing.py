@@ -1,7 +1,7 @@
 """Write small corpora in the pipeline's exact output format, for tests and benchmarks.
 
 `write_corpus(out, docs)` produces `out/index.json` + `out/shards/NNNNN.arrow` as pipeline/build.py
-does: Arrow IPC *file* format, uncompressed, columns id (string), component (dictionary<string>),
+does: Arrow IPC stream format (what `datasets` reads; `fmt="file"` for the IPC file format), uncompressed, columns id (string), component (dictionary<string>),
 input_ids (list<uint16>), one document per row, and an index with schema_version 1, the tokenizer,
 per-shard path/documents/tokens/bytes/sha256 and per-component weights and counts.
 """
@@ -23,7 +23,7 @@ SCHEMA = pa.schema([("id", pa.string()), ("component", pa.dictionary(pa.int32(),
 
 def write_corpus(out: str | Path, docs: list[tuple[str, str, list[int] | np.ndarray]],
                  docs_per_shard: int = 100, weights: dict[str, float] | None = None,
-                 rows_per_batch: int | None = None, vocab_size: int = 65536) -> Path:
+                 rows_per_batch: int | None = None, vocab_size: int = 65536, fmt: str = "stream") -> Path:
     """docs: (id, component, token ids) in order. Returns the folder."""
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -37,7 +37,8 @@ def write_corpus(out: str | Path, docs: list[tuple[str, str, list[int] | np.ndar
             "input_ids": pa.array([np.asarray(d[2], dtype=np.uint16) for d in part], pa.list_(pa.uint16())),
         }).cast(SCHEMA)
         tmp = path.with_suffix(".tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, SCHEMA) as w:
+        new = ipc.new_stream if fmt == "stream" else ipc.new_file
+        with pa.OSFile(str(tmp), "wb") as sink, new(sink, SCHEMA) as w:
             w.write_table(table, max_chunksize=rows_per_batch)
         os.replace(tmp, path)
         ntok = int(sum(len(d[2]) for d in part))

@@ -1,0 +1,161 @@
+"""Training throughput, MFU and infctx memory on one GPU, through the trainer's own step.
+
+For each preset: RWKV7 with fp32 master weights, Fabric bf16-mixed, fused AdamW with the official
+groups, L2Wrap, `trainer.fit.train_step` on `InfctxLM` (exactly what fit.py runs), random tokens
+(uniform over the 65536 vocabulary; never zeros). Reports tokens/s, MFU = 6 × non-embedding
+parameters × tokens/s ÷ 790e12 (the H200's measured dense bf16 rate, as BENCHMARKS.md), peak memory,
+and a CUDA-time breakdown of one step by kernel family (what limits it).
+infctx memory: 0.1B with data_ctx_len = 16 × ctx_len vs = ctx_len (same ctx_len and batch), peak
+memory of a training step; the target is a ratio within 1.3.
+
+    python bench/train.py [--presets 0.1b,1.5b] [--ctx 4096] [--steps 8] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from trainer.fit import train_step  # noqa: E402
+from trainer.infctx import InfctxLM  # noqa: E402
+from trainer.models.rwkv7 import PRESETS, RWKV7  # noqa: E402
+
+PEAK_BF16 = 790e12
+BATCH = {"0.1b": 8, "0.4b": 8, "1.5b": 4}
+
+
+def setup(preset: str, ctx_len: int, recompute: bool = True):
+    import lightning as L
+
+    fabric = L.Fabric(accelerator="cuda", devices=1, precision="bf16-mixed")
+    fabric.seed_everything(0)
+    with fabric.init_module():
+        lm = RWKV7(PRESETS[preset])
+    model = InfctxLM(lm, ctx_len, recompute=recompute)
+    groups = lm.optimizer_groups(0.1)
+    for g in groups:
+        g.pop("names")
+    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.99), eps=1e-18, fused=True)
+    model, opt = fabric.setup(model, opt)
+    return fabric, lm, model, opt
+
+
+def batches(B, D, n, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.randint(0, 65536, (B, D + 1), generator=g).to(device) for _ in range(n)]
+
+
+def family(name: str) -> str:
+    n = name.lower()
+    for key, fam in (("wkv", "wkv7 (triton)"), ("chunk", "wkv7 (triton)"), ("gemm", "matmul"), ("sm90", "matmul"),
+                     ("cutlass", "matmul"), ("nvjet", "matmul"), ("xmma", "matmul"), ("softmax", "cross-entropy"),
+                     ("nll", "cross-entropy"), ("adam", "optimizer"), ("layer_norm", "layernorm/groupnorm"),
+                     ("group_norm", "layernorm/groupnorm"), ("norm", "layernorm/groupnorm"),
+                     ("scatter", "l2wrap"), ("max", "l2wrap"), ("copy", "copies/casts"), ("cast", "copies/casts")):
+        if key in n:
+            return fam
+    return "elementwise/other"
+
+
+def throughput(preset: str, ctx: int, steps: int) -> dict:
+    B = BATCH[preset]
+    fabric, lm, model, opt = setup(preset, ctx)
+    n_params = sum(p.numel() for p in lm.parameters())
+    non_emb = n_params - lm.emb.weight.numel()
+    data = batches(B, ctx, steps + 3, fabric.device)
+    torch.cuda.reset_peak_memory_stats()
+    for b in data[:3]:
+        loss, _ = train_step(fabric, model, opt, [b], 1e-4, 1, 1.0)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for b in data[3:]:
+        loss, norm = train_step(fabric, model, opt, [b], 1e-4, 1, 1.0)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    tok_s = B * ctx / dt
+    peak = torch.cuda.max_memory_allocated()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        train_step(fabric, model, opt, [data[0]], 1e-4, 1, 1.0)
+        torch.cuda.synchronize()
+    fam: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if us:
+            fam[family(e.key)] = fam.get(family(e.key), 0.0) + us
+    total = sum(fam.values()) or 1.0
+    top = sorted(((e.key, getattr(e, "device_time_total", 0.0)) for e in prof.key_averages()),
+                 key=lambda x: -x[1])[:12]
+    res = {"preset": preset, "params": n_params, "non_embedding_params": non_emb, "batch": B, "ctx": ctx,
+           "step_ms": round(dt * 1e3, 1), "tokens_per_s": round(tok_s), "mfu": round(6 * non_emb * tok_s / PEAK_BF16, 4),
+           "peak_mem_gb": round(peak / 1e9, 2), "loss": round(float(loss), 4), "grad_norm": round(float(norm), 4),
+           "cuda_time_share": {k: round(v / total, 3) for k, v in sorted(fam.items(), key=lambda x: -x[1])},
+           "top_kernels_ms": [(k[:90], round(v / 1e3, 2)) for k, v in top]}
+    del model, opt, lm, fabric
+    torch.cuda.empty_cache()
+    return res
+
+
+def infctx_memory(ctx: int, B: int = 2, mult: int = 16) -> dict:
+    out = {}
+    for D in (ctx, mult * ctx):
+        fabric, lm, model, opt = setup("0.1b", ctx)
+        (b,) = batches(B, D, 1, fabric.device, seed=D)
+        train_step(fabric, model, opt, [b], 1e-4, 1, 1.0)  # optimizer state allocated
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        loss, _ = train_step(fabric, model, opt, [b], 1e-4, 1, 1.0)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        out[D] = {"peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3), "step_s": round(dt, 3),
+                  "tokens_per_s": round(B * D / dt), "loss": round(float(loss), 4)}
+        del model, opt, lm, fabric
+        torch.cuda.empty_cache()
+    ratio = out[mult * ctx]["peak_gb"] / out[ctx]["peak_gb"]
+    return {"preset": "0.1b", "batch": B, "ctx_len": ctx, "data_ctx_len": {str(k): v for k, v in out.items()},
+            "peak_ratio": round(ratio, 3), "target_ratio": 1.3, "pass": ratio <= 1.3}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", default="0.1b,1.5b")
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
+    try:
+        import triton
+
+        res["triton"] = triton.__version__
+    except ImportError:
+        pass
+    for p in args.presets.split(","):
+        r = throughput(p, args.ctx, args.steps)
+        res["results"].append(r)
+        print(json.dumps(r), flush=True)
+    if not args.skip_memory:
+        res["infctx_memory"] = infctx_memory(args.ctx)
+        print(json.dumps(res["infctx_memory"]), flush=True)
+    print(f"\n{'preset':<8}{'batch':>6}{'ctx':>6}{'tokens/s':>11}{'MFU':>7}{'peak GB':>9}")
+    for r in res["results"]:
+        print(f"{r['preset']:<8}{r['batch']:>6}{r['ctx']:>6}{r['tokens_per_s']:>11,}{r['mfu']:>7.1%}{r['peak_mem_gb']:>9}")
+    if "infctx_memory" in res:
+        m = res["infctx_memory"]
+        print(f"infctx 0.1B peak memory, data_ctx_len 16x vs 1x ctx_len: ratio {m['peak_ratio']} (target <= 1.3)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The trainer: presets, config errors, the schedule, a CPU run's outputs, and exact resume."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.config import ConfigError, load_config, resolve_model_config
+from trainer.fit import fit, lr_at, main
+from trainer.testing import random_docs, write_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "trainer" / "configs").glob("*.yaml"))
+
+TINY = ["model.n_layer=2", "model.n_embd=64", "data.data_ctx_len=32", "data.ctx_len=16",
+        "data.micro_batch_size=2", "data.val_batches=1", "data.val_fraction=0.05",
+        "optim.lr_init=3e-3", "optim.lr_final=3e-4", "optim.warmup_steps=2", "optim.lr_decay_steps=6",
+        "train.val_every=2", "train.ckpt_every=2", "train.keep_checkpoints=2", "train.tensorboard=true",
+        "sample.tokens=0"]
+
+
+def test_presets_exist_and_load():
+    names = {p.stem for p in CONFIGS}
+    assert {"debug", "0.1b", "0.4b", "1.5b"} <= names
+    for p in CONFIGS:
+        cfg = load_config(p)
+        mc = resolve_model_config(cfg.model)
+        assert cfg.data.data_ctx_len % cfg.data.ctx_len == 0
+        assert mc.vocab_size == 65536
+    assert resolve_model_config(load_config(ROOT / "trainer/configs/1.5b.yaml").model).n_embd == 2048
+
+
+def test_config_errors_name_the_key(tmp_path):
+    debug = ROOT / "trainer/configs/debug.yaml"
+    with pytest.raises(ConfigError, match="unknown key 'bogus'"):
+        load_config(debug, ["train.bogus=1"])
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        load_config(debug, ["trian.max_steps=1"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(debug, ["train.max_steps=ten"])
+    with pytest.raises(ConfigError, match="multiple of"):
+        load_config(debug, ["data.ctx_len=100"])
+    with pytest.raises(ConfigError, match="unknown key 'n_embed'"):
+        resolve_model_config(load_config(debug, ["model.n_embed=64"]).model)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 1.0\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: optim: unknown key 'lr'"):
+        load_config(bad)
+    cfg = load_config(debug, ["model.n_embd=256", "optim.betas=[0.9, 0.95]"])
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert resolve_model_config(cfg.model).dim_ffn == 1024  # derived widths follow the override
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = load_config(ROOT / "trainer/configs/debug.yaml", ["optim.warmup_steps=10", "train.max_steps=110",
+                                                             "optim.lr_init=1e-3", "optim.lr_final=1e-4"])
+    lrs = [lr_at(s, cfg) for s in range(120)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[10] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))
+    assert lrs[60] == pytest.approx(5.5e-4) and lrs[110] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    docs = random_docs(60, ["a", "b"], seed=3, max_len=120, vocab=500)
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "data", docs, docs_per_shard=25)
+
+
+def _rows(run):
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cpu_run_outputs_and_exact_resume(corpus, tmp_path):
+    debug = ROOT / "trainer/configs/debug.yaml"
+    full = tmp_path / "full"
+    fit(load_config(debug, TINY + ["train.max_steps=6"]), corpus, full)
+    rows = _rows(full)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [bool(r["val_loss"]) for r in rows] == [False, True, False, True, False, True]
+    assert int(rows[-1]["tokens"]) == 6 * 2 * 32
+    assert all(float(r["grad_norm"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
+    assert (full / "loss.png").stat().st_size > 0
+    assert any((full / "tb").rglob("events.out.tfevents.*"))
+    kept = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert kept == ["step-00000004", "step-00000006"]  # newest 2, no temporary folders left
+    from trainer.models import load_official
+
+    lm = load_official(full / "checkpoints/step-00000006/model.pth")
+    sd = torch.load(full / "checkpoints/step-00000006/resume.pt", weights_only=True)["model"]
+    for k, v in lm.state_dict().items():
+        assert torch.equal(v, sd["lm." + k]), k
+
+    part = tmp_path / "part"
+    fit(load_config(debug, TINY + ["train.max_steps=3"]), corpus, part)
+    # a crash after step 3 was logged but before its checkpoint: resume goes back to step 2
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    import shutil
+
+    shutil.rmtree(part / "checkpoints" / "step-00000003")
+    (part / "checkpoints" / ".tmp-step-00000004").mkdir()  # an incomplete write is ignored
+    fit(load_config(debug, TINY + ["train.max_steps=6"]), corpus, part, resume=True)
+    got = _rows(part)
+    assert [int(r["step"]) for r in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(rows, got):
+        assert (a["loss"], a["lr"], a["grad_norm"], a["val_loss"]) == (b["loss"], b["lr"], b["grad_norm"], b["val_loss"])
+
+
+def test_bad_input_fails_before_training(corpus, tmp_path, capsys):
+    debug = str(ROOT / "trainer/configs/debug.yaml")
+    run = tmp_path / "run"
+    assert main(["--config", debug, "--data", str(corpus), "--run-dir", str(run), "--set", "optim.bogus=1"]) == 2
+    assert "unknown key 'bogus'" in capsys.readouterr().err
+    import shutil
+
+    bad = Path(shutil.copytree(corpus, tmp_path / "bad"))
+    with open(bad / "shards" / "00001.arrow", "r+b") as f:
+        f.seek(300)
+        f.write(b"\x00garbage")
+    assert main(["--config", debug, "--data", str(bad), "--run-dir", str(run)] + [f"--set={s}" for s in TINY]) == 2
+    err = capsys.readouterr().err
+    assert "00001.arrow" in err and "sha256" in err
+    assert not run.exists()
+    assert main(["--config", debug, "--data", str(corpus), "--run-dir", str(run), "--resume"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_runs_as_a_script(tmp_path):
+    """`python trainer/fit.py` from the repo root (as `make train` runs it) resolves its imports."""
+    r = subprocess.run([sys.executable, "trainer/fit.py", "--config", "trainer/configs/debug.yaml", "--data",
+                        str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "r")],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}, timeout=120)
+    assert r.returncode == 2 and "index not found" in r.stderr, r.stderr

@@ -1,0 +1,41 @@
+"""`fabric run` with 2 CPU processes (DDP over gloo) and the same global batch gives the same losses
+as one process: the loader splits the batch across ranks, gradients are averaged, losses all-reduced."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.testing import random_docs, write_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.n_layer=2", "model.n_embd=64", "data.data_ctx_len=32", "data.ctx_len=16", "data.val_batches=1",
+        "optim.warmup_steps=2", "train.ckpt_every=0", "train.val_every=2", "train.tensorboard=false", "sample.tokens=0"]
+
+
+def _losses(run):
+    with open(run / "metrics.csv", newline="") as f:
+        return [(float(r["loss"]), r["val_loss"]) for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    data = write_corpus(tmp_path / "data", random_docs(60, ["a", "b"], seed=3, max_len=120, vocab=500))
+    fabric = str(Path(sys.executable).parent / "fabric")
+    common = ["--config", "trainer/configs/debug.yaml", "--data", str(data), "--max-steps", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "trainer/fit.py", *common, "--run-dir", str(tmp_path / "one"),
+           *sum((["--set", s] for s in TINY + ["data.micro_batch_size=4"]), [])]
+    two = [fabric, "run", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--precision", "32-true",
+           "trainer/fit.py", *common, "--run-dir", str(tmp_path / "two"),
+           *sum((["--set", s] for s in TINY + ["data.micro_batch_size=2"]), [])]
+    for cmd in (one, two):
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    for (la, va), (lb, vb) in zip(a, b):
+        assert abs(la - lb) <= 1e-5 * abs(la)
+        assert bool(va) == bool(vb) and (not va or abs(float(va) - float(vb)) <= 1e-5 * float(va))

@@ -270,10 +270,8 @@ def run(cfg: BenchConfig) -> dict:
         ),
         "rust": _load_seconds("from pyrwkv_tokenizer import RWKVTokenizer; RWKVTokenizer()"),
     }
-    print(
-        "load seconds (fresh interpreter, imports included):",
-        {k: round(v, 2) for k, v in result["load_seconds"].items()},
-    )
+    print("load seconds (fresh interpreter, imports included):", result["load_seconds"])
+    result["load_average_1min_at_end"] = os.getloadavg()[0]
     allrow = result["components"]["all"]
     print(
         f"\nALL {allrow['mb']:.1f} MB, one core: ours encode() {allrow['ours_encode_list_mb_s']:.1f} MB/s = "

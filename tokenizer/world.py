@@ -63,7 +63,7 @@ class WorldTokenizer:
         self._table, self._value = tables.table, tables.value  # [slots] uint32, [slots] uint16
         self._tokens: list[bytes] = tables.tokens()  # [n_entries + 1], id -> bytes, [0] = b""
         self._ids = np.array(range(len(self._tokens)), dtype=object)  # [n_entries + 1] shared int objects
-        self.encode_bytes_to_array(b"")  # loads the compiled loop now rather than at the first encode
+        self.encode(" ")  # loads the compiled loop now rather than at the first encode
 
     def __repr__(self) -> str:
         return f"WorldTokenizer(vocab={self.vocab_path.name}, sha256={self.vocab_sha256[:12]}...)"
@@ -79,23 +79,29 @@ class WorldTokenizer:
 
     # encoding
 
+    def _encode_view(self, data: bytes | bytearray | memoryview) -> np.ndarray:
+        if not isinstance(data, bytes):
+            data = np.frombuffer(data, np.uint8)
+        return trie.encode_buffer(data, self._table, self._value)
+
     def encode_bytes_to_array(self, data: bytes | bytearray | memoryview) -> np.ndarray:
-        """Token ids of raw bytes as a uint16 array [n_tokens]."""
-        return trie.encode_into(np.frombuffer(data, np.uint8), self._table, self._value)
+        """Token ids of raw bytes as a uint16 array [n_tokens] that owns its memory."""
+        return self._encode_view(data).copy()
 
     def encode_to_array(self, text: str) -> np.ndarray:
         """Token ids of a str (its UTF-8 bytes) as a uint16 array [n_tokens]."""
         return self.encode_bytes_to_array(text.encode("utf-8"))
 
     def _to_list(self, ids: np.ndarray) -> list[int]:
-        # Taking shared int objects is ~2x faster than ndarray.tolist(), which makes a new int per id.
-        return self._ids.take(ids).tolist()
+        # For long outputs, taking shared int objects is ~2x faster than ndarray.tolist(), which
+        # makes a new int per id; for short ones the take costs more than it saves.
+        return self._ids.take(ids).tolist() if ids.shape[0] > 256 else ids.tolist()
 
     def encode_bytes(self, data: bytes | bytearray | memoryview) -> list[int]:
-        return self._to_list(self.encode_bytes_to_array(data))
+        return self._to_list(self._encode_view(data))
 
     def encode(self, text: str) -> list[int]:
-        return self._to_list(self.encode_to_array(text))
+        return self._to_list(self._encode_view(text.encode("utf-8")))
 
     def _encode_group(self, texts: Sequence[str | bytes]) -> tuple[np.ndarray, np.ndarray]:
         chunks = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in texts]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +33,32 @@ def test_cli_decode_bad_id():
     dec = run(["decode"], b"33155 99999\n")
     assert dec.returncode == 2
     assert b"99999" in dec.stderr and b"out of range" in dec.stderr
+
+
+@pytest.mark.slow
+def test_cli_bench_writes_json(tmp_path):
+    out = tmp_path / "tok.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenizer", "bench", "--mb", "1", "--repeats", "1", "--out", str(out)],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = json.loads(out.read_text())
+    assert result["components"]["all"]["same_ids_as_rust"]
+    assert result["reference"]["same_ids_as_ours"]
+    assert result["encode_batch_wall"]["same_ids_as_rust"]
+    assert b"x Rust" in proc.stdout
+
+
+def test_benchmark_corpus_is_real_and_large_enough():
+    from tokenizer.benchmark import assemble_corpus
+
+    comps = assemble_corpus(10_000_000)
+    sizes = {name: sum(len(d.encode("utf-8")) for d in docs) for name, docs in comps.items()}
+    assert sum(sizes.values()) >= 10_000_000
+    assert all(sizes.values()), sizes
+    sample = "".join(comps["multilingual_sample_lines"])
+    for word in ("Съешь", "天气", "날씨", "השמש", "आज", "วันนี้", "👨‍👩‍👧‍👦"):
+        assert word in sample

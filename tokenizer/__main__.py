@@ -16,14 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("encode", help="bytes on stdin -> token ids on stdout")
     sub.add_parser("decode", help="token ids on stdin -> bytes on stdout")
-    bench = sub.add_parser("bench", help="speed vs the reference and pyrwkv-tokenizer")
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (see --help there)")
-    args = parser.parse_args(argv)
-
-    if args.cmd == "bench":
+    sub.add_parser("bench", help="speed vs the reference and pyrwkv-tokenizer (`bench --help` for options)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
         from tokenizer.benchmark import main as bench_main
 
-        return bench_main(args.args)
+        return bench_main(argv[1:])
+    args = parser.parse_args(argv)
 
     from tokenizer import WorldTokenizer
 

@@ -283,7 +283,7 @@ def run(cfg: BenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tokenizer bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=BenchConfig.total_mb, help="MB of text to assemble")
     parser.add_argument("--repeats", type=int, default=BenchConfig.repeats)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result path")

@@ -141,6 +141,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address or os.environ.get("RAY_ADDRESS"):
+        token = os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(
+            os.environ.get("RAY_AUTH_TOKEN_PATH", os.path.expanduser("~/.ray/auth_token")))
+        if token and "RAY_AUTH_MODE" not in os.environ:
+            # A cluster started on a machine with a Ray token (~/.ray/auth_token) requires it, but
+            # ray.init(address=...) only sends it in explicit token mode; the mode is read into
+            # Ray's cached config, so setting the variable alone is not enough once ray is imported.
+            try:
+                from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+                _enable_token_auth()
+            except ImportError:  # Ray versions without token auth
+                pass
         ray.init(address=address or None, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=default_object_store_bytes(),

@@ -1,0 +1,230 @@
+"""The pipeline on a real Ray cluster: same bytes as in-process, a killed worker is retried,
+a SIGKILLed driver resumes, and ``ray job submit --working-dir .`` works.
+
+One cluster for the module: ``ray start --head`` on 127.0.0.1 with its own --temp-dir, so its
+processes can be found (their command lines name that folder; workers are the raylet's
+children) and stopped by process id at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from pipeline.build import build
+from pipeline.executor import LocalExecutor, init_ray
+from pipeline.manifest import load_manifest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "corpus_manifests", "sample.yaml")
+BUILD = os.path.join(REPO, "pipeline", "build.py")
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _procs() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) for every process we can see."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        out[int(d)] = (ppid, cmd)
+    return out
+
+
+def _cluster_pids(temp: str) -> set[int]:
+    """Processes of the cluster in ``temp``: those naming it, and all their descendants."""
+    procs = _procs()
+    pids = {p for p, (_, cmd) in procs.items() if temp in cmd}
+    grew = True
+    while grew:
+        kids = {p for p, (pp, _) in procs.items() if pp in pids} - pids
+        pids |= kids
+        grew = bool(kids)
+    return pids
+
+
+def _output_files(out: str) -> dict[str, bytes]:
+    files = {"index.json": open(os.path.join(out, "index.json"), "rb").read()}
+    for name in sorted(os.listdir(os.path.join(out, "shards"))):
+        files[f"shards/{name}"] = open(os.path.join(out, "shards", name), "rb").read()
+    return files
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    temp = tempfile.mkdtemp(prefix="rp", dir="/tmp")  # short: unix socket paths are limited
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    started = set()
+    try:
+        subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                        f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={dash}", "--object-store-memory=400000000", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True, timeout=180)
+        started = _cluster_pids(temp)
+        assert started, "ray start left no processes"
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp": temp, "env": env}
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        pids = _cluster_pids(temp) | started
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+            time.sleep(0.2)
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref") / "out")
+    build(load_manifest(SAMPLE), out, LocalExecutor(), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """The sample generator at 12x, with the sample manifest pointed at it: ~4,000 documents."""
+    d = tmp_path_factory.mktemp("big")
+    subprocess.run([sys.executable, os.path.join(REPO, "corpus_manifests", "sample", "make_sample.py"),
+                    "--out", str(d / "data"), "--scale", "12"], check=True, capture_output=True, timeout=300)
+    text = open(SAMPLE).read().replace("root: sample", f"root: {d / 'data'}")
+    (d / "big.yaml").write_text(text)
+    manifest = str(d / "big.yaml")
+    out = str(d / "ref")
+    build(load_manifest(manifest), out, LocalExecutor(), progress=False)
+    return manifest, out
+
+
+def test_ray_build_is_byte_identical_to_in_process(cluster, reference, tmp_path):
+    import ray
+
+    from pipeline.executor import RayExecutor
+
+    init_ray(cluster["address"])
+    try:
+        ex = RayExecutor()
+        out = str(tmp_path / "ray")
+        build(load_manifest(SAMPLE), out, ex, progress=False)
+        ex.close()
+    finally:
+        ray.shutdown()
+    assert _output_files(out) == _output_files(reference)
+
+
+def test_worker_killed_mid_task_is_retried(cluster, big, tmp_path):
+    import ray
+
+    from pipeline.executor import RayExecutor
+
+    manifest, ref = big
+    killed: list[str] = []
+    stop = threading.Event()
+    raylets = [p for p, (_, cmd) in _procs().items() if cluster["temp"] in cmd and "raylet" in cmd.split()[0]]
+
+    def killer():
+        targets = ("ray::ingest_task", "ray::TokenizeWorker.tokenize")
+        while not stop.is_set() and len(killed) < 2:
+            for pid, (ppid, cmd) in _procs().items():
+                if ppid in raylets and cmd.startswith(targets) and not any(cmd.split()[0] in k for k in killed):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(f"{cmd.split()[0]} pid {pid}")
+                    except ProcessLookupError:
+                        pass
+                    break
+            time.sleep(0.01)
+
+    init_ray(cluster["address"])
+    t = threading.Thread(target=killer, daemon=True)
+    try:
+        ex = RayExecutor()
+        out = str(tmp_path / "killed")
+        t.start()
+        build(load_manifest(manifest), out, ex, progress=False)
+        ex.close()
+    finally:
+        stop.set()
+        t.join()
+        ray.shutdown()
+    assert killed, "no running task was caught to kill"
+    assert _output_files(out) == _output_files(ref), killed
+
+
+def test_driver_sigkill_with_ray_then_rerun_is_identical(cluster, reference, tmp_path):
+    cmd = [sys.executable, BUILD, "--manifest", SAMPLE, "--address", cluster["address"], "--no-progress"]
+    out = str(tmp_path / "out")
+    env = cluster["env"]
+    states = []
+    for delay in (4.0, 7.0):
+        p = subprocess.Popen(cmd + ["--out", out], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        states.append((p.returncode, os.path.exists(os.path.join(out, "index.json"))))
+    r = subprocess.run(cmd + ["--out", out], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert any(rc == -signal.SIGKILL and not done for rc, done in states), states
+    assert _output_files(out) == _output_files(reference)
+
+
+def test_ray_job_submit_working_dir(cluster, reference, tmp_path):
+    import json
+
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    big = [f"{f} ({os.path.getsize(os.path.join(REPO, f)) >> 20} MB)" for f in listed
+           if os.path.isfile(os.path.join(REPO, f)) and os.path.getsize(os.path.join(REPO, f)) > 20 * 2**20]
+    assert not big, f"--working-dir . would upload these; add them to .gitignore/.rayignore: {big}"
+    needed = [f for f in ("tokenizer/data/rwkv_vocab_v20230424.txt", "corpus_manifests/sample.yaml")
+              if subprocess.run(["git", "check-ignore", "-q", f], cwd=REPO).returncode == 0]
+    assert not needed, f"--working-dir . would leave out {needed}: they match a .gitignore/.rayignore pattern"
+    out = str(tmp_path / "job_out")
+    r = subprocess.run([RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".", "--",
+                        "python", "pipeline/build.py", "--manifest", "corpus_manifests/sample.yaml", "--out", out,
+                        "--no-progress"], cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=420)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "succeeded" in r.stdout
+    assert "TOTAL" in r.stdout  # the final table came back through the job's logs
+    got, ref = _output_files(out), _output_files(reference)
+    assert {k: v for k, v in got.items() if k.startswith("shards/")} == \
+        {k: v for k, v in ref.items() if k.startswith("shards/")}
+    gi, ri = json.loads(got["index.json"]), json.loads(ref["index.json"])
+    assert gi["components"] == ri["components"] and gi["shards"] == ri["shards"]
+    assert gi["manifest"]["path"] == "corpus_manifests/sample.yaml"

@@ -140,6 +140,8 @@ def test_empty(tok):
     assert tok.decode([]) == ""
     assert tok.decode_bytes([]) == b""
     assert tok.encode_batch([]) == []
+    ids, offsets = tok.encode_batch_flat([])
+    assert ids.shape == (0,) and offsets.tolist() == [0]
     assert tok.encode_batch(["", "a", ""]) == [[], [98], []]
 
 
@@ -226,6 +228,9 @@ def test_encode_batch_matches_encode(tok):
         assert tok.encode_batch(texts, num_workers=workers) == expected
         got = tok.encode_batch_to_arrays(texts, num_workers=workers)
         assert [a.tolist() for a in got] == expected
+        ids, offsets = tok.encode_batch_flat(texts, num_workers=workers)
+        assert ids.dtype == np.uint16 and offsets.dtype == np.int64 and offsets.shape == (len(texts) + 1,)
+        assert [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == expected
     small_groups = WorldTokenizer(TokenizerConfig(min_batch_bytes_per_worker=1))
     assert small_groups.encode_batch(texts[:7], num_workers=4) == expected[:7]
     raw = [t.encode("utf-8") for t in texts[:10]]

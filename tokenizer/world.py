@@ -8,6 +8,12 @@ so ids fit in uint16.
 `encode_batch` spreads documents over threads: the compiled encoder releases the GIL, so
 threads run it in parallel while the UTF-8 encoding and list building stay in Python.
 With `num_workers=1` (e.g. inside a Ray actor, which owns one core) it runs in the caller.
+`encode_batch_flat` returns one id array plus document offsets: the layout of an Arrow
+list column, so a shard writer needs no per-document Python objects.
+
+`decode` replaces invalid UTF-8 byte by byte (errors="replace"); the reference instead
+returns a single U+FFFD for the whole text when any byte is invalid. On valid UTF-8 the two
+agree (tested).
 """
 
 from __future__ import annotations
@@ -131,6 +137,20 @@ class WorldTokenizer:
         for ids, offs in self._map_groups(texts, num_workers):
             out.extend(np.split(ids, offs[1:-1]))
         return out
+
+    def encode_batch_flat(
+        self, texts: Sequence[str | bytes], num_workers: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [n_tokens] uint16, offsets [n_docs + 1] int64): document d is ids[offsets[d]:offsets[d+1]]."""
+        parts = self._map_groups(texts, num_workers)
+        if not parts:
+            return np.zeros(0, np.uint16), np.zeros(1, np.int64)
+        ids = np.concatenate([p[0] for p in parts])
+        shifts = np.cumsum([0] + [int(p[1][-1]) for p in parts[:-1]])
+        offsets = np.concatenate([[0]] + [p[1][1:] + shift for p, shift in zip(parts, shifts)]).astype(
+            np.int64
+        )
+        return ids, offsets
 
     def encode_batch(self, texts: Sequence[str | bytes], num_workers: int | None = None) -> list[list[int]]:
         """Token ids of each document (str, or bytes taken as they are); groups run on threads."""

@@ -7,6 +7,7 @@ footers, whitespace changes, heavy edits), written as JSONL, and for each tool:
     (our CLI and datatrove as subprocesses, interpreter start-up and Ray start-up included);
   - quality against exact Jaccard of char-5-gram sets: recall of planted pairs with Jaccard >= 0.9
     and the rate of removals whose Jaccard to the named document is < 0.5.
+`speedup` in the JSON is each row's seconds divided by our in-process CLI's seconds.
 datatrove runs in its own venv (`--datatrove-python`), by re-invoking this file with
 `--datatrove-worker`, so the project's venv is not touched.
 

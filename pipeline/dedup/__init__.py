@@ -72,8 +72,8 @@ class NearDedup:
         Blocks may also be Ray ObjectRefs of such tuples (Ray mode). Keys must be unique across
         blocks. Returns (removed_keys, duplicate_of_keys), int64 [m], sorted by removed key.
         """
-        blocks = list(blocks)
-        refs = [b for b in blocks if not isinstance(b, tuple)]
+        blocks = [tuple(b) if isinstance(b, list) else b for b in blocks]
+        refs = [b for b in blocks if not isinstance(b, tuple)]  # ray.ObjectRef
         n = sum(len(b[0]) for b in blocks if isinstance(b, tuple))
         if refs or self.use_ray(n):
             from .ray_exec import duplicates_ray

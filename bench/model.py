@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -151,58 +152,58 @@ def bench_train_one(results: dict, write, preset: str, batch: int, variant: str,
 
 
 def bench_generate(results: dict, write, device: str, n_tokens: int, tmpdir: Path):
-    """Greedy decoding of n_tokens, ours vs the rwkv package, on the same random 0.1B checkpoint."""
+    """Greedy decoding of n_tokens, ours vs the rwkv package, on the same random 0.1B checkpoint.
+    The two decoders take turns token by token, so both see the same load on a shared machine."""
     torch.manual_seed(0)
     model = RWKV7(PRESETS["0.1b"])
     perturb_(model, 0.02)
     path = tmpdir / "gen_0.1b.pth"
     model.save_official(path, dtype=torch.bfloat16)
+    del model
     from trainer.models import load_official
 
-    dtypes = {"cpu": [("fp32", torch.float32)], "cuda": [("fp32", torch.float32), ("bf16", torch.bfloat16)]}[device]
-    prompt = list(range(1, 17))
-    for name, dt in dtypes:
-        m = load_official(path, dtype=dt, device=device).eval()
-        ts = []
-        for _tok, _ in stream(m, prompt, n_tokens, temperature=0.0, stop_token=None):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter())
-        half = len(ts) // 2
-        row = {"kind": "generate", "impl": "ours", "device": device, "dtype": name, "tokens": n_tokens,
-               "tokens_per_s_first_half": (half - 1) / (ts[half - 1] - ts[0]),
-               "tokens_per_s_second_half": (len(ts) - half) / (ts[-1] - ts[half - 1])}
-        results["rows"].append(row)
-        write()
-        print(json.dumps(row), flush=True)
-        del m
     os.environ["RWKV_V7_ON"] = "1"
     os.environ.setdefault("RWKV_JIT_ON", "1")
     os.environ["RWKV_CUDA_ON"] = "0"
-    try:
-        from rwkv.model import RWKV
+    from rwkv.model import RWKV
 
-        strategies = {"cpu": [("fp32", "cpu fp32")], "cuda": [("fp32", "cuda fp32"), ("bf16", "cuda bf16")]}[device]
-        for name, strategy in strategies:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    dtypes = {"cpu": [("fp32", torch.float32, "cpu fp32")],
+              "cuda": [("fp32", torch.float32, "cuda fp32"), ("bf16", torch.bfloat16, "cuda bf16")]}[device]
+    prompt = list(range(1, 17))
+    for name, dt, strategy in dtypes:
+        try:
+            ours = stream(load_official(path, dtype=dt, device=device).eval(), prompt, n_tokens + 1,
+                          temperature=0.0, stop_token=None)
             ref = RWKV(model=str(path)[:-4], strategy=strategy)
-            logits, state = ref.forward(prompt, None)
-            ts = []
+            ref_logits, ref_state = ref.forward(prompt, None)
+            ours_toks, ref_toks = [next(ours)[0]], []  # ours: the prompt pass and the first token
+            sync()
+            t_ours, t_ref = [], []
             for _ in range(n_tokens):
-                tok = int(torch.argmax(logits))
-                logits, state = ref.forward([tok], state)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                ts.append(time.perf_counter())
-            half = len(ts) // 2
-            row = {"kind": "generate", "impl": "rwkv-pip", "device": device, "dtype": name, "tokens": n_tokens,
-                   "tokens_per_s_first_half": (half - 1) / (ts[half - 1] - ts[0]),
-                   "tokens_per_s_second_half": (len(ts) - half) / (ts[-1] - ts[half - 1])}
-            results["rows"].append(row)
+                t0 = time.perf_counter()
+                ours_toks.append(next(ours)[0])
+                sync()
+                t1 = time.perf_counter()
+                ref_toks.append(int(torch.argmax(ref_logits)))
+                ref_logits, ref_state = ref.forward([ref_toks[-1]], ref_state)
+                sync()
+                t2 = time.perf_counter()
+                t_ours.append(t1 - t0)
+                t_ref.append(t2 - t1)
+            agree = sum(a == b for a, b in zip(ours_toks, ref_toks))
+            half = n_tokens // 2
+            for impl, ts in (("ours", t_ours), ("rwkv-pip", t_ref)):
+                row = {"kind": "generate", "impl": impl, "device": device, "dtype": name, "tokens": n_tokens,
+                       "tokens_per_s_first_half": half / sum(ts[:half]),
+                       "tokens_per_s_second_half": (n_tokens - half) / sum(ts[half:]),
+                       "greedy_tokens_equal": agree}
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
             write()
-            print(json.dumps(row), flush=True)
-    except Exception as e:  # noqa: BLE001
-        results["rows"].append({"kind": "generate", "impl": "rwkv-pip", "device": device, "error": str(e)[:500]})
-        traceback.print_exc()
+        except Exception as e:  # noqa: BLE001
+            results["rows"].append({"kind": "generate", "device": device, "dtype": name, "error": str(e)[:500]})
+            traceback.print_exc()
 
 
 def table(rows: list[dict]) -> str:
@@ -221,10 +222,11 @@ def table(rows: list[dict]) -> str:
                        f"{r['step_s']:>7.3f} {r['peak_mem_gb']:>8.1f} {ratio:>7}")
     gen = [r for r in rows if r["kind"] == "generate" and "error" not in r]
     if gen:
-        out.append(f"{'generate':9} {'device':6} {'dtype':5} {'tok/s (1st half)':>17} {'tok/s (2nd half)':>17}")
+        out.append(f"{'generate':9} {'device':6} {'dtype':5} {'tok/s (1st half)':>17} {'tok/s (2nd half)':>17} "
+                   f"{'same greedy tokens':>18}")
         for r in gen:
             out.append(f"{r['impl']:9} {r['device']:6} {r['dtype']:5} {r['tokens_per_s_first_half']:>17.1f} "
-                       f"{r['tokens_per_s_second_half']:>17.1f}")
+                       f"{r['tokens_per_s_second_half']:>17.1f} {r['greedy_tokens_equal']:>12}/{r['tokens']}")
     return "\n".join(out)
 
 
@@ -265,7 +267,8 @@ def main() -> int:
             results.setdefault("skipped", []).append(item)
             continue
         if item == "gen":
-            bench_generate(results, write, a.device, a.gen_tokens, out.parent)
+            with tempfile.TemporaryDirectory() as tmp:
+                bench_generate(results, write, a.device, a.gen_tokens, Path(tmp))
         elif a.device == "cuda":
             preset, batch, impl = item.split(":")
             bench_train_one(results, write, preset, int(batch), impl, a.ctx, a.warmup, a.steps)

@@ -239,6 +239,16 @@ def test_encode_batch_matches_encode(tok):
         tok.encode_batch("not a list")
 
 
+def test_pickle_ships_config_only(tok):
+    import pickle
+
+    blob = pickle.dumps(tok)
+    assert len(blob) < 2000
+    again = pickle.loads(blob)
+    assert again.vocab_sha256 == tok.vocab_sha256
+    assert again.encode("\n\nUser: 你好") == [261, 24281, 59, 33, 10464, 11685]
+
+
 def test_vocab_missing(tmp_path):
     with pytest.raises(VocabError, match="not found"):
         WorldTokenizer(TokenizerConfig(vocab_path=str(tmp_path / "nope.txt")))

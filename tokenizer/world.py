@@ -71,6 +71,11 @@ class WorldTokenizer:
         self._ids = np.array(range(len(self._tokens)), dtype=object)  # [n_entries + 1] shared int objects
         self.encode(" ")  # loads the compiled loop now rather than at the first encode
 
+    def __reduce__(self):
+        # Ray and multiprocessing ship the config, not ~2 MB of tables; the receiver reloads them
+        # from the vocab file and the disk cache.
+        return (type(self), (self.config,))
+
     def __repr__(self) -> str:
         return f"WorldTokenizer(vocab={self.vocab_path.name}, sha256={self.vocab_sha256[:12]}...)"
 

@@ -160,6 +160,18 @@ def test_bf16_autocast_forward_backward():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+def test_bf16_weights_forward_and_one_step():
+    """A bf16 model without autocast (generation with --dtype bf16): sequence and T = 1 paths run."""
+    m = _tiny(torch.float32, seed=2)
+    idx = torch.randint(0, 50, (1, 12))
+    ref, _ = m(idx)
+    mb = _tiny(torch.float32, seed=2).to(torch.bfloat16)
+    a, s = mb(idx[:, :11])
+    b, _ = mb(idx[:, 11:], s)
+    out = torch.cat([a, b], 1).float()
+    assert out.dtype == torch.float32 and ((out - ref).norm() / ref.norm()).item() < 5e-2
+
+
 def test_bad_checkpoints_one_clear_error(tmp_path):
     m = RWKV7(RWKV7Config(n_layer=2, n_embd=64, vocab_size=40, head_size=32), init=False)
     sd = {k: torch.zeros(v.shape) for k, v in m.state_dict().items()}

@@ -103,7 +103,7 @@ def _wkv(r, w, k, v, a, b, state):
     state = r.new_zeros(B, H, N, N, dtype=s_dtype) if state is None else state.to(s_dtype)
     if T == 1:
         y, s = _wkv_one_step(r[:, 0], w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], state)
-        return y.unsqueeze(1), s
+        return y.unsqueeze(1).to(r.dtype), s  # y in r's dtype, as from the kernels
     return wkv7(r, w, k, v, a, b, initial_state=state, output_final_state=True)
 
 

@@ -71,6 +71,7 @@ def ours_train(preset: str, batch: int, ctx: int, compiled: bool, device: str = 
         model = RWKV7(cfg)
     perturb_(model)
     if compiled:
+        torch._dynamo.reset()  # fresh static-shape graphs for this size
         for blk in model.blocks:
             blk.compile()
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-5, betas=(0.9, 0.99), eps=1e-18, fused=True)
@@ -233,8 +234,8 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--plan", default="0.1b:8:fla,0.1b:8:ours-eager,1.5b:4:fla,1.5b:4:ours-eager,gen,"
-                   "0.1b:8:ours-compile,1.5b:4:ours-compile",
+    p.add_argument("--plan", default="0.1b:8:fla,0.1b:8:ours-compile,gen,1.5b:4:fla,1.5b:4:ours-compile,"
+                   "0.1b:8:ours-eager,1.5b:4:ours-eager",
                    help="comma list in priority order: preset:batch:impl (impl: fla, ours-eager, ours-compile) or gen")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new item after this many seconds")
     p.add_argument("--ctx", type=int, default=4096)

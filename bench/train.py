@@ -28,13 +28,14 @@ from trainer.infctx import InfctxLM  # noqa: E402
 from trainer.models.rwkv7 import PRESETS, RWKV7  # noqa: E402
 
 PEAK_BF16 = 790e12
-BATCH = {"0.1b": 8, "0.4b": 8, "1.5b": 4}
+BATCH = {"debug": 2, "0.1b": 8, "0.4b": 8, "1.5b": 4}
+ACCEL = "cuda"  # --accelerator cpu: a smoke run of this script on a machine without a GPU
 
 
 def setup(preset: str, ctx_len: int, recompute: bool = True):
     import lightning as L
 
-    fabric = L.Fabric(accelerator="cuda", devices=1, precision="bf16-mixed")
+    fabric = L.Fabric(accelerator=ACCEL, devices=1, precision="bf16-mixed" if ACCEL == "cuda" else "32-true")
     fabric.seed_everything(0)
     with fabric.init_module():
         lm = RWKV7(PRESETS[preset])
@@ -54,7 +55,7 @@ def batches(B, D, n, device, seed=0):
 
 def family(name: str) -> str:
     n = name.lower()
-    for key, fam in (("wkv", "wkv7 (triton)"), ("chunk", "wkv7 (triton)"), ("gemm", "matmul"), ("sm90", "matmul"),
+    for key, fam in (("aten::mm", "matmul"), ("aten::bmm", "matmul"), ("addmm", "matmul"), ("wkv", "wkv7 (triton)"), ("chunk", "wkv7 (triton)"), ("gemm", "matmul"), ("sm90", "matmul"),
                      ("cutlass", "matmul"), ("nvjet", "matmul"), ("xmma", "matmul"), ("softmax", "cross-entropy"),
                      ("nll", "cross-entropy"), ("adam", "optimizer"), ("layer_norm", "layernorm/groupnorm"),
                      ("group_norm", "layernorm/groupnorm"), ("norm", "layernorm/groupnorm"),
@@ -81,16 +82,18 @@ def throughput(preset: str, ctx: int, steps: int) -> dict:
     dt = (time.perf_counter() - t) / steps
     tok_s = B * ctx / dt
     peak = torch.cuda.max_memory_allocated()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    act = torch.profiler.ProfilerActivity.CUDA if ACCEL == "cuda" else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[act]) as prof:
         train_step(fabric, model, opt, [data[0]], 1e-4, 1, 1.0)
         torch.cuda.synchronize()
     fam: dict[str, float] = {}
     for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        us = e.device_time_total if ACCEL == "cuda" else e.self_cpu_time_total
         if us:
             fam[family(e.key)] = fam.get(family(e.key), 0.0) + us
     total = sum(fam.values()) or 1.0
-    top = sorted(((e.key, getattr(e, "device_time_total", 0.0)) for e in prof.key_averages()),
+    top = sorted(((e.key, e.device_time_total if ACCEL == "cuda" else e.self_cpu_time_total)
+                  for e in prof.key_averages()),
                  key=lambda x: -x[1])[:12]
     res = {"preset": preset, "params": n_params, "non_embedding_params": non_emb, "batch": B, "ctx": ctx,
            "step_ms": round(dt * 1e3, 1), "tokens_per_s": round(tok_s), "mfu": round(6 * non_emb * tok_s / PEAK_BF16, 4),
@@ -130,7 +133,16 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--accelerator", default="cuda")
     args = ap.parse_args()
+    global ACCEL
+    ACCEL = args.accelerator
+    if ACCEL != "cuda":
+        torch.cuda.synchronize = lambda: None
+        torch.cuda.reset_peak_memory_stats = lambda: None
+        torch.cuda.max_memory_allocated = lambda: 0
+        torch.cuda.empty_cache = lambda: None
+        torch.cuda.get_device_name = lambda: "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
     try:

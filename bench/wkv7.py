@@ -106,7 +106,7 @@ def copy_bandwidth():
 
 def cfg_tag(cfg):
     return (f"ours_C{cfg.chunk_size}_BV{cfg.block_v}_W{cfg.num_warps}_Wb{cfg.num_warps_bwd}_{cfg.precision}"
-            f"_{cfg.split}")
+            f"_{cfg.precision_bwd}_{cfg.split}")
 
 
 def ours_fwd(x):
@@ -142,8 +142,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--rwkvlm", default=".whl-kernels/rwkvlm")
     ap.add_argument("--shapes", default="all")
-    ap.add_argument("--configs", default="16-0-4-4-tf32-auto,16-0-4-4-tf32-split,32-0-4-4-tf32-split")
-    ap.add_argument("--precision", default="tf32")
+    ap.add_argument("--configs", default="16-0-4-4-tf32r-tf32-fused",
+                    help="comma-separated C-BV-warps-warpsbwd-precision-precisionbwd-split (see WKV7KernelConfig)")
     ap.add_argument("--acc-shapes", type=int, default=2, help="how many accuracy shapes to check (<= 2)")
     ap.add_argument("--peers", default="fla,official_v1,official_v3")
     ap.add_argument("--build-only", choices=["v1", "v3"], help="build one official extension and exit")
@@ -184,8 +184,7 @@ def main():
     for c in args.configs.split(","):
         f = c.split("-")
         configs.append(replace(ours.CONFIG, chunk_size=int(f[0]), block_v=int(f[1]), num_warps=int(f[2]),
-                               num_warps_bwd=int(f[3]), precision=f[4] if len(f) > 4 else args.precision,
-                               split=f[5] if len(f) > 5 else "auto"))
+                               num_warps_bwd=int(f[3]), precision=f[4], precision_bwd=f[5], split=f[6]))
 
     peers = {}
     want = set(args.peers.split(",")) if args.peers else set()

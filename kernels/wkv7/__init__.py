@@ -5,7 +5,7 @@ Implementations (all: r, w, k, v, a, b [B, T, H, N]; state [B, H, N, N] fp32; ->
 - `naive_wkv7` (naive.py): the plain loop, the reference.
 - `chunk_wkv7_torch` (chunk_torch.py): chunked, vectorised PyTorch; any dtype incl. float64; CPU path.
 - `chunk_wkv7` (chunk.py + triton_kernels.py): chunked Triton forward and backward, the training path.
-- `recurrent_wkv7` (chunk.py): step-by-step Triton forward, for decoding.
+- `recurrent_wkv7` (chunk.py): step-by-step Triton forward, for decoding (backward: the chunked one).
 - `wkv7`: picks one by device, dtype and length.
 The Triton modules are imported on first use, so importing this package does not import triton.
 """
@@ -32,15 +32,11 @@ def recurrent_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=Fals
 def wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
     """r, w, k, v, a, b: [B, T, H, N]; initial/final state [B, H, N, N] fp32 ([value][key] layout).
 
-    CUDA and not float64: Triton (step-by-step for a few tokens without autograd, else chunked).
+    CUDA and not float64: the chunked Triton kernels (measured on the H200; any T, T = 1 included).
     Otherwise (CPU, float64): the chunked PyTorch implementation, differentiable by autograd.
+    (`recurrent_wkv7` is not picked: it has been checked in the Triton interpreter only, not on a GPU.)
     """
     if r.is_cuda and r.dtype != torch.float64:
-        T = r.shape[1]
-        grad = torch.is_grad_enabled() and any(
-            x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))
-        if T <= 8 and not grad:
-            return recurrent_wkv7(r, w, k, v, a, b, initial_state, output_final_state)
         return chunk_wkv7(r, w, k, v, a, b, initial_state, output_final_state)
     return chunk_wkv7_torch(r, w, k, v, a, b, initial_state, output_final_state, chunk_size=32)
 

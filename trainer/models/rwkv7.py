@@ -157,7 +157,7 @@ class TimeMix(nn.Module):
         dt = _act_dtype(x)  # bf16 under autocast (as RWKV-LM's bf16 training), else the model's dtype
         x = x.to(dt)
         xx = _shift(x, shift) - x
-        mix = [x + xx * m.to(dt) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)]
+        mix = [torch.addcmul(x, xx, m.to(dt)) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)]
         xr, xw, xk, xv, xa, xg = mix
 
         r = self.receptance(xr)  # [B, T, C]
@@ -197,7 +197,7 @@ class ChannelMix(nn.Module):
         """x [B, T, C] (ln2 output), shift [B, C] or None -> (out [B, T, C], new shift [B, C])."""
         last = x[:, -1]
         x = x.to(_act_dtype(x))
-        k = x + (_shift(x, shift) - x) * self.x_k.to(x.dtype)
+        k = torch.addcmul(x, _shift(x, shift) - x, self.x_k.to(x.dtype))
         return self.value(torch.relu(self.key(k)) ** 2), last
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer.generate import stream  # noqa: E402
 from trainer.models import PRESETS, RWKV7  # noqa: E402
-from trainer.models.rwkv7 import l2wrap  # noqa: E402
+from trainer.models.rwkv7 import apply_compile, l2wrap  # noqa: E402
 
 PEAK_FLOPS = 790e12  # measured bf16 matmul rate of one H200 here (BENCHMARKS.md)
 
@@ -72,8 +72,7 @@ def ours_train(preset: str, batch: int, ctx: int, compiled: bool, device: str = 
     perturb_(model)
     if compiled:
         torch._dynamo.reset()  # fresh static-shape graphs for this size
-        for blk in model.blocks:
-            blk.compile()
+        apply_compile(model)
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-5, betas=(0.9, 0.99), eps=1e-18, fused=True)
     V = cfg.vocab_size
 

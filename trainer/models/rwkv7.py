@@ -343,6 +343,14 @@ class RWKV7(nn.Module):
         save_state_dict(sd, path)
 
 
+def apply_compile(model: RWKV7, **compile_kwargs) -> RWKV7:
+    """torch.compile each block in place (as torchtitan's apply_compile): all blocks share a few graphs
+    (block 0 differs by ln0 and v_first), and the WKV kernel runs between them, outside the graphs."""
+    for blk in model.blocks:
+        blk.compile(**compile_kwargs)
+    return model
+
+
 class L2Wrap(torch.autograd.Function):
     """RWKV-LM's L2Wrap: returns `loss` unchanged; in backward adds 1e-4 / (positions) x max logit at
     each position's argmax to the logits' gradient, keeping logits from drifting. Uses the corrected

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import sysconfig
@@ -144,16 +143,21 @@ def _wall_best(fn, repeats: int) -> float:
     return best
 
 
-def _load_seconds(code: str) -> dict[str, float]:
-    """Wall and CPU seconds to import and build a tokenizer in a fresh interpreter (imports included)."""
-    prog = f"import time; t = time.perf_counter(); {code}; print(time.perf_counter() - t)"
+def _load_seconds(imports: str, build: str) -> dict[str, float]:
+    """Seconds to load a tokenizer in a fresh interpreter: imports + build (wall, CPU) and build alone."""
+    prog = (
+        "import time; w0 = time.perf_counter(); c0 = time.process_time()\n"
+        f"{imports}\n"
+        "w1 = time.perf_counter(); c1 = time.process_time()\n"
+        f"{build}\n"
+        "w2 = time.perf_counter(); c2 = time.process_time()\n"
+        "print(w2 - w0, c2 - c0, w2 - w1, c2 - c1)"
+    )
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, check=True, env=env)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return {"wall": round(float(out.stdout.strip().splitlines()[-1]), 3), "cpu_process_total": round(cpu, 3)}
+    vals = [round(float(v), 3) for v in out.stdout.strip().splitlines()[-1].split()]
+    return dict(zip(("imports_and_build_wall", "imports_and_build_cpu", "build_wall", "build_cpu"), vals))
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -278,11 +282,11 @@ def run(cfg: BenchConfig) -> dict:
     )
 
     result["load_seconds"] = {
-        "ours": _load_seconds("from tokenizer import WorldTokenizer; WorldTokenizer()"),
+        "ours": _load_seconds("from tokenizer import WorldTokenizer", "WorldTokenizer()"),
         "reference": _load_seconds(
-            f"from rwkv.rwkv_tokenizer import TRIE_TOKENIZER; TRIE_TOKENIZER({str(VOCAB_PATH)!r})"
+            "from rwkv.rwkv_tokenizer import TRIE_TOKENIZER", f"TRIE_TOKENIZER({str(VOCAB_PATH)!r})"
         ),
-        "rust": _load_seconds("from pyrwkv_tokenizer import RWKVTokenizer; RWKVTokenizer()"),
+        "rust": _load_seconds("from pyrwkv_tokenizer import RWKVTokenizer", "RWKVTokenizer()"),
     }
     print("load seconds (fresh interpreter, imports included):", result["load_seconds"])
     result["load_average_1min_at_end"] = os.getloadavg()[0]

@@ -16,6 +16,8 @@ from . import triton_kernels as K
 
 @dataclass
 class WKV7KernelConfig:
+    """Tuning of the Triton path; the module-level CONFIG is used. Defaults: the best measured on an H200."""
+
     chunk_size: int = 16
     """Steps per chunk (power of two, 16..64): larger means fewer sequential steps but bigger [C, C] work."""
     block_v: int = 0

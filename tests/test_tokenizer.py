@@ -204,6 +204,15 @@ def test_property_decode_never_raises(tok, ref, ids):
             assert ref.decode(nonzero) == text
 
 
+def test_bad_inputs_raise_like_the_reference(tok, ref):
+    with pytest.raises(UnicodeEncodeError):
+        ref.encode("a\ud800b")
+    with pytest.raises(UnicodeEncodeError):
+        tok.encode("a\ud800b")
+    with pytest.raises(TypeError, match="encode_bytes"):
+        tok.encode(b"bytes")
+
+
 def test_decode_special_ids(tok):
     assert tok.decode([0]) == ""
     assert tok.decode([0, 33155, 0, 40213, 0]) == "Hello world"

@@ -112,6 +112,9 @@ class WorldTokenizer:
         return self._to_list(self._encode_view(data))
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of the UTF-8 bytes of `text` (lone surrogates raise UnicodeEncodeError, as in the reference)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}; use encode_bytes for bytes")
         return self._to_list(self._encode_view(text.encode("utf-8")))
 
     def _encode_group(self, texts: Sequence[str | bytes]) -> tuple[np.ndarray, np.ndarray]:

@@ -186,10 +186,13 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
 
         executor = LocalExecutor()
     timings: dict[str, float] = {}
-    unit_secs: Counter = Counter()
+    unit_secs: Counter = Counter()  # wall seconds inside the stage's tasks, summed
+    unit_cpu: Counter = Counter()  # CPU seconds of the same
 
     # 1. read → filter → hash (+ MinHash signatures), one job per input file
     t0 = time.perf_counter()
+    pending_tok = [u for u in units if not os.path.exists(os.path.join(work, "tok", u.name + ".json"))]
+    executor.prepare(len(pending_tok))
     metas: list[dict | None] = [None] * len(units)
     jobs = [(u, comps[u.ci], work, nd if nd.enabled else None) for u in units]
     chars = docs = 0
@@ -203,6 +206,8 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
             bar.update(1)
             for k, v in m["seconds"].items():
                 unit_secs[k] += v
+            for k, v in m.get("cpu_seconds", {}).items():
+                unit_cpu[k] += v
     timings["ingest_wall"] = time.perf_counter() - t0
     ingest_paths = [os.path.join(work, "ingest", u.name + ".arrow") for u in units]
 
@@ -266,6 +271,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
             bar.set_postfix_str(f"{ntok / el:,.0f} tok/s {chars / el / 1e6:.1f} MB/s", refresh=False)
             bar.update(1)
             unit_secs["tokenize"] += m["seconds"]
+            unit_cpu["tokenize"] += m.get("cpu_seconds", 0.0)
     timings["tokenize_wall"] = time.perf_counter() - t0
 
     # 4. shards: contiguous runs of documents in key (= manifest) order
@@ -277,6 +283,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
             shard_metas[i] = m
             bar.update(1)
             unit_secs["write"] += m["seconds"]
+            unit_cpu["write"] += m.get("cpu_seconds", 0.0)
     timings["write_wall"] = time.perf_counter() - t0
     for name in os.listdir(os.path.join(out, "shards")):  # shards of an older, larger plan
         if name.endswith(".arrow") and int(name.split(".")[0]) >= len(plan):
@@ -308,7 +315,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
               "components": {n: c["stages"] for n, c in components.items()},
               "totals": index["totals"], "input_bytes": input_bytes, "text_chars_read": chars_in,
               "seconds": {"total": total, **timings},
-              "stage_cpu_seconds": dict(unit_secs),
+              "stage_task_seconds": dict(unit_secs), "stage_cpu_seconds": dict(unit_cpu),
               "throughput": {"input_MB_per_s": input_bytes / total / 1e6,
                              "docs_per_s": sum(m["read"]["in"] for m in metas) / total},
               "near_dedup": {"enabled": nd.enabled, "threshold": nd.threshold, **nd.params} if nd.enabled else False,

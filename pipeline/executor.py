@@ -23,6 +23,9 @@ class LocalExecutor:
     def __init__(self):
         self._tok = None
 
+    def prepare(self, n_units: int) -> None:
+        pass
+
     def ingest(self, jobs: list[tuple]) -> Iterator[tuple[int, dict]]:
         for i, job in enumerate(jobs):
             yield i, stages.ingest_unit(*job)
@@ -54,7 +57,9 @@ def _ray_remote_defs():
     def shard_task(index, pieces, out_dir):
         return stages.write_shard(index, pieces, out_dir)
 
-    @ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=4)
+    # num_cpus=0: the actors are started during ingest (their start-up and tokenizer load overlap
+    # it) and only work after ingest is done; SPREAD puts them on different nodes of a cluster.
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=4, scheduling_strategy="SPREAD")
     class TokenizeWorker:
         def __init__(self):
             from tokenizer import WorldTokenizer
@@ -99,10 +104,13 @@ class RayExecutor:
     def shards(self, jobs: list[tuple]) -> Iterator[tuple[int, dict]]:
         yield from self._run(lambda i, job: self._shard.remote(*job), jobs)
 
-    def tokenize(self, jobs: list[tuple]) -> Iterator[tuple[int, dict]]:
-        n = min(len(jobs), self.cpus)
-        while len(self._actors) < n:
+    def prepare(self, n_units: int) -> None:
+        """Start the tokenizer actors now, so they are warm when tokenization begins."""
+        while len(self._actors) < min(n_units, self.cpus):
             self._actors.append(self._Worker.remote())
+
+    def tokenize(self, jobs: list[tuple]) -> Iterator[tuple[int, dict]]:
+        self.prepare(len(jobs))
         busy: dict = {}  # ref -> (job index, actor)
         free = list(self._actors)
         nxt = 0
@@ -116,7 +124,7 @@ class RayExecutor:
                 i, actor = busy.pop(ref)
                 free.append(actor)
                 yield i, self.ray.get(ref)
-        self.close()  # actors hold a CPU each: release them for the next stage
+        self.close()
 
     def close(self) -> None:
         for a in self._actors:

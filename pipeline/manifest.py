@@ -282,6 +282,8 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
 
 
 def _check_near_params(params: dict, mpath: str, d: _LineDict) -> None:
+    if not params:
+        return
     try:
         from pipeline.dedup import MinHashConfig
     except ImportError:

@@ -28,6 +28,8 @@ class Row:
     reason: str | None = None
     raw: bytes | str | None = None
     """For dropped rows: the start of the offending input, for the quarantine file."""
+    data: bytes | None = None
+    """For documents: the text as UTF-8 (already made to validate it; reused for hashing)."""
 
 
 @dataclass(frozen=True)
@@ -103,13 +105,13 @@ def _doc_row(line: int, text, doc_id, max_bytes: int, raw) -> Row:
         return Row(line, None, None, "missing_text", raw)
     if not text.strip():
         return Row(line, None, None, "empty", raw)
-    if len(text) > max_bytes // 4 and len(text.encode("utf-8", "surrogatepass")) > max_bytes:
-        return Row(line, None, None, "oversized", raw)
     try:
-        text.encode("utf-8")
+        data = text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates from "\ud800" escapes cannot be tokenized
         return Row(line, None, None, "not_utf8", raw)
-    return Row(line, text, None if doc_id is None else str(doc_id))
+    if len(data) > max_bytes:
+        return Row(line, None, None, "oversized", raw)
+    return Row(line, text, None if doc_id is None else str(doc_id), data=data)
 
 
 def read_jsonl(path: str, fmt: str, text_field: str, id_field: str | None,

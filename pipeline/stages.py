@@ -84,6 +84,22 @@ def read_arrow(path: str) -> pa.Table:
     return pa.ipc.open_stream(pa.memory_map(path)).read_all()
 
 
+class Clock:
+    """Wall and CPU seconds per stage, accumulated lap by lap (``lap(None)`` only restarts)."""
+
+    def __init__(self):
+        self.wall: Counter = Counter()
+        self.cpu: Counter = Counter()
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def lap(self, stage: str | None) -> None:
+        t, c = time.perf_counter(), time.process_time()
+        if stage is not None:
+            self.wall[stage] += t - self._t
+            self.cpu[stage] += c - self._c
+        self._t, self._c = t, c
+
+
 @dataclass
 class StageCount:
     """Documents in/out of one stage for one component, with drop reasons."""
@@ -109,7 +125,7 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
     read, filt = StageCount(), StageCount()
     quarantine: list[dict] = []
     qcount: Counter = Counter()
-    secs = Counter()
+    clock = Clock()
     bytes_read = bytes_kept = 0
     out = _ArrowOut(os.path.join(work, "ingest", unit.name + ".arrow"), INGEST_SCHEMA)
     sig_parts: list[np.ndarray] = []
@@ -117,8 +133,8 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
     rows = read_rows(unit, comp)
     done = False
     while not done:
-        t0 = time.perf_counter()
-        keys, ids, texts = [], [], []
+        clock.lap(None)
+        keys, ids, texts, datas = [], [], [], []
         for row in rows:
             read.docs_in += 1
             if row.reason is not None:
@@ -132,13 +148,13 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
             keys.append(key_base | row.line)
             ids.append(row.id if row.id is not None else f"{comp.name}/{unit.rel}:{row.line}")
             texts.append(row.text)
+            datas.append(row.data)
             if len(texts) >= BATCH_ROWS:
                 break
         else:
             done = True
         read.docs_out += len(texts)
-        t1 = time.perf_counter()
-        secs["read"] += t1 - t0
+        clock.lap("read")
         keep = []
         for j, t in enumerate(texts):
             bytes_read += len(t)
@@ -156,17 +172,15 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
         keys = [keys[j] for j in keep]
         ids = [ids[j] for j in keep]
         texts = [texts[j] for j in keep]
-        t2 = time.perf_counter()
-        secs["filter"] += t2 - t1
-        encoded = [t.encode("utf-8") for t in texts]
+        encoded = [datas[j] for j in keep]
+        clock.lap("filter")
         bytes_kept += sum(map(len, encoded))
         digest = xxhash.xxh3_128_digest
         hashes = [digest(b) for b in encoded]
-        t3 = time.perf_counter()
-        secs["exact_dedup"] += t3 - t2
+        clock.lap("exact_dedup")
         if nd is not None and texts:
             sig_parts.append(np.asarray(nd.signatures(texts)))
-            secs["near_dedup"] += time.perf_counter() - t3
+            clock.lap("near_dedup")
         out.write(pa.record_batch([pa.array(keys, pa.int64()), pa.array(ids, pa.string()),
                                    pa.array(texts, pa.large_string()), pa.array(hashes, pa.binary(16))],
                                   schema=INGEST_SCHEMA))
@@ -178,7 +192,8 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
         os.replace(tmp, os.path.join(work, "ingest", unit.name + ".sig.npy"))
     meta = {"unit": unit.name, "component": comp.name, "ci": unit.ci, "fi": unit.fi, "file": unit.rel,
             "read": read.as_dict(), "filter": filt.as_dict(), "chars_read": bytes_read,
-            "bytes_kept": bytes_kept, "quarantine": quarantine, "seconds": dict(secs),
+            "bytes_kept": bytes_kept, "quarantine": quarantine, "seconds": dict(clock.wall),
+            "cpu_seconds": dict(clock.cpu),
             "near_dedup": bool(nd is not None)}
     atomic_write_json(marker, meta)
     return meta
@@ -238,12 +253,33 @@ def near_duplicates(ingest_paths: list[str], removed_exact: np.ndarray,
     return np.asarray(removed, np.int64), np.asarray(of, np.int64)
 
 
+def encode_arrow_texts_reference(tokenizer, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n_tokens] uint16, offsets [n + 1] int64) via the tokenizer's public batch API."""
+    ids, offs = tokenizer.encode_batch_flat(texts.to_pylist(), num_workers=1)
+    return np.asarray(ids, np.uint16), np.asarray(offs, np.int64)
+
+
+def encode_arrow_texts(tokenizer, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Same as ``encode_arrow_texts_reference``, but the tokenizer's batch kernel reads the
+    UTF-8 bytes straight from the Arrow buffers: no Python string per document, no copy."""
+    trie = getattr(tokenizer, "_trie", None)
+    if trie is None or not hasattr(trie, "encode_docs") or len(texts) == 0 or texts.null_count:
+        return encode_arrow_texts_reference(tokenizer, texts)
+    if not pa.types.is_large_string(texts.type):
+        texts = texts.cast(pa.large_string())
+    bufs = texts.buffers()
+    offs = np.frombuffer(bufs[1], np.int64)[texts.offset: texts.offset + len(texts) + 1]  # [n + 1]
+    data = np.frombuffer(bufs[2], np.uint8)[offs[0]: offs[-1]] if bufs[2] is not None else np.zeros(0, np.uint8)
+    ids, tok_offs = trie.encode_docs(data, offs - offs[0])
+    return ids, np.asarray(tok_offs, np.int64)
+
+
 def tokenize_unit(unit_name: str, work: str, removed: np.ndarray, tokenizer) -> dict:
     """Tokenize the unit's surviving documents; ``removed`` holds the unit's removed keys."""
     marker = os.path.join(work, "tok", unit_name + ".json")
     if os.path.exists(marker):
         return read_json(marker)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     src = read_arrow(os.path.join(work, "ingest", unit_name + ".arrow"))
     meta_in = read_json(os.path.join(work, "ingest", unit_name + ".json"))
     comp = meta_in["component"]
@@ -256,21 +292,19 @@ def tokenize_unit(unit_name: str, work: str, removed: np.ndarray, tokenizer) -> 
         if not live.any():
             continue
         batch = batch.filter(pa.array(live))
-        texts = batch.column("text").to_pylist()
-        nbytes += sum(len(t) for t in texts)
-        arrays = tokenizer.encode_batch_to_arrays(texts, num_workers=1)  # [n] of uint16 [len_i]
-        lengths = np.fromiter((len(a) for a in arrays), np.int64, len(arrays))
-        offsets = np.zeros(len(arrays) + 1, np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.concatenate(arrays).astype(np.uint16, copy=False) if arrays else np.zeros(0, np.uint16)
-        ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.uint16()))
+        texts = batch.column("text")
+        flat, offs = encode_arrow_texts(tokenizer, texts)  # [n_tokens] uint16, [n + 1] int64
+        lengths = np.diff(offs)
+        nbytes += int(pc.sum(pc.binary_length(texts)).as_py() or 0)
+        ids = pa.ListArray.from_arrays(pa.array(offs.astype(np.int32)), pa.array(flat, pa.uint16()))
         out.write(pa.record_batch([batch.column("key"), batch.column("id"),
                                    pa.array([comp] * batch.num_rows, pa.string()), ids], schema=TOK_SCHEMA))
         docs_out += batch.num_rows
         tokens += int(lengths.sum())
     out.close()
     meta = {"unit": unit_name, "component": comp, "docs_in": docs_in, "docs_out": docs_out,
-            "tokens": tokens, "chars": nbytes, "seconds": time.perf_counter() - t0}
+            "tokens": tokens, "chars": nbytes, "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0}
     atomic_write_json(marker, meta)
     return meta
 
@@ -282,7 +316,7 @@ def write_shard(index: int, pieces: list[tuple[str, int, int]], out_dir: str) ->
     marker = os.path.join(out_dir, "work", "shards", f"{index:05d}.json")
     if os.path.exists(marker) and os.path.exists(path):
         return read_json(marker)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tables = [read_arrow(p).slice(a, b - a).select(SHARD_SCHEMA.names) for p, a, b in pieces]
     table = pa.concat_tables(tables).combine_chunks() if tables else SHARD_SCHEMA.empty_table()
     tmp = f"{path}.tmp{os.getpid()}"
@@ -295,6 +329,7 @@ def write_shard(index: int, pieces: list[tuple[str, int, int]], out_dir: str) ->
     os.replace(tmp, path)
     lens = table.column("input_ids").combine_chunks().value_lengths() if table.num_rows else pa.array([], pa.int32())
     meta = {"path": rel, "documents": table.num_rows, "tokens": int(pc.sum(lens).as_py() or 0),
-            "bytes": os.path.getsize(path), "sha256": h.hexdigest(), "seconds": time.perf_counter() - t0}
+            "bytes": os.path.getsize(path), "sha256": h.hexdigest(), "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0}
     atomic_write_json(marker, meta)
     return meta

@@ -6,6 +6,7 @@ import gzip
 import json
 import random
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -127,3 +128,39 @@ def test_atomic_json_roundtrip(tmp_path):
     assert stages.read_json(p) == {"a": [1, 2], "b": 1, "z": "ünï"}
     assert [f.name for f in tmp_path.iterdir()] == ["m.json"]
     assert json.loads(open(p).read())["z"] == "ünï"
+
+
+def test_char_run_fast_path_matches_regex_reference():
+    rng = random.Random(1)
+    for _ in range(5000):
+        limit = rng.choice([1, 2, 3, 5, 8, 13, 50, 200])
+        alph = rng.choice(["ab", "abc", "a", "xyz \n", "日本"])
+        t = "".join(rng.choice(alph) for _ in range(rng.randint(0, 400)))
+        if rng.random() < 0.5:
+            i = rng.randint(0, len(t))
+            t = t[:i] + rng.choice(alph) * rng.randint(max(0, limit - 1), limit + 2) + t[i:]
+        assert filters.has_char_run(t, limit) == filters.has_char_run_reference(t, limit), (t, limit)
+
+
+def test_dup_line_fast_path_matches_reference():
+    rng = random.Random(2)
+    pool = ["", "  ", "}", "    return x", "return x", "a line of prose here", "another line of text", "\t"]
+    for _ in range(5000):
+        text = "\n".join(rng.choice(pool) for _ in range(rng.randint(0, 12)))
+        assert filters.dup_line_frac(text) == filters.dup_line_frac_reference(text), repr(text)
+
+
+def test_arrow_tokenizer_fast_path_matches_public_batch_api():
+    from tokenizer import WorldTokenizer
+
+    tok = WorldTokenizer()
+    rng = random.Random(3)
+    words = ["hello", "世界", "Привет", "مرحبا", "\n\n", "def f(x):", " ", "ünïcödé", "🙂", "नमस्ते"]
+    texts = ["".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for _ in range(300)]
+    arr = pa.array(texts, pa.large_string())
+    for a in (arr, arr.slice(17, 150), pa.array(texts[:5], pa.string())):
+        fast_ids, fast_offs = stages.encode_arrow_texts(tok, a)
+        ref_ids, ref_offs = stages.encode_arrow_texts_reference(tok, a)
+        assert fast_ids.dtype == np.uint16
+        assert np.array_equal(fast_offs, ref_offs) and np.array_equal(fast_ids, ref_ids)
+        assert fast_ids[fast_offs[1]: fast_offs[2]].tolist() == tok.encode(a[1].as_py())

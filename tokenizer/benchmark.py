@@ -160,6 +160,53 @@ def _load_seconds(imports: str, build: str) -> dict[str, float]:
     return dict(zip(("imports_and_build_wall", "imports_and_build_cpu", "build_wall", "build_cpu"), vals))
 
 
+def bench_batch(tok: WorldTokenizer, rust, all_bytes: bytes, cfg: BenchConfig) -> dict:
+    """encode_batch with 1 and 2 worker threads (wall time) on documents of `cfg.doc_kb` KB."""
+    size = cfg.doc_kb * 1000
+    docs = [all_bytes[i : i + size].decode("utf-8", errors="replace") for i in range(0, len(all_bytes), size)]
+    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    batch = {
+        "documents": len(docs),
+        "mb": mb,
+        "cores": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+    }
+    expected = tok.encode_batch(docs, num_workers=1)
+    for workers in (1, 2):
+        assert tok.encode_batch(docs, num_workers=workers) == expected
+        batch[f"ours_list_{workers}w_mb_s"] = mb / _wall_best(
+            lambda w=workers: tok.encode_batch(docs, num_workers=w), cfg.repeats
+        )
+        batch[f"ours_flat_{workers}w_mb_s"] = mb / _wall_best(
+            lambda w=workers: tok.encode_batch_flat(docs, num_workers=w), cfg.repeats
+        )
+    batch["rust_encode_batch_mb_s"] = mb / _wall_best(lambda: rust.encode_batch(docs), cfg.repeats)
+    batch["same_ids_as_rust"] = rust.encode_batch(docs) == expected
+    batch["speedup_2w_list"] = batch["ours_list_2w_mb_s"] / batch["ours_list_1w_mb_s"]
+    batch["speedup_2w_flat"] = batch["ours_flat_2w_mb_s"] / batch["ours_flat_1w_mb_s"]
+    # Share of one worker's CPU time spent in the compiled loop, which runs without the GIL;
+    # Amdahl's law then bounds the 2-thread speed-up independently of other load on the box.
+    joined = np.frombuffer(b"".join(d.encode("utf-8") for d in docs), np.uint8)
+    doc_off = np.cumsum([0] + [len(d.encode("utf-8")) for d in docs], dtype=np.int64)
+    kernel_s = _cpu_best(lambda: trie.encode_docs(joined, doc_off, tok._table, tok._value), cfg.repeats)
+    for kind, fn in (("list", tok.encode_batch), ("flat", tok.encode_batch_flat)):
+        total_s = _cpu_best(lambda fn=fn: fn(docs, num_workers=1), cfg.repeats)
+        p = min(1.0, kernel_s / total_s)
+        batch[f"nogil_share_{kind}"] = p
+        batch[f"amdahl_2w_speedup_{kind}"] = 1 / ((1 - p) + p / 2)
+    print(
+        f"encode_batch {len(docs)} docs x {cfg.doc_kb} KB (wall): list 1 worker {batch['ours_list_1w_mb_s']:.1f}, "
+        f"2 workers {batch['ours_list_2w_mb_s']:.1f} MB/s ({batch['speedup_2w_list']:.2f}x); encode_batch_flat "
+        f"{batch['ours_flat_1w_mb_s']:.1f} -> {batch['ours_flat_2w_mb_s']:.1f} MB/s ({batch['speedup_2w_flat']:.2f}x); "
+        f"rust encode_batch {batch['rust_encode_batch_mb_s']:.1f} MB/s; load average {batch['load_average_1min']:.1f}; "
+        f"share without GIL: list {batch['nogil_share_list']:.2f}, flat {batch['nogil_share_flat']:.2f} -> Amdahl 2-core "
+        f"bound {batch['amdahl_2w_speedup_list']:.2f}x / {batch['amdahl_2w_speedup_flat']:.2f}x",
+        flush=True,
+    )
+
+    return batch
+
+
 def run(cfg: BenchConfig) -> dict:
     from pyrwkv_tokenizer import RWKVTokenizer
     from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
@@ -237,49 +284,7 @@ def run(cfg: BenchConfig) -> dict:
         flush=True,
     )
 
-    all_bytes = texts["all"].encode("utf-8")
-    size = cfg.doc_kb * 1000
-    docs = [all_bytes[i : i + size].decode("utf-8", errors="replace") for i in range(0, len(all_bytes), size)]
-    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    batch = {
-        "documents": len(docs),
-        "mb": mb,
-        "cores": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0],
-    }
-    expected = tok.encode_batch(docs, num_workers=1)
-    for workers in (1, 2):
-        assert tok.encode_batch(docs, num_workers=workers) == expected
-        batch[f"ours_list_{workers}w_mb_s"] = mb / _wall_best(
-            lambda w=workers: tok.encode_batch(docs, num_workers=w), cfg.repeats
-        )
-        batch[f"ours_flat_{workers}w_mb_s"] = mb / _wall_best(
-            lambda w=workers: tok.encode_batch_flat(docs, num_workers=w), cfg.repeats
-        )
-    batch["rust_encode_batch_mb_s"] = mb / _wall_best(lambda: rust.encode_batch(docs), cfg.repeats)
-    batch["same_ids_as_rust"] = rust.encode_batch(docs) == expected
-    batch["speedup_2w_list"] = batch["ours_list_2w_mb_s"] / batch["ours_list_1w_mb_s"]
-    batch["speedup_2w_flat"] = batch["ours_flat_2w_mb_s"] / batch["ours_flat_1w_mb_s"]
-    # Share of one worker's CPU time spent in the compiled loop, which runs without the GIL;
-    # Amdahl's law then bounds the 2-thread speed-up independently of other load on the box.
-    joined = np.frombuffer(b"".join(d.encode("utf-8") for d in docs), np.uint8)
-    doc_off = np.cumsum([0] + [len(d.encode("utf-8")) for d in docs], dtype=np.int64)
-    kernel_s = _cpu_best(lambda: trie.encode_docs(joined, doc_off, tok._table, tok._value), cfg.repeats)
-    for kind, fn in (("list", tok.encode_batch), ("flat", tok.encode_batch_flat)):
-        total_s = _cpu_best(lambda fn=fn: fn(docs, num_workers=1), cfg.repeats)
-        p = min(1.0, kernel_s / total_s)
-        batch[f"nogil_share_{kind}"] = p
-        batch[f"amdahl_2w_speedup_{kind}"] = 1 / ((1 - p) + p / 2)
-    result["encode_batch_wall"] = batch
-    print(
-        f"encode_batch {len(docs)} docs x {cfg.doc_kb} KB (wall): list 1 worker {batch['ours_list_1w_mb_s']:.1f}, "
-        f"2 workers {batch['ours_list_2w_mb_s']:.1f} MB/s ({batch['speedup_2w_list']:.2f}x); encode_batch_flat "
-        f"{batch['ours_flat_1w_mb_s']:.1f} -> {batch['ours_flat_2w_mb_s']:.1f} MB/s ({batch['speedup_2w_flat']:.2f}x); "
-        f"rust encode_batch {batch['rust_encode_batch_mb_s']:.1f} MB/s; load average {batch['load_average_1min']:.1f}; "
-        f"share without GIL: list {batch['nogil_share_list']:.2f}, flat {batch['nogil_share_flat']:.2f} -> Amdahl 2-core "
-        f"bound {batch['amdahl_2w_speedup_list']:.2f}x / {batch['amdahl_2w_speedup_flat']:.2f}x",
-        flush=True,
-    )
+    result["encode_batch_wall"] = bench_batch(tok, rust, texts["all"].encode("utf-8"), cfg)
 
     result["load_seconds"] = {
         "ours": _load_seconds("from tokenizer import WorldTokenizer", "WorldTokenizer()"),
@@ -304,15 +309,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenizer bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=BenchConfig.total_mb, help="MB of text to assemble")
     parser.add_argument("--repeats", type=int, default=BenchConfig.repeats)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result path")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON result path (default {DEFAULT_OUT})")
+    parser.add_argument("--batch-only", action="store_true", help="only the encode_batch 1 vs 2 workers part")
     args = parser.parse_args(argv)
-    result = run(BenchConfig(total_mb=args.mb, repeats=args.repeats))
+    cfg = BenchConfig(total_mb=args.mb, repeats=args.repeats)
+    if args.batch_only:
+        from pyrwkv_tokenizer import RWKVTokenizer
+
+        text = "".join("".join(docs) for docs in assemble_corpus(int(cfg.total_mb * 1e6), cfg.seed).values())
+        result = {
+            "config": asdict(cfg),
+            "encode_batch_wall": bench_batch(WorldTokenizer(), RWKVTokenizer(), text.encode(), cfg),
+        }
+        out = args.out or DEFAULT_OUT.with_name("tokenizer_batch.json")
+    else:
+        result = run(cfg)
+        out = args.out or DEFAULT_OUT
     result["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    if args.batch_only:
+        return 0 if result["encode_batch_wall"]["same_ids_as_rust"] else 1
     ok = result["components"]["all"]["same_ids_as_rust"] and result["reference"]["same_ids_as_ours"]
     return 0 if ok else 1
 

@@ -175,15 +175,13 @@ class WorldTokenizer:
         if not texts:
             return []
         groups = self._split(texts, num_workers)
-
-        def run(group):
-            ids, offs = self._encode_group(group)
-            return (self._to_list(ids) if as_lists else ids), offs
-
         if len(groups) == 1:
-            return [run(groups[0])]
-        with ThreadPoolExecutor(len(groups)) as pool:
-            return list(pool.map(run, groups))
+            parts = [self._encode_group(groups[0])]
+        else:
+            with ThreadPoolExecutor(len(groups)) as pool:
+                parts = list(pool.map(self._encode_group, groups))
+        # Lists are built here, after the threads finish, so they do not fight over the GIL.
+        return [(self._to_list(ids), offs) for ids, offs in parts] if as_lists else parts
 
     # decoding
 

@@ -17,7 +17,8 @@ kernel alone on Python stdlib code / multilingual sample lines / package docs, M
 three int32 arrays base/check/value 154/188/157; one packed int64 per slot
 (check|base|value) 190/241/218, with a 65,536-entry table for the first two bytes
 184/242/213; the label layout above 206/259/234, with the root step unrolled and a stop at
-leaves 204/279/256 (kept). Branch-free steps were slower: one stream 162/227/182, and
+leaves 204/279/256 (kept); separate base and label arrays 182/219/199, breadth-first
+placement (packed layout) 175/230/201. Branch-free steps were slower: one stream 162/227/182, and
 walking 2-4 chunks of the text interleaved (speculative starts, re-synchronised at the
 first shared token boundary) 108-151. A fully predictable text (" the" repeated) runs at
 10.5 ns per token against 18-19 ns for real text: about half the time is the mispredicted

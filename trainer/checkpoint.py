@@ -65,9 +65,25 @@ def set_rng_states(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save(fabric, run_dir: Path, step: int, state: dict, lm, keep: int) -> Path:
+def official_state_dict(fabric, model, lm) -> dict:
+    """The language model's full state dict (official keys) on rank 0. Under FSDP the shards are
+    gathered (a collective: every rank calls this); otherwise the local module holds everything."""
+    from lightning.fabric.strategies import FSDPStrategy
+
+    if isinstance(fabric.strategy, FSDPStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model._forward_module,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("lm."): v for k, v in sd.items()}
+    return lm.state_dict()
+
+
+def save(fabric, run_dir: Path, step: int, state: dict, model, lm, keep: int) -> Path:
     """Write checkpoint `step` on every rank (Fabric decides who writes what), then rank 0 exports
     the official weights, renames the folder into place and prunes old ones."""
+    from trainer.models.checkpoint import save_state_dict
+
     final = step_dir(run_dir, step)
     tmp = final.with_name(".tmp-" + final.name)
     if fabric.global_rank == 0:
@@ -75,9 +91,10 @@ def save(fabric, run_dir: Path, step: int, state: dict, lm, keep: int) -> Path:
         tmp.mkdir(parents=True)
     fabric.barrier()
     fabric.save(tmp / "resume.pt", state)
+    sd = official_state_dict(fabric, model, lm)
     fabric.barrier()
     if fabric.global_rank == 0:
-        lm.save_official(tmp / "model.pth")
+        save_state_dict(sd, tmp / "model.pth")
         if final.exists():
             trash = final.with_name(".old-" + final.name)
             shutil.rmtree(trash, ignore_errors=True)

@@ -179,7 +179,8 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
         raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
 
     fabric = build_fabric(cfg, run_dir)
-    fabric.launch()
+    if os.environ.get("LT_CLI_USED") != "1":  # `fabric run` has already started the processes
+        fabric.launch()
     fabric.seed_everything(cfg.train.seed)
     rank0 = fabric.global_rank == 0
     if rank0:
@@ -224,12 +225,13 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
                  f"L{model_cfg.n_layer}-D{model_cfg.n_embd}; corpus {data_dir}: "
                  f"{', '.join(f'{c}={corpus.components[c].n_train}' for c in corpus.train_components)} "
                  f"train windows; {len(val) * layout.micro_batch_size} val windows/rank; "
-                 f"{tokens_per_step} tokens/step; precision {fabric.strategy.precision.__class__.__name__}")
+                 f"{tokens_per_step} tokens/step; precision {getattr(fabric.strategy.precision, 'precision', '?')}; "
+                 f"{fabric.world_size} process(es) on {fabric.device.type}")
 
     def save_checkpoint(at_step: int, at_samples: int):
         state = {"model": model, "optimizer": optimizer, "step": at_step, "samples": at_samples,
                  "rng": ckpt.rng_states(), "config": cfg.to_dict()}
-        return ckpt.save(fabric, run_dir, at_step, state, lm, cfg.train.keep_checkpoints)
+        return ckpt.save(fabric, run_dir, at_step, state, model, lm, cfg.train.keep_checkpoints)
 
     f = None
     writer = None
@@ -279,7 +281,9 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
     if rank0:
         png = plot_loss(run_dir)
         summary["loss_png"] = str(png) if png else None
-        text = generate_sample(lm, cfg)
+        from lightning.fabric.strategies import FSDPStrategy
+
+        text = None if isinstance(fabric.strategy, FSDPStrategy) else generate_sample(lm, cfg)
         if text is not None:
             fabric.print("--- sample " + "-" * 60)
             fabric.print(text)

@@ -258,6 +258,23 @@ def test_pickle_ships_config_only(tok):
     assert again.encode("\n\nUser: 你好") == [261, 24281, 59, 33, 10464, 11685]
 
 
+def test_encode_docs_from_arrow_buffers(tok):
+    import pyarrow as pa
+
+    texts = list(sections().values()) + ["", "Hello world", "\n\nUser: 你好"]
+    col = pa.array(texts, pa.large_string()).slice(2)
+    bufs = col.buffers()
+    offsets = np.frombuffer(bufs[1], np.int64)[col.offset : col.offset + len(col) + 1]
+    ids, tok_offsets = tok.encode_docs(bufs[2], offsets)
+    assert ids.dtype == np.uint16 and tok_offsets.tolist()[0] == 0
+    got = [ids[a:b].tolist() for a, b in zip(tok_offsets[:-1], tok_offsets[1:])]
+    assert got == [tok.encode(t) for t in texts[2:]]
+    data = np.frombuffer(b"abc", np.uint8)
+    for bad in ([0, 4], [2, 1], [-1, 2], []):
+        with pytest.raises(ValueError):
+            tok.encode_docs(data, bad)
+
+
 def test_vocab_missing(tmp_path):
     with pytest.raises(VocabError, match="not found"):
         WorldTokenizer(TokenizerConfig(vocab_path=str(tmp_path / "nope.txt")))

@@ -160,6 +160,27 @@ class WorldTokenizer:
         )
         return ids, offsets
 
+    def encode_docs(self, data, doc_offsets) -> tuple[np.ndarray, np.ndarray]:
+        """Documents given as one byte buffer and offsets, e.g. an Arrow string column's buffers (no copy).
+
+        data: uint8 buffer; doc_offsets: [n_docs + 1] non-decreasing, document d is
+        data[doc_offsets[d]:doc_offsets[d+1]]. Returns (ids [n_tokens] uint16, token offsets
+        [n_docs + 1] int64). Runs in the calling thread, without the GIL.
+        """
+        data = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+        offsets = np.ascontiguousarray(doc_offsets, dtype=np.int64)
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise ValueError(f"data must be a 1-d uint8 buffer, got {data.dtype} with shape {data.shape}")
+        if offsets.ndim != 1 or offsets.shape[0] < 1:
+            raise ValueError("doc_offsets must be 1-d with n_docs + 1 entries")
+        if offsets[0] < 0 or offsets[-1] > data.shape[0] or np.any(np.diff(offsets) < 0):
+            raise ValueError(f"doc_offsets must be non-decreasing within [0, {data.shape[0]}]")
+        base = int(offsets[0])
+        ids, tok_offsets = trie.encode_docs(
+            data[base : int(offsets[-1])], offsets - base, self._table, self._value
+        )
+        return ids.copy(), tok_offsets
+
     def encode_batch(self, texts: Sequence[str | bytes], num_workers: int | None = None) -> list[list[int]]:
         """Token ids of each document (str, or bytes taken as they are); groups run on threads."""
         out: list[list[int]] = []

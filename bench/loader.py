@@ -43,14 +43,13 @@ class DatasetsPeer:
         self.ds = [datasets.Dataset.from_file(str(corpus.data_dir / s["path"])).with_format("numpy")
                    for s in corpus.index["shards"]]
         import pyarrow as pa
-        import pyarrow.ipc as ipc
+
+        from trainer.data import open_batches
 
         segs = []  # per record batch, in the corpus's segment order: (shard, first row, row offsets)
         for i, s in enumerate(corpus.index["shards"]):
-            r = ipc.open_file(pa.memory_map(str(corpus.data_dir / s["path"])))
             row = 0
-            for b in range(r.num_record_batches):
-                batch = r.get_batch(b)
+            for batch in open_batches(pa.memory_map(str(corpus.data_dir / s["path"])))[1]:
                 segs.append((i, row, batch.column("input_ids").offsets.to_numpy()[:-1]))
                 row += batch.num_rows
         self.shard_of, self.row_of = {}, {}

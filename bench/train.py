@@ -8,7 +8,9 @@ and a CUDA-time breakdown of one step by kernel family (what limits it).
 infctx memory: 0.1B with data_ctx_len = 16 × ctx_len vs = ctx_len (same ctx_len and batch), peak
 memory of a training step; the target is a ratio within 1.3.
 
-    python bench/train.py [--presets 0.1b,1.5b] [--ctx 4096] [--steps 8] [--out DIR]
+    python bench/train.py [--presets 0.1b,1.5b] [--ctx 4096] [--steps 8] [--out DIR] [--ddp-data DIR]
+With --ddp-data on a machine with 2 GPUs it also compares fit.py on 1 GPU with 2-GPU DDP (same global
+batch, 20 steps; target: losses within 1e-3).
 """
 from __future__ import annotations
 
@@ -126,6 +128,39 @@ def infctx_memory(ctx: int, B: int = 2, mult: int = 16) -> dict:
             "peak_ratio": round(ratio, 3), "target_ratio": 1.3, "pass": ratio <= 1.3}
 
 
+def ddp_check(data: str, steps: int = 20) -> dict:
+    """fit.py on 1 GPU (micro-batch 8) vs `fabric run --devices 2 --strategy ddp` (micro-batch 4 per
+    GPU): same global batch, same data order; per-step training losses compared (target: within 1e-3)."""
+    import csv
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    run = Path(tempfile.mkdtemp(prefix="ddp"))
+    sets = ["train.tensorboard=false", "sample.tokens=0", "train.ckpt_every=0", "train.val_every=10",
+            "data.val_batches=2", "train.precision=bf16-mixed"]
+    common = ["trainer/fit.py", "--config", "trainer/configs/debug.yaml", "--data", data, "--max-steps", str(steps)]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmds = {"one": [sys.executable, *common, "--run-dir", str(run / "one"),
+                    *sum((["--set", x] for x in sets + ["data.micro_batch_size=8"]), [])],
+            "two": [sys.executable, "-m", "lightning.fabric.cli", "run", "--devices", "2", "--strategy", "ddp", *common,
+                    "--run-dir", str(run / "two"), *sum((["--set", x] for x in sets + ["data.micro_batch_size=4"]), [])]}
+    out = {}
+    for name, cmd in cmds.items():
+        t = time.perf_counter()
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+        if r.returncode:
+            return {"error": f"{name}: rc {r.returncode}: {r.stderr[-2000:]}"}
+        with open(run / name / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        out[name] = {"loss": [float(x["loss"]) for x in rows], "val_loss": [x["val_loss"] for x in rows if x["val_loss"]],
+                     "wall_s": round(time.perf_counter() - t, 1)}
+    a, b = out["one"]["loss"], out["two"]["loss"]
+    diff = max(abs(x - y) for x, y in zip(a, b))
+    return {"steps": len(a), "precision": "bf16-mixed", "model": "debug preset (L2-D128), ctx 128 in 2 segments",
+            "max_abs_loss_diff": round(diff, 6), "pass_1e-3": len(a) == len(b) == steps and diff <= 1e-3, **out}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", default="0.1b,1.5b")
@@ -134,6 +169,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--accelerator", default="cuda")
+    ap.add_argument("--ddp-data", default=None, help="corpus for the 1-GPU vs 2-GPU DDP loss check (needs 2 GPUs)")
     args = ap.parse_args()
     global ACCEL
     ACCEL = args.accelerator
@@ -158,6 +194,9 @@ def main():
     if not args.skip_memory:
         res["infctx_memory"] = infctx_memory(args.ctx)
         print(json.dumps(res["infctx_memory"]), flush=True)
+    if args.ddp_data and torch.cuda.device_count() >= 2:
+        res["ddp"] = ddp_check(args.ddp_data)
+        print(json.dumps({k: v for k, v in res["ddp"].items() if k not in ("one", "two")}), flush=True)
     print(f"\n{'preset':<8}{'batch':>6}{'ctx':>6}{'tokens/s':>11}{'MFU':>7}{'peak GB':>9}")
     for r in res["results"]:
         print(f"{r['preset']:<8}{r['batch']:>6}{r['ctx']:>6}{r['tokens_per_s']:>11,}{r['mfu']:>7.1%}{r['peak_mem_gb']:>9}")

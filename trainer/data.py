@@ -23,6 +23,7 @@ resume at "samples consumed" repeats nothing and skips nothing.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -298,6 +299,11 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+@functools.lru_cache(maxsize=4096)
+def _round_keys(key: int) -> tuple:
+    return tuple(_mix64(np.array([(key * 4 + r) % (1 << 64)], dtype=np.uint64))[0] for r in range(4))
+
+
 def feistel_permute(q: np.ndarray, n: int, key: int) -> np.ndarray:
     """A keyed bijection of [0, n) applied to q: 4-round Feistel network on the smallest even bit
     width covering n, with cycle walking (re-apply while out of range; expected < 4 rounds)."""
@@ -308,7 +314,7 @@ def feistel_permute(q: np.ndarray, n: int, key: int) -> np.ndarray:
     bits += bits % 2
     half = np.uint64(bits // 2)
     mask = np.uint64((1 << (bits // 2)) - 1)
-    keys = [_mix64(np.array([key * 4 + r], dtype=np.uint64))[0] for r in range(4)]
+    keys = _round_keys(key)
 
     def once(x):
         left, right = x >> half, x & mask
@@ -360,18 +366,23 @@ class MixtureSampler:
         return self._before[k]
 
     def locate(self, i: np.ndarray) -> list[tuple[str, int]]:
-        i = np.asarray(i, dtype=np.int64)
-        out = []
-        for s in i.tolist():
-            k, r = divmod(s, BLOCK)
-            choice, rank = self._block(k)
-            c = int(choice[r])
-            j = int(self._counts_before(k)[c] + rank[r])
-            e, q = divmod(j, int(self.n[c]))
-            key = (self.seed * 1_000_003 + c) * 1_000_003 + e
-            p = int(feistel_permute(np.array([q]), int(self.n[c]), key)[0])
-            out.append((self.names[c], p))
-        return out
+        """Sample indices -> (component name, window index), vectorised per (component, epoch)."""
+        i = np.asarray(i, dtype=np.int64).reshape(-1)
+        comp = np.empty(len(i), dtype=np.int64)
+        j = np.empty(len(i), dtype=np.int64)
+        k_all, r_all = np.divmod(i, BLOCK)
+        for k in np.unique(k_all):
+            m = k_all == k
+            choice, rank = self._block(int(k))
+            comp[m] = choice[r_all[m]]
+            j[m] = self._counts_before(int(k))[comp[m]] + rank[r_all[m]]
+        e, q = np.divmod(j, self.n[comp])
+        p = np.empty(len(i), dtype=np.int64)
+        for c, ep in set(zip(comp.tolist(), e.tolist())):
+            m = (comp == c) & (e == ep)
+            key = (self.seed * 1_000_003 + c) * 1_000_003 + ep
+            p[m] = feistel_permute(q[m], int(self.n[c]), key)
+        return [(self.names[c], int(w)) for c, w in zip(comp.tolist(), p.tolist())]
 
 
 @dataclass

@@ -121,6 +121,19 @@ def _stage_counts(metas: list[dict], comps: list[str], removed: dict[str, np.nda
     return out
 
 
+def _resumed(run, jobs: list[tuple], markers: list[str]):
+    """Results of finished jobs straight from their markers; only the others go to ``run``."""
+    todo = []
+    for i, marker in enumerate(markers):
+        if marker and os.path.exists(marker):
+            yield i, stages.read_json(marker)
+        else:
+            todo.append(i)
+    if todo:
+        for j, result in run([jobs[i] for i in todo]):
+            yield todo[j], result
+
+
 def _shard_plan(tok_paths: list[str], shard_tokens: int) -> list[list[tuple[str, int, int]]]:
     """Split the tokenized units, in key order, into shards of about ``shard_tokens`` tokens."""
     plan: list[list[tuple[str, int, int]]] = []
@@ -174,7 +187,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     tok = WorldTokenizer()
     comps = manifest.components
     units: list[Unit] = [u for ci, c in enumerate(comps) for u in units_for(ci, c, manifest.root)]
-    fingerprint = {"manifest_sha256": manifest.sha256, "root": manifest.root,
+    fingerprint = {"manifest_sha256": manifest.sha256,
                    "files": [[u.rel, os.path.getsize(u.path) if "://" not in u.path else None] for u in units],
                    "near_dedup": {"enabled": nd.enabled, "threshold": nd.threshold, **nd.params}
                    if nd.enabled else False,
@@ -197,7 +210,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     jobs = [(u, comps[u.ci], work, nd if nd.enabled else None) for u in units]
     chars = docs = 0
     with _progress(len(units), "ingest", progress) as bar:
-        for i, m in executor.ingest(jobs):
+        for i, m in _resumed(executor.ingest, jobs, [os.path.join(work, "ingest", u.name + ".json") for u in units]):
             metas[i] = m
             chars += m["chars_read"]
             docs += m["read"]["in"]
@@ -263,7 +276,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     tok_metas: list[dict | None] = [None] * len(units)
     ntok = chars = 0
     with _progress(len(units), "tokenize", progress) as bar:
-        for i, m in executor.tokenize(tok_jobs):
+        for i, m in _resumed(executor.tokenize, tok_jobs, [os.path.join(work, "tok", u.name + ".json") for u in units]):
             tok_metas[i] = m
             ntok += m["tokens"]
             chars += m["chars"]
@@ -279,7 +292,9 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     plan = _shard_plan([os.path.join(work, "tok", u.name + ".arrow") for u in units], manifest.shard_tokens)
     shard_metas: list[dict | None] = [None] * len(plan)
     with _progress(len(plan), "shards", progress) as bar:
-        for i, m in executor.shards([(i, pieces, out) for i, pieces in enumerate(plan)]):
+        markers = [os.path.join(work, "shards", f"{i:05d}.json") for i in range(len(plan))]
+        markers = [m if os.path.exists(os.path.join(out, "shards", f"{i:05d}.arrow")) else "" for i, m in enumerate(markers)]
+        for i, m in _resumed(executor.shards, [(i, pieces, out) for i, pieces in enumerate(plan)], markers):
             shard_metas[i] = m
             bar.update(1)
             unit_secs["write"] += m["seconds"]

@@ -99,7 +99,7 @@ def cluster():
                 os.kill(p, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 10
+        deadline = time.time() + 4
         while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
             time.sleep(0.2)
         for p in pids:

@@ -164,3 +164,19 @@ def test_arrow_tokenizer_fast_path_matches_public_batch_api():
         assert fast_ids.dtype == np.uint16
         assert np.array_equal(fast_offs, ref_offs) and np.array_equal(fast_ids, ref_ids)
         assert fast_ids[fast_offs[1]: fast_offs[2]].tolist() == tok.encode(a[1].as_py())
+
+
+def test_url_paths_go_through_fsspec(tmp_path):
+    from pipeline.build import build
+    from pipeline.executor import LocalExecutor
+    from pipeline.manifest import load_manifest
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "a document that lives behind a URL"}\n{"text": 5}\n')
+    (tmp_path / "m.yaml").write_text(f"name: url\ncomponents:\n  - name: remote\n"
+                                     f"    paths: ['file://{tmp_path}/d/*.jsonl']\n    format: jsonl\n")
+    m = load_manifest(str(tmp_path / "m.yaml"))
+    assert m.components[0].files == [f"file://{tmp_path}/d/a.jsonl"]
+    report = build(m, str(tmp_path / "out"), LocalExecutor(), progress=False)
+    assert report["components"]["remote"]["read"] == {"in": 2, "out": 1, "dropped": {"missing_text": 1}}
+    assert report["totals"]["documents"] == 1

@@ -2,8 +2,9 @@
 
 Every format yields ``Row``s in file order with a 1-based ``line`` (jsonl line, parquet/arrow
 row number, 1 for a txt file). A row that cannot become a document carries a drop ``reason``
-instead of text: ``bad_json``, ``missing_text``, ``not_utf8``, ``empty``, ``oversized``. The
-caller counts and quarantines those; nothing raises for bad rows, only for unreadable files.
+instead of text: ``bad_json``, ``missing_text``, ``not_utf8``, ``empty``, ``oversized``, and
+``unreadable`` where a file breaks off (``safe_rows``). The caller counts and quarantines
+those; nothing raises.
 """
 
 from __future__ import annotations
@@ -201,3 +202,16 @@ def read_rows(unit: Unit, comp: ComponentSpec) -> Iterator[Row]:
         yield _doc_row(1, text, None, max_bytes, text[:200])
     else:
         raise ValueError(f"unknown format {unit.format!r}")
+
+
+def safe_rows(unit: Unit, comp: ComponentSpec) -> Iterator[Row]:
+    """``read_rows``, but a file that cannot be opened or breaks off (truncated gzip, corrupt
+    zstd or parquet, vanished URL) ends with one ``unreadable`` row naming the error at the
+    line where reading stopped; the rows before it are kept. The job never crashes on input."""
+    line = 0
+    try:
+        for row in read_rows(unit, comp):
+            line = row.line
+            yield row
+    except Exception as e:  # any reader error is bad input, not a bug of this stage
+        yield Row(line + 1, None, None, "unreadable", f"{type(e).__name__}: {e}"[:200])

@@ -30,7 +30,7 @@ import xxhash
 
 from pipeline import filters
 from pipeline.manifest import ComponentSpec, NearDedupSettings
-from pipeline.read import Unit, read_rows
+from pipeline.read import Unit, safe_rows
 
 QUARANTINE_PER_REASON = 5
 """Bad rows kept as samples per (unit, reason); the totals are always exact."""
@@ -130,7 +130,7 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
     out = _ArrowOut(os.path.join(work, "ingest", unit.name + ".arrow"), INGEST_SCHEMA)
     sig_parts: list[np.ndarray] = []
     key_base = unit.key_base
-    rows = read_rows(unit, comp)
+    rows = safe_rows(unit, comp)
     done = False
     while not done:
         clock.lap(None)

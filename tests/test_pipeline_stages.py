@@ -180,3 +180,21 @@ def test_url_paths_go_through_fsspec(tmp_path):
     report = build(m, str(tmp_path / "out"), LocalExecutor(), progress=False)
     assert report["components"]["remote"]["read"] == {"in": 2, "out": 1, "dropped": {"missing_text": 1}}
     assert report["totals"]["documents"] == 1
+
+
+def test_truncated_and_corrupt_files_are_counted_not_fatal(tmp_path):
+    from pipeline.read import safe_rows
+
+    rng = random.Random(4)
+    good = b"".join(b'{"text": "document number %d is fine %s"}\n' % (i, rng.randbytes(60).hex().encode())
+                    for i in range(40000))
+    gz = gzip.compress(good)
+    (tmp_path / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    rows = list(safe_rows(Unit(0, 0, str(tmp_path / "cut.jsonl.gz"), "jsonl.gz", "cut.jsonl.gz"), _comp("jsonl.gz")))
+    assert rows[-1].reason == "unreadable" and "EOFError" in rows[-1].raw
+    assert rows[0].text.startswith("document number 0 is fine") and all(r.reason is None for r in rows[:-1])
+    assert len(rows) > 1000
+    assert rows[-1].line == len(rows)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 definitely not parquet")
+    rows = list(safe_rows(Unit(0, 0, str(tmp_path / "bad.parquet"), "parquet", "bad.parquet"), _comp("parquet")))
+    assert [(r.line, r.reason) for r in rows] == [(1, "unreadable")]

@@ -126,7 +126,9 @@ def test_duplicates_semantics():
     keys = np.array([50, 10, 30, 11, 12, 7])
     nd = NearDedup(MinHashConfig(mode="local"))
     sig = nd.signatures(texts)
-    removed, dup = nd.duplicates([(keys[3:], sig[3:]), (keys[:3], sig[:3])])
+    auto = NearDedup(MinHashConfig(ray_min_docs=1000))
+    assert not auto.use_ray(999) and auto.use_ray(1000)  # Ray is not running here
+    removed, dup = nd.duplicates([(keys[3:], sig[3:]), [keys[:3], sig[:3]]])
     assert removed.dtype == np.int64 and dup.dtype == np.int64
     np.testing.assert_array_equal(removed, [30, 50])
     np.testing.assert_array_equal(dup, [7, 7])

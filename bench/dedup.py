@@ -25,6 +25,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,10 +100,37 @@ def _cli(inp: Path, out: Path, mode: str, threads: int) -> tuple[float, dict]:
     cmd = [sys.executable, "-m", "pipeline.dedup", "--input", str(inp), "--out", str(out)]
     cmd += ["--mode", mode, "--threads", str(threads), "--report", str(out) + ".report.json"]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0.0]
+    stop = threading.Event()
+
+    def sample() -> None:  # RSS summed over the CLI and its descendants (Ray's raylet and workers)
+        import psutil
+
+        root = psutil.Process(proc.pid)
+        while not stop.wait(0.5):
+            try:
+                tree = [root] + root.children(recursive=True)
+                rss = 0
+                for q in tree:
+                    try:
+                        rss += q.memory_info().rss
+                    except psutil.Error:
+                        pass
+                peak[0] = max(peak[0], rss / 2**20)
+            except psutil.Error:
+                return
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, err = proc.communicate()
+    stop.set()
+    th.join()
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t, json.loads(Path(str(out) + ".report.json").read_text())
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    rep = json.loads(Path(str(out) + ".report.json").read_text())
+    rep["peak_tree_rss_MB"] = round(peak[0])
+    return time.perf_counter() - t, rep
 
 
 def _removed_from_cli(out: Path):
@@ -212,6 +240,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     p.add_argument("--workdir", default="/tmp/dedup_bench")
     p.add_argument("--scale", type=int, default=0, help="also dedup a corpus of this many docs (ours only)")
+    p.add_argument("--scale-modes", default="local", help="comma-separated CLI modes for --scale: local,ray")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "dedup.json"))
     p.add_argument("--datatrove-worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -283,7 +312,7 @@ def main() -> None:
             k: round(v["seconds"] / ours, 2) for k, v in rows.items() if not k.startswith("ours (CLI, in")
         }
     if a.scale:
-        result["scale"] = scale_run(a.scale, work, a.workers)
+        result["scale"] = {m: scale_run(a.scale, work, a.workers, m) for m in a.scale_modes.split(",")}
     print(json.dumps(result, indent=1))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +321,7 @@ def main() -> None:
     os.replace(tmp, out)
 
 
-def scale_run(n: int, work: Path, threads: int) -> dict:
+def scale_run(n: int, work: Path, threads: int, mode: str) -> dict:
     """Generate n documents in chunks of 50k (bounded memory), run our CLI, report wall and peak RSS."""
     from pipeline.dedup.synth import SynthConfig, make_corpus
 
@@ -307,14 +336,18 @@ def scale_run(n: int, work: Path, threads: int) -> dict:
                     f.write(json.dumps({"id": i, "text": x}, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     gen = time.perf_counter() - t
-    secs, rep = _cli(path, work / f"scale_{n}.removed.jsonl", "local", threads)
+    secs, rep = _cli(path, work / f"scale_{n}.{mode}.removed.jsonl", mode, threads)
     res = {
+        "mode": mode,
         "docs": n,
         "GB": round(path.stat().st_size / 1e9, 2),
         "gen_s": round(gen, 1),
         "wall_s": round(secs, 1),
         "docs_s": round(n / secs),
         "peak_rss_MB": rep["peak_rss_MB"],
+        "peak_tree_rss_MB": rep["peak_tree_rss_MB"],
+        "peak_note": "peak_rss_MB: the CLI process (ru_maxrss); peak_tree_rss_MB: sampled every 0.5 s, "
+        "summed over the CLI and its descendants (Ray's shared object-store pages counted per process)",
         "removed": rep["removed"],
         "report_seconds": rep["seconds"],
     }

@@ -211,3 +211,21 @@ def test_save_is_atomic_and_keeps_dtype(tmp_path):
     back = load_official(tmp_path / "m.safetensors")
     for k, v in m.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+def test_apply_compile_matches_eager():
+    """Per-block torch.compile (the fast training path) == eager: logits, carried state, gradients."""
+    from trainer.models.rwkv7 import apply_compile
+
+    eager, comp = _tiny(torch.float32, seed=3), apply_compile(_tiny(torch.float32, seed=3))
+    idx = torch.randint(0, 50, (2, 40))
+    outs = []
+    for m in (eager, comp):
+        a, s = m(idx[:, :25])
+        b, s = m(idx[:, 25:], s)
+        (torch.cat([a, b], 1).square().mean() + s[-1][1].sum()).backward()
+        outs.append((torch.cat([a, b], 1).detach(), {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
+    for n, g in outs[0][1].items():  # fp32 reassociation only
+        assert ((outs[1][1][n] - g).norm() / g.norm()).item() < 1e-4, n

@@ -153,7 +153,7 @@ class TimeMix(nn.Module):
         wkv_state [B, H, N, N] or None -> (out [B, T, C], v_first, new shift [B, C], new wkv state)."""
         B, T, C = x.shape
         H, N = self.H, self.N
-        last = x[:, -1]
+        last = x[:, -1].clone()  # no view of the input leaves the block (compiled-graph aliasing)
         dt = _act_dtype(x)  # bf16 under autocast (as RWKV-LM's bf16 training), else the model's dtype
         x = x.to(dt)
         xx = _shift(x, shift) - x
@@ -195,7 +195,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift):
         """x [B, T, C] (ln2 output), shift [B, C] or None -> (out [B, T, C], new shift [B, C])."""
-        last = x[:, -1]
+        last = x[:, -1].clone()  # no view of the input leaves the block (compiled-graph aliasing)
         x = x.to(_act_dtype(x))
         k = torch.addcmul(x, _shift(x, shift) - x, self.x_k.to(x.dtype))
         return self.value(torch.relu(self.key(k)) ** 2), last
@@ -345,7 +345,14 @@ class RWKV7(nn.Module):
 
 def apply_compile(model: RWKV7, **compile_kwargs) -> RWKV7:
     """torch.compile each block in place (as torchtitan's apply_compile): all blocks share a few graphs
-    (block 0 differs by ln0 and v_first), and the WKV kernel runs between them, outside the graphs."""
+    (block 0 differs by ln0 and v_first), and the WKV kernel runs between them, outside the graphs.
+    Static shapes by default (`dynamic=False`): one graph set per sequence length (training uses one or
+    two), which sidesteps dynamic-shape recompiles."""
+    compile_kwargs.setdefault("dynamic", False)
+    # AOTAutograd's on-disk cache, when it hits, replays the views these graphs return across the WKV
+    # graph break with garbage sizes (seen with torch 2.13: "shape '[94856407487414, ...]' is invalid");
+    # a cold compile is correct, so the cache is turned off (process-wide) for compiled RWKV-7 blocks.
+    torch._functorch.config.enable_autograd_cache = False
     for blk in model.blocks:
         blk.compile(**compile_kwargs)
     return model

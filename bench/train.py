@@ -67,7 +67,10 @@ def family(name: str) -> str:
     return "elementwise/other"
 
 
-def throughput(preset: str, ctx: int, steps: int) -> dict:
+def throughput(preset: str, ctx: int, steps: int, fused_loss: bool = True) -> dict:
+    import trainer.loss
+
+    trainer.loss.USE_FUSED = None if fused_loss else False
     B = BATCH[preset]
     fabric, lm, model, opt = setup(preset, ctx)
     n_params = sum(p.numel() for p in lm.parameters())
@@ -97,7 +100,8 @@ def throughput(preset: str, ctx: int, steps: int) -> dict:
     top = sorted(((e.key, e.device_time_total if ACCEL == "cuda" else e.self_cpu_time_total)
                   for e in prof.key_averages()),
                  key=lambda x: -x[1])[:12]
-    res = {"preset": preset, "params": n_params, "non_embedding_params": non_emb, "batch": B, "ctx": ctx,
+    trainer.loss.USE_FUSED = None
+    res = {"preset": preset, "loss_path": "fused triton" if fused_loss else "pytorch reference", "params": n_params, "non_embedding_params": non_emb, "batch": B, "ctx": ctx,
            "step_ms": round(dt * 1e3, 1), "tokens_per_s": round(tok_s), "mfu": round(6 * non_emb * tok_s / PEAK_BF16, 4),
            "peak_mem_gb": round(peak / 1e9, 2), "loss": round(float(loss), 4), "grad_norm": round(float(norm), 4),
            "cuda_time_share": {k: round(v / total, 3) for k, v in sorted(fam.items(), key=lambda x: -x[1])},
@@ -143,7 +147,7 @@ def ddp_check(data: str, steps: int = 20) -> dict:
     env = {**os.environ, "PYTHONPATH": str(root)}
     cmds = {"one": [sys.executable, *common, "--run-dir", str(run / "one"),
                     *sum((["--set", x] for x in sets + ["data.micro_batch_size=8"]), [])],
-            "two": [sys.executable, "-m", "lightning.fabric.cli", "run", "--devices", "2", "--strategy", "ddp", *common,
+            "two": [sys.executable, "-c", "from lightning.fabric.cli import _main; _main()", "run", "--devices", "2", "--strategy", "ddp", *common,
                     "--run-dir", str(run / "two"), *sum((["--set", x] for x in sets + ["data.micro_batch_size=4"]), [])]}
     out = {}
     for name, cmd in cmds.items():
@@ -169,6 +173,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--accelerator", default="cuda")
+    ap.add_argument("--reference-loss", default="0.1b", help="preset to time again with the reference loss ('' = none)")
     ap.add_argument("--ddp-data", default=None, help="corpus for the 1-GPU vs 2-GPU DDP loss check (needs 2 GPUs)")
     args = ap.parse_args()
     global ACCEL
@@ -191,15 +196,20 @@ def main():
         r = throughput(p, args.ctx, args.steps)
         res["results"].append(r)
         print(json.dumps(r), flush=True)
+    if args.reference_loss:  # the same step with the plain PyTorch CE + L2Wrap, for the ratio
+        r = throughput(args.reference_loss, args.ctx, args.steps, fused_loss=False)
+        res["results"].append(r)
+        print(json.dumps(r), flush=True)
     if not args.skip_memory:
         res["infctx_memory"] = infctx_memory(args.ctx)
         print(json.dumps(res["infctx_memory"]), flush=True)
     if args.ddp_data and torch.cuda.device_count() >= 2:
         res["ddp"] = ddp_check(args.ddp_data)
         print(json.dumps({k: v for k, v in res["ddp"].items() if k not in ("one", "two")}), flush=True)
-    print(f"\n{'preset':<8}{'batch':>6}{'ctx':>6}{'tokens/s':>11}{'MFU':>7}{'peak GB':>9}")
+    print(f"\n{'preset':<8}{'loss':<20}{'batch':>6}{'ctx':>6}{'tokens/s':>11}{'MFU':>7}{'peak GB':>9}")
     for r in res["results"]:
-        print(f"{r['preset']:<8}{r['batch']:>6}{r['ctx']:>6}{r['tokens_per_s']:>11,}{r['mfu']:>7.1%}{r['peak_mem_gb']:>9}")
+        print(f"{r['preset']:<8}{r['loss_path']:<20}{r['batch']:>6}{r['ctx']:>6}{r['tokens_per_s']:>11,}"
+              f"{r['mfu']:>7.1%}{r['peak_mem_gb']:>9}")
     if "infctx_memory" in res:
         m = res["infctx_memory"]
         print(f"infctx 0.1B peak memory, data_ctx_len 16x vs 1x ctx_len: ratio {m['peak_ratio']} (target <= 1.3)")

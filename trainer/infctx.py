@@ -24,20 +24,16 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.models.rwkv7 import l2wrap
+from trainer.loss import lm_loss
 
 
 def segment_loss(lm: nn.Module, idx: torch.Tensor, targets: torch.Tensor, state, weight: float):
-    """One segment: idx, targets [B, t] -> (weight × L2Wrap(mean CE), new state)."""
+    """One segment: idx, targets [B, t] -> (weight × L2Wrap(mean CE), new state); the loss is the fused
+    Triton kernel on the GPU (trainer/loss.py), the plain PyTorch reference elsewhere."""
     logits, new_state = lm(idx, state)                     # [B, t, V]
-    flat = logits.reshape(-1, logits.shape[-1])
-    if flat.dtype in (torch.bfloat16, torch.float16):
-        flat = flat.float()                                # CE in fp32 (fp64 for an fp64 model)
-    ce = F.cross_entropy(flat, targets.reshape(-1))
-    return l2wrap(ce, logits) * weight, new_state
+    return lm_loss(logits, targets, weight), new_state
 
 
 def _flat(state) -> list[torch.Tensor]:

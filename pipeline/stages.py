@@ -184,6 +184,7 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
         out.write(pa.record_batch([pa.array(keys, pa.int64()), pa.array(ids, pa.string()),
                                    pa.array(texts, pa.large_string()), pa.array(hashes, pa.binary(16))],
                                   schema=INGEST_SCHEMA))
+        clock.lap("ingest_write")
     out.close()
     if nd is not None:
         sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, 0), np.uint64)

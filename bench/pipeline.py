@@ -1,6 +1,6 @@
 """Pipeline throughput: build a generated multilingual corpus end to end and report MB/s.
 
-    python bench/pipeline.py [--mb 200] [--files 48] [--near] [--out-json bench/results/pipeline.json]
+    python bench/pipeline.py [--mb 200] [--files 48] [--near] [--datatrove-python /tmp/dtvenv/bin/python]
 
 Generates ``--mb`` MB of JSONL (eleven languages and scripts plus code, with 2% exact and 1%
 near duplicates planted) into a temp folder, then runs ``pipeline/build.py``'s ``build`` on
@@ -8,6 +8,12 @@ Ray started locally with all cores: once with exact dedup + tokenization, once m
 MinHash near dedup on as well (``--near``). Prints per-stage wall time and CPU seconds
 (summed over tasks) so it shows where the time goes, and writes JSON. Ray start-up is
 reported separately from the build.
+
+Peer (``--datatrove-python``, a venv with datatrove 0.10): datatrove's LocalPipelineExecutor
+(one task per file, one worker per core) running JsonlReader → LambdaFilter (length) →
+JsonlWriter over the same files. That is less work than our ingest stage (read, four
+filters, content hash, Arrow write), so the ratio against our ingest wall time is generous to
+datatrove; datatrove has no World tokenizer, so tokenization is not compared.
 """
 
 from __future__ import annotations
@@ -71,6 +77,34 @@ def generate(folder: str, mb: int, files: int, seed: int = 0) -> tuple[int, int]
     return total, docs
 
 
+DATATROVE = """
+import sys, time
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.filters import LambdaFilter
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+data, out, tasks, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+t = time.perf_counter()
+LocalPipelineExecutor([JsonlReader(data, glob_pattern="*.jsonl"), LambdaFilter(lambda d: len(d.text) >= 20),
+                       JsonlWriter(out + "/docs", compression=None)],
+                      tasks=tasks, workers=workers, logging_dir=out + "/logs").run()
+print("WALL", time.perf_counter() - t)
+"""
+
+
+def run_datatrove(python: str, data: str, out: str, tasks: int, workers: int) -> dict:
+    import subprocess
+
+    t0 = time.perf_counter()
+    r = subprocess.run([python, "-c", DATATROVE, data, out, str(tasks), str(workers)], capture_output=True,
+                       text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"datatrove failed: {r.stderr[-2000:]}")
+    inner = float(next(ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("WALL")))
+    return {"wall_s": wall, "pipeline_s": inner}
+
+
 def run(manifest_path: str, out: str, near: bool) -> dict:
     from pipeline.build import build
     from pipeline.executor import RayExecutor
@@ -89,6 +123,7 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--files", type=int, default=48)
     ap.add_argument("--near", action="store_true", help="also run with MinHash near dedup on")
+    ap.add_argument("--datatrove-python", help="python of a venv with datatrove: run the peer too")
     ap.add_argument("--keep", help="generate into this folder and keep it (default: a temp folder)")
     ap.add_argument("--out-json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                        "pipeline.json"))
@@ -135,6 +170,12 @@ def main() -> None:
                                  "loadavg_1min": [load0, os.getloadavg()[0]], "totals": rep["totals"],
                                  "duplicates": rep["duplicates"]}
     ray.shutdown()
+    if args.datatrove_python:
+        dt = run_datatrove(args.datatrove_python, data, os.path.join(tmp, "out_datatrove"), args.files, cores)
+        ours = results["runs"]["exact+tokenize"]["stage_wall_s"]["ingest_wall"]
+        results["datatrove_read_filter_write"] = {**dt, "MB_per_s": nbytes / dt["pipeline_s"] / 1e6,
+                                                  "ours_ingest_wall_s": ours,
+                                                  "ratio_datatrove_over_ours": dt["pipeline_s"] / ours}
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(args.out_json), exist_ok=True)
@@ -152,6 +193,10 @@ def main() -> None:
               f"load avg {r['loadavg_1min'][0]:.1f}->{r['loadavg_1min'][1]:.1f}")
         print(f"{'':22s} dups exact {r['duplicates']['exact']:,} near {r['duplicates']['near']:,}; "
               f"{r['totals']['documents']:,} docs, {r['totals']['tokens']:,} tokens out")
+    if "datatrove_read_filter_write" in results:
+        d = results["datatrove_read_filter_write"]
+        print(f"peer: datatrove read+filter+write {d['pipeline_s']:.1f} s ({d['MB_per_s']:.1f} MB/s) vs our ingest "
+              f"(read+filters+hash+Arrow write) {d['ours_ingest_wall_s']:.1f} s: ours {d['ratio_datatrove_over_ours']:.2f}x faster")
 
 
 if __name__ == "__main__":

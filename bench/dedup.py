@@ -96,6 +96,28 @@ def _write_jsonl(path: Path, texts: list[str], start: int = 0) -> None:
     os.replace(tmp, path)
 
 
+def _tree_rss_mb(pid: int) -> float:
+    """Sum of VmRSS over pid and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        children.setdefault(int(fields["PPid"]), []).append(int(d))
+        rss[int(d)] = int(fields.get("VmRSS", "0 kB").split()[0])
+    total, todo = 0, [pid]
+    while todo:
+        q = todo.pop()
+        total += rss.get(q, 0)
+        todo += children.get(q, [])
+    return total / 1024
+
+
 def _cli(inp: Path, out: Path, mode: str, threads: int) -> tuple[float, dict]:
     cmd = [sys.executable, "-m", "pipeline.dedup", "--input", str(inp), "--out", str(out)]
     cmd += ["--mode", mode, "--threads", str(threads), "--report", str(out) + ".report.json"]
@@ -105,21 +127,8 @@ def _cli(inp: Path, out: Path, mode: str, threads: int) -> tuple[float, dict]:
     stop = threading.Event()
 
     def sample() -> None:  # RSS summed over the CLI and its descendants (Ray's raylet and workers)
-        import psutil
-
-        root = psutil.Process(proc.pid)
         while not stop.wait(0.5):
-            try:
-                tree = [root] + root.children(recursive=True)
-                rss = 0
-                for q in tree:
-                    try:
-                        rss += q.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak[0] = max(peak[0], rss / 2**20)
-            except psutil.Error:
-                return
+            peak[0] = max(peak[0], _tree_rss_mb(proc.pid))
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()

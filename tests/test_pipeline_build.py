@@ -154,24 +154,40 @@ def test_other_settings_on_same_out_refused(sample_out):
         build(load_manifest(SAMPLE), out, LocalExecutor(), progress=False, near=False)
 
 
+def kill_when(cmd: list[str], ready, timeout: float = 300, env=None) -> int:
+    """Start ``cmd``, SIGKILL it by pid as soon as ``ready()`` holds; its return code."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout
+    while p.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.002)
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGKILL)
+    return p.wait()
+
+
+def progress_points(out: str) -> list:
+    """Moments inside a build, in the order a build reaches them (each resumed run gets further)."""
+    work = os.path.join(out, "work")
+
+    def count(sub: str, ext: str) -> int:
+        d = os.path.join(work, sub)
+        return sum(n.endswith(ext) for n in os.listdir(d)) if os.path.isdir(d) else 0
+
+    return [lambda: os.path.exists(os.path.join(work, "build.json")),
+            lambda: count("ingest", ".json") >= 1,
+            lambda: os.path.exists(os.path.join(work, "dedup.arrow")),
+            lambda: count("tok", ".json") >= 1,
+            lambda: count("shards", ".json") >= 1]
+
+
 def test_sigkill_driver_at_several_points_then_rerun_is_identical(sample_out, tmp_path):
     ref, _ = sample_out
     expect = output_files(ref)
-    cmd = [sys.executable, os.path.join(REPO, "pipeline", "build.py"), "--manifest", SAMPLE, "--executor", "local",
-           "--no-progress"]
     out = str(tmp_path / "killed")
-    # a full local run here takes ~2-4 s; kill it at spread-out moments, resuming each time
-    states = []
-    for delay in (1.2, 1.8, 2.4, 3.0):
-        p = subprocess.Popen(cmd + ["--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-        p.wait()
-        work = os.path.join(out, "work")
-        states.append((p.returncode, os.path.exists(os.path.join(out, "index.json")),
-                       len(os.listdir(os.path.join(work, "ingest"))) if os.path.isdir(work) else 0))
-    assert any(rc == -signal.SIGKILL and not done for rc, done, _ in states), states  # killed mid-build
-    r = subprocess.run(cmd + ["--out", out], capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, os.path.join(REPO, "pipeline", "build.py"), "--manifest", SAMPLE, "--executor", "local",
+           "--no-progress", "--out", out]
+    codes = [kill_when(cmd, ready) for ready in progress_points(out)]
+    assert codes.count(-signal.SIGKILL) >= 3, codes  # most kills landed mid-build
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert output_files(out) == expect

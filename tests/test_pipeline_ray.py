@@ -158,7 +158,7 @@ def test_worker_killed_mid_task_is_retried(cluster, big, tmp_path):
     raylets = [p for p, (_, cmd) in _procs().items() if cluster["temp"] in cmd and "raylet" in cmd.split()[0]]
 
     def killer():
-        targets = ("ray::ingest_task", "ray::TokenizeWorker.tokenize")
+        targets = ("ray::ingest_task", "ray::TokenizeWorker.tokenize", "ray::shard_task")
         while not stop.is_set() and len(killed) < 2:
             for pid, (ppid, cmd) in _procs().items():
                 if ppid in raylets and cmd.startswith(targets) and not any(cmd.split()[0] in k for k in killed):
@@ -187,20 +187,15 @@ def test_worker_killed_mid_task_is_retried(cluster, big, tmp_path):
 
 
 def test_driver_sigkill_with_ray_then_rerun_is_identical(cluster, reference, tmp_path):
-    cmd = [sys.executable, BUILD, "--manifest", SAMPLE, "--address", cluster["address"], "--no-progress"]
+    from test_pipeline_build import kill_when, progress_points
+
     out = str(tmp_path / "out")
-    env = cluster["env"]
-    states = []
-    for delay in (4.0, 7.0):
-        p = subprocess.Popen(cmd + ["--out", out], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-        p.wait()
-        states.append((p.returncode, os.path.exists(os.path.join(out, "index.json"))))
-    r = subprocess.run(cmd + ["--out", out], env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, BUILD, "--manifest", SAMPLE, "--address", cluster["address"], "--no-progress", "--out", out]
+    points = progress_points(out)
+    codes = [kill_when(cmd, ready, env=cluster["env"]) for ready in (points[1], points[3])]  # mid-ingest, mid-tokenize
+    assert codes.count(-signal.SIGKILL) >= 1, codes
+    r = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert any(rc == -signal.SIGKILL and not done for rc, done in states), states
     assert _output_files(out) == _output_files(reference)
 
 

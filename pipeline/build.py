@@ -39,6 +39,8 @@ SCHEMA_VERSION = 1
 TOKENIZER_NAME = "rwkv_vocab_v20230424"
 VOCAB_SIZE = 65536
 STAGES = ("read", "filter", "exact_dedup", "near_dedup", "tokenize")
+EXACT_DOCS_PER_TASK = 20_000_000
+"""Exact dedup splits the content hashes into this many documents per task (~0.5 GB each)."""
 
 
 class BuildError(RuntimeError):
@@ -237,7 +239,13 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
         empty = np.zeros(0, np.int64)
         removed, dup_of = {"exact_dedup": empty, "near_dedup": empty}, {"exact_dedup": empty, "near_dedup": empty}
         if manifest.exact_dedup:
-            removed["exact_dedup"], dup_of["exact_dedup"] = stages.exact_duplicates(ingest_paths)
+            n_docs = sum(m["filter"]["out"] for m in metas)
+            parts = max(1, -(-n_docs // EXACT_DOCS_PER_TASK))  # hash partitions, ~24 B per doc each
+            found = [r for _, r in sorted(executor.exact([(ingest_paths, p, parts) for p in range(parts)]),
+                                          key=lambda x: x[0])]
+            rk = np.concatenate([f[0] for f in found])
+            order = np.argsort(rk, kind="stable")
+            removed["exact_dedup"], dup_of["exact_dedup"] = rk[order], np.concatenate([f[1] for f in found])[order]
         timings["exact_dedup_wall"] = time.perf_counter() - t0
         if nd.enabled:
             t1 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Executors: the same stage functions run in-process (tests, debugging) or on Ray.
 
-Both expose ``ingest``, ``tokenize`` and ``shards``, each taking a list of jobs and yielding
+Both expose ``ingest``, ``exact``, ``tokenize`` and ``shards``, each taking a list of jobs and yielding
 ``(job_index, result)`` as jobs finish. Results are pure functions of the jobs, so the order
 of completion never shows in the output. On Ray, ingest and shard writing are tasks (retried
 when their worker dies), tokenization runs in actors that load the World tokenizer once each
@@ -30,6 +30,10 @@ class LocalExecutor:
         for i, job in enumerate(jobs):
             yield i, stages.ingest_unit(*job)
 
+    def exact(self, jobs: list[tuple]) -> Iterator[tuple[int, tuple]]:
+        for i, job in enumerate(jobs):
+            yield i, stages.exact_duplicates(*job)
+
     def tokenize(self, jobs: list[tuple]) -> Iterator[tuple[int, dict]]:
         if self._tok is None:
             from tokenizer import WorldTokenizer
@@ -57,6 +61,10 @@ def _ray_remote_defs():
     def shard_task(index, pieces, out_dir):
         return stages.write_shard(index, pieces, out_dir)
 
+    @ray.remote(num_cpus=1, max_retries=4)
+    def exact_task(paths, part, parts):
+        return stages.exact_duplicates(paths, part, parts)
+
     # num_cpus=0: the actors are started during ingest (their start-up and tokenizer load overlap
     # it) and only work after ingest is done; SPREAD puts them on different nodes of a cluster.
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=4, scheduling_strategy="SPREAD")
@@ -69,7 +77,7 @@ def _ray_remote_defs():
         def tokenize(self, name, work, removed):
             return stages.tokenize_unit(name, work, removed, self.tok)
 
-    return ingest_task, shard_task, TokenizeWorker
+    return ingest_task, shard_task, exact_task, TokenizeWorker
 
 
 class RayExecutor:
@@ -83,7 +91,7 @@ class RayExecutor:
         self.ray = ray
         self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.max_in_flight = max_in_flight or 2 * self.cpus
-        self._ingest, self._shard, self._Worker = _ray_remote_defs()
+        self._ingest, self._shard, self._exact, self._Worker = _ray_remote_defs()
         self._actors: list = []
 
     def _run(self, submit, jobs: list[tuple]) -> Iterator[tuple[int, object]]:
@@ -103,6 +111,9 @@ class RayExecutor:
 
     def shards(self, jobs: list[tuple]) -> Iterator[tuple[int, dict]]:
         yield from self._run(lambda i, job: self._shard.remote(*job), jobs)
+
+    def exact(self, jobs: list[tuple]) -> Iterator[tuple[int, tuple]]:
+        yield from self._run(lambda i, job: self._exact.remote(*job), jobs)
 
     def prepare(self, n_units: int) -> None:
         """Start the tokenizer actors now, so they are warm when tokenization begins."""

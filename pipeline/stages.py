@@ -206,19 +206,28 @@ def _hash_words(h: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return buf[0::2], buf[1::2]
 
 
-def exact_duplicates(ingest_paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(removed_keys, duplicate_of_keys) over all units: a document whose content hash was
-    already seen at a smaller key is removed. Both sorted by removed key. [m], [m] int64."""
+def exact_duplicates(ingest_paths: list[str], part: int = 0, parts: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(removed_keys, duplicate_of_keys): a document whose content hash was already seen at a
+    smaller key is removed. Both [m] int64, sorted by removed key.
+
+    Only hashes with ``hi % parts == part`` are considered, so ``parts`` tasks (each holding
+    1/parts of the 24 bytes per document in memory) together find every duplicate: equal
+    contents have equal hashes and land in the same part.
+    """
     keys, his, los = [], [], []
     for p in ingest_paths:
         t = read_arrow(p)
         if t.num_rows == 0:
             continue
-        keys.append(t.column("key").to_numpy())
-        for chunk in t.column("hash").chunks:
-            hi, lo = _hash_words(chunk)
-            his.append(hi)
-            los.append(lo)
+        k = t.column("key").to_numpy()
+        hi = np.concatenate([_hash_words(c)[0] for c in t.column("hash").chunks])
+        lo = np.concatenate([_hash_words(c)[1] for c in t.column("hash").chunks])
+        if parts > 1:
+            mine = hi % np.uint64(parts) == part
+            k, hi, lo = k[mine], hi[mine], lo[mine]
+        keys.append(k)
+        his.append(hi)
+        los.append(lo)
     if not keys:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     k = np.concatenate(keys)

@@ -120,6 +120,10 @@ def test_exact_duplicates_match_plain_reference(tmp_path):
     ref = _exact_reference(docs)
     assert list(zip(removed.tolist(), of.tolist())) == ref
     assert len(ref) > 50
+    parts = [stages.exact_duplicates(paths, p, 3) for p in range(3)]  # hash-partitioned, as on Ray
+    assert all(len(r) for r, _ in parts)
+    merged = sorted(zip(np.concatenate([r for r, _ in parts]).tolist(), np.concatenate([o for _, o in parts]).tolist()))
+    assert merged == ref
 
 
 def test_atomic_json_roundtrip(tmp_path):

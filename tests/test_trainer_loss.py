@@ -1,35 +1,54 @@
 """The fused Triton loss (CE + L2Wrap) against the PyTorch reference: value and logits gradient.
-Runs the kernels under TRITON_INTERPRET=1 on machines without a GPU."""
+
+Without a GPU the kernels run under TRITON_INTERPRET=1, which must be set before triton is first
+imported; other test modules import it earlier in the same session (torch._dynamo does), so on the
+CPU the comparison runs in a fresh interpreter started by the test."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from trainer.loss import lm_loss_fused, lm_loss_reference  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+CASES = [(257, 6, torch.float32), (5000, 3, torch.float32), (4096, 4, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("V,rows,dtype", [(257, 6, torch.float32), (5000, 3, torch.float32), (4096, 4, torch.bfloat16)])
-def test_fused_matches_reference(V, rows, dtype):
+def compare(V, rows, dtype, dev):
+    from trainer.loss import lm_loss_fused, lm_loss_reference
+
     g = torch.Generator().manual_seed(V)
-    logits = (torch.randn(2, rows, V, generator=g) * 3).to(dtype).to(DEV)
-    logits[0, 0, 7] = logits[0, 0].max() + 5         # a clear argmax for L2Wrap
+    logits = (torch.randn(2, rows, V, generator=g) * 3).to(dtype)
+    logits[0, 0, 7] = logits[0, 0].max() + 5                    # a clear argmax for L2Wrap
     logits[1, 1, 3] = logits[1, 1, 9] = logits[1, 1].max() + 1  # a tie: the first index gets L2Wrap
-    targets = torch.randint(0, V, (2, rows), generator=g).to(DEV)
-    up = 0.7
+    logits = logits.to(dev)
+    targets = torch.randint(0, V, (2, rows), generator=g).to(dev)
     out = {}
     for name, fn in (("ref", lm_loss_reference), ("fused", lm_loss_fused)):
         x = logits.clone().requires_grad_(True)
         loss = fn(x, targets, 0.25)
-        (loss * up).backward()
-        out[name] = (loss.detach().float(), x.grad.float())
+        (loss * 0.7).backward()
+        out[name] = (loss.detach().float().cpu(), x.grad.float().cpu())
     (lr, gr), (lf, gf) = out["ref"], out["fused"]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(lf, lr, rtol=1e-5), (lf, lr)
     assert ((gf - gr).norm() / gr.norm()) < tol
-    assert torch.allclose(gf[0, 0, 7], gr[0, 0, 7], rtol=tol) and gf[1, 1, 9] == pytest.approx(gr[1, 1, 9].item(), rel=tol)
+    assert abs(gf[0, 0, 7] - gr[0, 0, 7]) <= tol * abs(gr[0, 0, 7])   # includes the L2Wrap term
+    assert abs(gf[1, 1, 3] - gr[1, 1, 3]) <= tol * abs(gr[1, 1, 3])
+    assert abs(gf[1, 1, 9] - gr[1, 1, 9]) <= tol * abs(gr[1, 1, 9])
+
+
+def compare_all(dev):
+    for V, rows, dtype in CASES:
+        compare(V, rows, dtype, dev)
+
+
+def test_fused_matches_reference():
+    if torch.cuda.is_available():
+        compare_all("cuda")
+        return
+    root = Path(__file__).resolve().parent.parent
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(0, {str(root / 'tests')!r}); "
+            "from test_trainer_loss import compare_all; compare_all('cpu')")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -193,7 +193,19 @@ def main():
     except ImportError:
         pass
     for p in args.presets.split(","):
-        r = throughput(p, args.ctx, args.steps)
+        r = None
+        try:
+            r = throughput(p, args.ctx, args.steps)
+        except torch.cuda.OutOfMemoryError:
+            pass
+        if r is None:  # out of memory: free the failed attempt, halve the batch once and say so
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+            BATCH[p] //= 2
+            r = throughput(p, args.ctx, args.steps)
+            r["note"] = f"batch {2 * BATCH[p]} ran out of memory"
         res["results"].append(r)
         print(json.dumps(r), flush=True)
     if args.reference_loss:  # the same step with the plain PyTorch CE + L2Wrap, for the ratio

@@ -135,3 +135,17 @@ def test_runs_as_a_script(tmp_path):
                         str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "r")],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}, timeout=120)
     assert r.returncode == 2 and "index not found" in r.stderr, r.stderr
+
+
+def test_gradient_accumulation_matches_a_bigger_micro_batch(corpus, tmp_path):
+    """2 micro-batches of 2 accumulated == 1 micro-batch of 4 (same samples, same global batch)."""
+    debug = ROOT / "trainer/configs/debug.yaml"
+    base = TINY + ["train.max_steps=3", "train.ckpt_every=0", "train.val_every=0", "train.tensorboard=false"]
+    fit(load_config(debug, base + ["data.micro_batch_size=4"]), corpus, tmp_path / "big")
+    fit(load_config(debug, base + ["data.micro_batch_size=2", "optim.accumulate_grad_batches=2"]), corpus,
+        tmp_path / "acc")
+    a, b = _rows(tmp_path / "big"), _rows(tmp_path / "acc")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert abs(float(x["loss"]) - float(y["loss"])) <= 1e-5 * float(x["loss"])
+        assert abs(float(x["grad_norm"]) - float(y["grad_norm"])) <= 1e-4 * float(x["grad_norm"])

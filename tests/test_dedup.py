@@ -27,7 +27,7 @@ def _random_texts(n: int, seed: int) -> list[str]:
 @pytest.mark.parametrize("kind,size", [("char", 5), ("char", 1), ("word", 2), ("word", 5)])
 def test_signatures_match_reference(kind, size):
     cfg = MinHashConfig(num_perm=16, shingle_kind=kind, shingle_size=size, seed=3)
-    texts = _random_texts(80, seed=size) + ["", "   ", "a", "ab cd"]
+    texts = _random_texts(80, seed=size) + ["x\ud800 y", "", "   ", "a", "ab cd"]  # lone surrogate (JSON "\ud800")
     fast = NearDedup(cfg).signatures(texts)
     ref = minhash.signatures_reference(texts, cfg)
     assert fast.dtype == np.uint32 and fast.shape == (len(texts), 16)

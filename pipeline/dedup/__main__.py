@@ -81,7 +81,7 @@ def run(input_path: str, out_path: str, cfg: MinHashConfig, threads: int, batch:
     tmp = f"{out_path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as out:
         for r, d in zip(removed.tolist(), dup.tolist()):
-            out.write(json.dumps({"id": ids[r], "duplicate_of": ids[d]}, ensure_ascii=False) + "\n")
+            out.write(json.dumps({"id": ids[r], "duplicate_of": ids[d]}) + "\n")  # ASCII-escaped: any id survives
     os.replace(tmp, out_path)
     return {
         "input": input_path,

@@ -170,7 +170,7 @@ def _layout(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     norm = [normalize(t) for t in texts]
     offsets = np.zeros(len(norm) + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, norm), dtype=np.int64, count=len(norm)), out=offsets[1:])
-    cp = np.frombuffer("".join(norm).encode("utf-32-le"), dtype=np.uint32)
+    cp = np.frombuffer("".join(norm).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)  # lone surrogates from JSON
     return cp, offsets
 
 

@@ -272,15 +272,14 @@ def encode_arrow_texts_reference(tokenizer, texts: pa.Array) -> tuple[np.ndarray
 def encode_arrow_texts(tokenizer, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Same as ``encode_arrow_texts_reference``, but the tokenizer's batch kernel reads the
     UTF-8 bytes straight from the Arrow buffers: no Python string per document, no copy."""
-    trie = getattr(tokenizer, "_trie", None)
-    if trie is None or not hasattr(trie, "encode_docs") or len(texts) == 0 or texts.null_count:
+    if len(texts) == 0 or texts.null_count:
         return encode_arrow_texts_reference(tokenizer, texts)
     if not pa.types.is_large_string(texts.type):
         texts = texts.cast(pa.large_string())
     bufs = texts.buffers()
     offs = np.frombuffer(bufs[1], np.int64)[texts.offset: texts.offset + len(texts) + 1]  # [n + 1]
-    data = np.frombuffer(bufs[2], np.uint8)[offs[0]: offs[-1]] if bufs[2] is not None else np.zeros(0, np.uint8)
-    ids, tok_offs = trie.encode_docs(data, offs - offs[0])
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    ids, tok_offs = tokenizer.encode_docs(data, offs)
     return ids, np.asarray(tok_offs, np.int64)
 
 

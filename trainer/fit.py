@@ -170,8 +170,9 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
     from tqdm import tqdm
 
     model_cfg = resolve_model_config(cfg.model)
-    corpus = ShardCorpus(data_dir, cfg.data.data_ctx_len, cfg.data.val_fraction, cfg.data.mixture,
-                         cfg.data.verify_checksums)
+    # checksums are read once per machine (local rank 0); every rank checks schemas and counts
+    verify = cfg.data.verify_checksums and os.environ.get("LOCAL_RANK", "0") == "0"
+    corpus = ShardCorpus(data_dir, cfg.data.data_ctx_len, cfg.data.val_fraction, cfg.data.mixture, verify)
     if corpus.vocab_size > model_cfg.vocab_size:
         raise DataError(f"{data_dir}/index.json: vocab_size {corpus.vocab_size} exceeds the model's "
                         f"{model_cfg.vocab_size}")

@@ -148,21 +148,34 @@ def ddp_check(data: str, steps: int = 20) -> dict:
     cmds = {"one": [sys.executable, *common, "--run-dir", str(run / "one"),
                     *sum((["--set", x] for x in sets + ["data.micro_batch_size=8"]), [])],
             "two": [sys.executable, "-c", "from lightning.fabric.cli import _main; _main()", "run", "--devices", "2", "--strategy", "ddp", *common,
-                    "--run-dir", str(run / "two"), *sum((["--set", x] for x in sets + ["data.micro_batch_size=4"]), [])]}
+                    "--run-dir", str(run / "two"), *sum((["--set", x] for x in sets + ["data.micro_batch_size=4"]), [])],
+            "fsdp": [sys.executable, "-c", "from lightning.fabric.cli import _main; _main()", "run", "--devices", "2", "--strategy", "fsdp",
+                     *common, "--run-dir", str(run / "fsdp"),
+                     *sum((["--set", x] for x in sets + ["data.micro_batch_size=4"]), [])]}
     out = {}
     for name, cmd in cmds.items():
         t = time.perf_counter()
         r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
         if r.returncode:
-            return {"error": f"{name}: rc {r.returncode}: {r.stderr[-2000:]}"}
+            out[name] = {"error": f"rc {r.returncode}: {r.stderr[-2000:]}"}
+            continue
+        if name == "fsdp":
+            from trainer.models import load_official
+
+            ck = sorted((run / name / "checkpoints").glob("step-*"))
+            out["fsdp_checkpoint_loads"] = bool(ck) and load_official(ck[-1] / "model.pth") is not None
         with open(run / name / "metrics.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         out[name] = {"loss": [float(x["loss"]) for x in rows], "val_loss": [x["val_loss"] for x in rows if x["val_loss"]],
                      "wall_s": round(time.perf_counter() - t, 1)}
-    a, b = out["one"]["loss"], out["two"]["loss"]
-    diff = max(abs(x - y) for x, y in zip(a, b))
-    return {"steps": len(a), "precision": "bf16-mixed", "model": "debug preset (L2-D128), ctx 128 in 2 segments",
-            "max_abs_loss_diff": round(diff, 6), "pass_1e-3": len(a) == len(b) == steps and diff <= 1e-3, **out}
+    res = {"steps": steps, "precision": "bf16-mixed", "model": "debug preset (L2-D128), ctx 128 in 2 segments"}
+    for name in ("two", "fsdp"):
+        if "loss" in out.get("one", {}) and "loss" in out.get(name, {}):
+            a, b = out["one"]["loss"], out[name]["loss"]
+            diff = max(abs(x - y) for x, y in zip(a, b))
+            res[f"{name}_max_abs_loss_diff"] = round(diff, 6)
+            res[f"{name}_pass_1e-3"] = len(a) == len(b) == steps and diff <= 1e-3
+    return {**res, **out}
 
 
 def main():

@@ -57,7 +57,7 @@ def batches(B, D, n, device, seed=0):
 
 def family(name: str) -> str:
     n = name.lower()
-    for key, fam in (("aten::mm", "matmul"), ("aten::bmm", "matmul"), ("addmm", "matmul"), ("wkv", "wkv7 (triton)"), ("chunk", "wkv7 (triton)"), ("gemm", "matmul"), ("sm90", "matmul"),
+    for key, fam in (("lm_loss", "loss (fused CE + L2Wrap)"), ("aten::mm", "matmul"), ("aten::bmm", "matmul"), ("addmm", "matmul"), ("wkv", "wkv7 (triton)"), ("chunk", "wkv7 (triton)"), ("gemm", "matmul"), ("sm90", "matmul"),
                      ("cutlass", "matmul"), ("nvjet", "matmul"), ("xmma", "matmul"), ("softmax", "cross-entropy"),
                      ("nll", "cross-entropy"), ("adam", "optimizer"), ("layer_norm", "layernorm/groupnorm"),
                      ("group_norm", "layernorm/groupnorm"), ("norm", "layernorm/groupnorm"),

@@ -42,7 +42,7 @@ def _build():
     import triton.language as tl
 
     @triton.jit
-    def fwd(X, TGT, LSE, LOSS, MX, AMX, V, stride, BLOCK: tl.constexpr):
+    def lm_loss_fwd_kernel(X, TGT, LSE, LOSS, MX, AMX, V, stride, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_ptr = X + row * stride
         m = -float("inf")
@@ -68,7 +68,7 @@ def _build():
         tl.store(AMX + row, best_i)
 
     @triton.jit
-    def bwd(X, DX, TGT, LSE, MX, AMX, SCALE, V, stride, l2: tl.constexpr, BLOCK: tl.constexpr):
+    def lm_loss_bwd_kernel(X, DX, TGT, LSE, MX, AMX, SCALE, V, stride, l2: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_ptr = X + row * stride
         dx_ptr = DX + row * stride
@@ -86,7 +86,7 @@ def _build():
             d = tl.where(cols == amx, d + l2 * mx, d)
             tl.store(dx_ptr + cols, (d * g).to(DX.dtype.element_ty), mask=mask)
 
-    _kernels = (fwd, bwd)
+    _kernels = (lm_loss_fwd_kernel, lm_loss_bwd_kernel)
     return _kernels
 
 

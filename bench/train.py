@@ -145,7 +145,8 @@ def ddp_check(data: str, steps: int = 20) -> dict:
             "data.val_batches=2", "train.precision=bf16-mixed"]
     common = ["trainer/fit.py", "--config", "trainer/configs/debug.yaml", "--data", data, "--max-steps", str(steps)]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    cmds = {"one": [sys.executable, *common, "--run-dir", str(run / "one"),
+    cmds = {"one": [sys.executable, "-c", "from lightning.fabric.cli import _main; _main()", "run", "--devices", "1",
+                    *common, "--run-dir", str(run / "one"),
                     *sum((["--set", x] for x in sets + ["data.micro_batch_size=8"]), [])],
             "two": [sys.executable, "-c", "from lightning.fabric.cli import _main; _main()", "run", "--devices", "2", "--strategy", "ddp", *common,
                     "--run-dir", str(run / "two"), *sum((["--set", x] for x in sets + ["data.micro_batch_size=4"]), [])],

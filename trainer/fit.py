@@ -256,7 +256,7 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
             samples += layout.global_batch
             loss_val, grad_norm = float(loss_t), float(norm_t)
             dt = time.perf_counter() - t0
-            row = {"step": step, "loss": f"{loss_val:.6f}", "lr": f"{lr:.6g}", "tokens": step * tokens_per_step,
+            row = {"step": step, "loss": f"{loss_val:.6f}", "lr": f"{lr:.6g}", "tokens": samples * cfg.data.data_ctx_len,
                    "tokens_per_s": f"{tokens_per_step / dt:.1f}", "grad_norm": f"{grad_norm:.4f}", "val_loss": ""}
             final = step == cfg.train.max_steps
             if val and ((cfg.train.val_every and step % cfg.train.val_every == 0) or final):

@@ -34,13 +34,17 @@ BATCH = {"debug": 2, "0.1b": 8, "0.4b": 8, "1.5b": 4}
 ACCEL = "cuda"  # --accelerator cpu: a smoke run of this script on a machine without a GPU
 
 
-def setup(preset: str, ctx_len: int, recompute: bool = True):
+def setup(preset: str, ctx_len: int, recompute: bool = True, compile: bool = False):
     import lightning as L
 
     fabric = L.Fabric(accelerator=ACCEL, devices=1, precision="bf16-mixed" if ACCEL == "cuda" else "32-true")
     fabric.seed_everything(0)
     with fabric.init_module():
         lm = RWKV7(PRESETS[preset])
+    if compile:
+        from trainer.models.rwkv7 import apply_compile
+
+        apply_compile(lm)
     model = InfctxLM(lm, ctx_len, recompute=recompute)
     groups = lm.optimizer_groups(0.1)
     for g in groups:
@@ -67,12 +71,13 @@ def family(name: str) -> str:
     return "elementwise/other"
 
 
-def throughput(preset: str, ctx: int, steps: int, fused_loss: bool = True) -> dict:
+def throughput(preset: str, ctx: int, steps: int, fused_loss: bool = True, compile: bool = False) -> dict:
     import trainer.loss
 
     trainer.loss.USE_FUSED = None if fused_loss else False
     B = BATCH[preset]
-    fabric, lm, model, opt = setup(preset, ctx)
+    t_setup = time.perf_counter()
+    fabric, lm, model, opt = setup(preset, ctx, compile=compile)
     n_params = sum(p.numel() for p in lm.parameters())
     non_emb = n_params - lm.emb.weight.numel()
     data = batches(B, ctx, steps + 3, fabric.device)
@@ -80,6 +85,7 @@ def throughput(preset: str, ctx: int, steps: int, fused_loss: bool = True) -> di
     for b in data[:3]:
         loss, _ = train_step(fabric, model, opt, [b], 1e-4, 1, 1.0)
     torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t_setup
     t = time.perf_counter()
     for b in data[3:]:
         loss, norm = train_step(fabric, model, opt, [b], 1e-4, 1, 1.0)
@@ -101,7 +107,8 @@ def throughput(preset: str, ctx: int, steps: int, fused_loss: bool = True) -> di
                   for e in prof.key_averages()),
                  key=lambda x: -x[1])[:12]
     trainer.loss.USE_FUSED = None
-    res = {"preset": preset, "loss_path": "fused triton" if fused_loss else "pytorch reference", "params": n_params, "non_embedding_params": non_emb, "batch": B, "ctx": ctx,
+    res = {"preset": preset, "loss_path": "fused triton" if fused_loss else "pytorch reference", "compiled": compile,
+           "setup_and_warmup_s": round(warm_s, 1), "params": n_params, "non_embedding_params": non_emb, "batch": B, "ctx": ctx,
            "step_ms": round(dt * 1e3, 1), "tokens_per_s": round(tok_s), "mfu": round(6 * non_emb * tok_s / PEAK_BF16, 4),
            "peak_mem_gb": round(peak / 1e9, 2), "loss": round(float(loss), 4), "grad_norm": round(float(norm), 4),
            "cuda_time_share": {k: round(v / total, 3) for k, v in sorted(fam.items(), key=lambda x: -x[1])},
@@ -187,6 +194,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--accelerator", default="cuda")
+    ap.add_argument("--compile", default="", help="presets to time again with per-block torch.compile")
     ap.add_argument("--reference-loss", default="0.1b", help="preset to time again with the reference loss ('' = none)")
     ap.add_argument("--ddp-data", default=None, help="corpus for the 1-GPU vs 2-GPU DDP loss check (needs 2 GPUs)")
     args = ap.parse_args()
@@ -206,19 +214,24 @@ def main():
         res["triton"] = triton.__version__
     except ImportError:
         pass
-    for p in args.presets.split(","):
+    runs = [(p, False) for p in args.presets.split(",") if p] + [(p, True) for p in args.compile.split(",") if p]
+    for p, comp in runs:
         r = None
         try:
-            r = throughput(p, args.ctx, args.steps)
+            r = throughput(p, args.ctx, args.steps, compile=comp)
         except torch.cuda.OutOfMemoryError:
             pass
+        except Exception as e:  # a compile failure is reported, not fatal to the other measurements
+            res["results"].append({"preset": p, "compiled": comp, "error": repr(e)[:2000]})
+            print(f"{p} compile={comp}: {e!r}"[:2000], flush=True)
+            continue
         if r is None:  # out of memory: free the failed attempt, halve the batch once and say so
             import gc
 
             gc.collect()
             torch.cuda.empty_cache()
             BATCH[p] //= 2
-            r = throughput(p, args.ctx, args.steps)
+            r = throughput(p, args.ctx, args.steps, compile=comp)
             r["note"] = f"batch {2 * BATCH[p]} ran out of memory"
         res["results"].append(r)
         print(json.dumps(r), flush=True)
@@ -234,7 +247,9 @@ def main():
         print(json.dumps({k: v for k, v in res["ddp"].items() if k not in ("one", "two")}), flush=True)
     print(f"\n{'preset':<8}{'loss':<20}{'batch':>6}{'ctx':>6}{'tokens/s':>11}{'MFU':>7}{'peak GB':>9}")
     for r in res["results"]:
-        print(f"{r['preset']:<8}{r['loss_path']:<20}{r['batch']:>6}{r['ctx']:>6}{r['tokens_per_s']:>11,}"
+        if "error" in r:
+            continue
+        print(f"{r['preset'] + ('+c' if r['compiled'] else ''):<8}{r['loss_path']:<20}{r['batch']:>6}{r['ctx']:>6}{r['tokens_per_s']:>11,}"
               f"{r['mfu']:>7.1%}{r['peak_mem_gb']:>9}")
     if "infctx_memory" in res:
         m = res["infctx_memory"]

@@ -75,6 +75,7 @@ class TrainSection:
     ckpt_every: int = 50                # optimizer steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2           # newest N checkpoints kept
     tensorboard: bool = True            # TensorBoard logs under RUN/tb through Fabric's logger
+    compile: bool = False               # torch.compile each block (trainer.models.rwkv7.apply_compile)
 
 
 @dataclass

@@ -194,6 +194,10 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
 
     with fabric.init_module():
         lm = RWKV7(model_cfg)
+    if cfg.train.compile:
+        from trainer.models.rwkv7 import apply_compile
+
+        apply_compile(lm)
     model = InfctxLM(lm, cfg.data.ctx_len, cfg.train.bptt_truncate, cfg.train.recompute_segments)
     o = cfg.optim
     groups = lm.optimizer_groups(o.weight_decay)

@@ -118,10 +118,10 @@ def throughput(preset: str, ctx: int, steps: int, fused_loss: bool = True, compi
     return res
 
 
-def infctx_memory(ctx: int, B: int = 2, mult: int = 16) -> dict:
+def infctx_memory(ctx: int, B: int = 2, mult: int = 16, preset: str = "0.1b") -> dict:
     out = {}
     for D in (ctx, mult * ctx):
-        fabric, lm, model, opt = setup("0.1b", ctx)
+        fabric, lm, model, opt = setup(preset, ctx)
         (b,) = batches(B, D, 1, fabric.device, seed=D)
         train_step(fabric, model, opt, [b], 1e-4, 1, 1.0)  # optimizer state allocated
         torch.cuda.synchronize()
@@ -135,7 +135,7 @@ def infctx_memory(ctx: int, B: int = 2, mult: int = 16) -> dict:
         del model, opt, lm, fabric
         torch.cuda.empty_cache()
     ratio = out[mult * ctx]["peak_gb"] / out[ctx]["peak_gb"]
-    return {"preset": "0.1b", "batch": B, "ctx_len": ctx, "data_ctx_len": {str(k): v for k, v in out.items()},
+    return {"preset": preset, "batch": B, "ctx_len": ctx, "data_ctx_len": {str(k): v for k, v in out.items()},
             "peak_ratio": round(ratio, 3), "target_ratio": 1.3, "pass": ratio <= 1.3}
 
 
@@ -214,6 +214,12 @@ def main():
         res["triton"] = triton.__version__
     except ImportError:
         pass
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every measurement, so a run cut short still leaves its numbers
+        (out / "train.json").write_text(json.dumps(res, indent=1))
+
     runs = [(p, False) for p in args.presets.split(",") if p] + [(p, True) for p in args.compile.split(",") if p]
     for p, comp in runs:
         r = None
@@ -234,16 +240,20 @@ def main():
             r = throughput(p, args.ctx, args.steps, compile=comp)
             r["note"] = f"batch {2 * BATCH[p]} ran out of memory"
         res["results"].append(r)
+        save()
         print(json.dumps(r), flush=True)
     if args.reference_loss:  # the same step with the plain PyTorch CE + L2Wrap, for the ratio
         r = throughput(args.reference_loss, args.ctx, args.steps, fused_loss=False)
         res["results"].append(r)
+        save()
         print(json.dumps(r), flush=True)
     if not args.skip_memory:
         res["infctx_memory"] = infctx_memory(args.ctx)
+        save()
         print(json.dumps(res["infctx_memory"]), flush=True)
     if args.ddp_data and torch.cuda.device_count() >= 2:
         res["ddp"] = ddp_check(args.ddp_data)
+        save()
         print(json.dumps({k: v for k, v in res["ddp"].items() if k not in ("one", "two")}), flush=True)
     print(f"\n{'preset':<8}{'loss':<20}{'batch':>6}{'ctx':>6}{'tokens/s':>11}{'MFU':>7}{'peak GB':>9}")
     for r in res["results"]:
@@ -254,9 +264,7 @@ def main():
     if "infctx_memory" in res:
         m = res["infctx_memory"]
         print(f"infctx 0.1B peak memory, data_ctx_len 16x vs 1x ctx_len: ratio {m['peak_ratio']} (target <= 1.3)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(res, indent=1))
+    save()
 
 
 if __name__ == "__main__":

@@ -94,6 +94,15 @@ def test_cpu_run_outputs_and_exact_resume(corpus, tmp_path):
     sd = torch.load(full / "checkpoints/step-00000006/resume.pt", weights_only=True)["model"]
     for k, v in lm.state_dict().items():
         assert torch.equal(v, sd["lm." + k]), k
+    # the `rwkv` package (the inference oracle) loads the trained weights and agrees with our model
+    os.environ["RWKV_V7_ON"] = "1"
+    from rwkv.model import RWKV
+
+    oracle = RWKV(model=str(full / "checkpoints/step-00000006/model"), strategy="cpu fp32")
+    ref, _ = oracle.forward([5, 17, 300], None)
+    with torch.no_grad():
+        ours, _ = lm.eval()(torch.tensor([[5, 17, 300]]))
+    assert torch.allclose(ours[0, -1], ref, atol=1e-4, rtol=1e-4)
 
     part = tmp_path / "part"
     fit(load_config(debug, TINY + ["train.max_steps=3"]), corpus, part)

@@ -220,41 +220,44 @@ def main():
     def save():  # after every measurement, so a run cut short still leaves its numbers
         (out / "train.json").write_text(json.dumps(res, indent=1))
 
-    runs = [(p, False) for p in args.presets.split(",") if p] + [(p, True) for p in args.compile.split(",") if p]
-    for p, comp in runs:
+    def timed(p, comp, fused_loss=True):
         r = None
         try:
-            r = throughput(p, args.ctx, args.steps, compile=comp)
+            r = throughput(p, args.ctx, args.steps, fused_loss=fused_loss, compile=comp)
         except torch.cuda.OutOfMemoryError:
             pass
-        except Exception as e:  # a compile failure is reported, not fatal to the other measurements
+        except Exception as e:  # a failure (e.g. in torch.compile) is reported, not fatal to the rest
             res["results"].append({"preset": p, "compiled": comp, "error": repr(e)[:2000]})
             print(f"{p} compile={comp}: {e!r}"[:2000], flush=True)
-            continue
+            return
         if r is None:  # out of memory: free the failed attempt, halve the batch once and say so
             import gc
 
             gc.collect()
             torch.cuda.empty_cache()
             BATCH[p] //= 2
-            r = throughput(p, args.ctx, args.steps, compile=comp)
+            r = throughput(p, args.ctx, args.steps, fused_loss=fused_loss, compile=comp)
             r["note"] = f"batch {2 * BATCH[p]} ran out of memory"
         res["results"].append(r)
         save()
         print(json.dumps(r), flush=True)
-    if args.reference_loss:  # the same step with the plain PyTorch CE + L2Wrap, for the ratio
-        r = throughput(args.reference_loss, args.ctx, args.steps, fused_loss=False)
-        res["results"].append(r)
-        save()
-        print(json.dumps(r), flush=True)
+
+    # in priority order (a run cut short keeps what finished): eager presets, infctx memory, the
+    # reference-loss ratio, the multi-GPU check, then compiled variants
+    for p in [p for p in args.presets.split(",") if p]:
+        timed(p, False)
     if not args.skip_memory:
         res["infctx_memory"] = infctx_memory(args.ctx)
         save()
         print(json.dumps(res["infctx_memory"]), flush=True)
+    if args.reference_loss:  # the same step with the plain PyTorch CE + L2Wrap, for the ratio
+        timed(args.reference_loss, False, fused_loss=False)
     if args.ddp_data and torch.cuda.device_count() >= 2:
         res["ddp"] = ddp_check(args.ddp_data)
         save()
-        print(json.dumps({k: v for k, v in res["ddp"].items() if k not in ("one", "two")}), flush=True)
+        print(json.dumps({k: v for k, v in res["ddp"].items() if k not in ("one", "two", "fsdp")}), flush=True)
+    for p in [p for p in args.compile.split(",") if p]:
+        timed(p, True)
     print(f"\n{'preset':<8}{'loss':<20}{'batch':>6}{'ctx':>6}{'tokens/s':>11}{'MFU':>7}{'peak GB':>9}")
     for r in res["results"]:
         if "error" in r:

@@ -192,8 +192,9 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
 
     from trainer.models.rwkv7 import RWKV7
 
-    with fabric.init_module():
-        lm = RWKV7(model_cfg)
+    # initialised on the CPU under the seed, then moved by fabric.setup: the same weights on any
+    # device and under any strategy (a GPU's RNG stream would give a different init than the CPU's)
+    lm = RWKV7(model_cfg)
     if cfg.train.compile:
         from trainer.models.rwkv7 import apply_compile
 

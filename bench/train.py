@@ -139,7 +139,7 @@ def infctx_memory(ctx: int, B: int = 2, mult: int = 16, preset: str = "0.1b") ->
             "peak_ratio": round(ratio, 3), "target_ratio": 1.3, "pass": ratio <= 1.3}
 
 
-def ddp_check(data: str, steps: int = 20) -> dict:
+def ddp_check(data: str, steps: int = 20, precision: str = "bf16-mixed") -> dict:
     """fit.py on 1 GPU (micro-batch 8) vs `fabric run --devices 2 --strategy ddp` (micro-batch 4 per
     GPU): same global batch, same data order; per-step training losses compared (target: within 1e-3)."""
     import csv
@@ -149,7 +149,7 @@ def ddp_check(data: str, steps: int = 20) -> dict:
     root = Path(__file__).resolve().parent.parent
     run = Path(tempfile.mkdtemp(prefix="ddp"))
     sets = ["train.tensorboard=false", "sample.tokens=0", "train.ckpt_every=0", "train.val_every=10",
-            "data.val_batches=2", "train.precision=bf16-mixed"]
+            "data.val_batches=2", f"train.precision={precision}"]
     common = ["trainer/fit.py", "--config", "trainer/configs/debug.yaml", "--data", data, "--max-steps", str(steps)]
     env = {**os.environ, "PYTHONPATH": str(root)}
     cmds = {"one": [sys.executable, "-c", "from lightning.fabric.cli import _main; _main()", "run", "--devices", "1",
@@ -176,7 +176,7 @@ def ddp_check(data: str, steps: int = 20) -> dict:
             rows = list(csv.DictReader(f))
         out[name] = {"loss": [float(x["loss"]) for x in rows], "val_loss": [x["val_loss"] for x in rows if x["val_loss"]],
                      "wall_s": round(time.perf_counter() - t, 1)}
-    res = {"steps": steps, "precision": "bf16-mixed", "model": "debug preset (L2-D128), ctx 128 in 2 segments"}
+    res = {"steps": steps, "precision": precision, "model": "debug preset (L2-D128), ctx 128 in 2 segments"}
     for name in ("two", "fsdp"):
         if "loss" in out.get("one", {}) and "loss" in out.get(name, {}):
             a, b = out["one"]["loss"], out[name]["loss"]
@@ -196,6 +196,7 @@ def main():
     ap.add_argument("--accelerator", default="cuda")
     ap.add_argument("--compile", default="", help="presets to time again with per-block torch.compile")
     ap.add_argument("--reference-loss", default="0.1b", help="preset to time again with the reference loss ('' = none)")
+    ap.add_argument("--ddp-precision", default="bf16-mixed")
     ap.add_argument("--ddp-data", default=None, help="corpus for the 1-GPU vs 2-GPU DDP loss check (needs 2 GPUs)")
     args = ap.parse_args()
     global ACCEL
@@ -253,7 +254,7 @@ def main():
     if args.reference_loss:  # the same step with the plain PyTorch CE + L2Wrap, for the ratio
         timed(args.reference_loss, False, fused_loss=False)
     if args.ddp_data and torch.cuda.device_count() >= 2:
-        res["ddp"] = ddp_check(args.ddp_data)
+        res["ddp"] = ddp_check(args.ddp_data, precision=args.ddp_precision)
         save()
         print(json.dumps({k: v for k, v in res["ddp"].items() if k not in ("one", "two", "fsdp")}), flush=True)
     for p in [p for p in args.compile.split(",") if p]:

@@ -32,16 +32,23 @@ corpus: $(DATA)/index.json
 train: $(DATA)/index.json
 	$(PY) trainer/fit.py --config trainer/configs/debug.yaml --data $(DATA) --run-dir $(RUN)
 
-bench: $(STAMP)
-	$(PY) -m pip install -q -e ".[bench]"
+# Peers for the CPU benchmarks live in their own venv: datatrove pins packages (xxhash<4) that
+# would clash with the project's.
+PEERS := .venv-peers/.installed
+$(PEERS):
+	python3 -m venv .venv-peers
+	.venv-peers/bin/pip install -q datatrove spacy regex orjson tokenizers "xxhash<4"
+	touch $(PEERS)
+
+bench: $(STAMP) $(PEERS)
 	$(PY) bench/tokenizer.py
-	$(PY) bench/pipeline.py
-	$(PY) bench/dedup.py
+	$(PY) bench/pipeline.py --datatrove-python .venv-peers/bin/python
+	$(PY) bench/dedup.py --datatrove-python .venv-peers/bin/python
 	$(PY) bench/loader.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf .venv data runs build *.egg-info .pytest_cache .ruff_cache
+	rm -rf .venv .venv-peers data runs build *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

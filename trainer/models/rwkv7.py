@@ -116,6 +116,10 @@ def _wkv_one_step(r, w, k, v, a, b, s):
     return torch.einsum("bhij,bhj->bhi", s, r), s
 
 
+VEC_NAMES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")
+"""TimeMix's per-channel vectors, stored [1, 1, C] as in RWKV-LM; forward reads them as [C] views."""
+
+
 class TimeMix(nn.Module):
     """RWKV-7 time mixing (the attention replacement): token shift, LoRAs, WKV, GroupNorm, bonus, gate."""
 
@@ -148,16 +152,22 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(self.H, C, eps=64e-5)
 
-    def forward(self, x, v_first, shift, wkv_state):
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """The [1, 1, C] vectors as [C] views, by name (see `Block.forward` for why)."""
+        return {name: getattr(self, name).view(-1) for name in VEC_NAMES}
+
+    def forward(self, x, v_first, shift, wkv_state, vec: dict[str, torch.Tensor] | None = None):
         """x [B, T, C] (ln1 output); v_first [B, T, C] or None in layer 0; shift [B, C] or None;
-        wkv_state [B, H, N, N] or None -> (out [B, T, C], v_first, new shift [B, C], new wkv state)."""
+        wkv_state [B, H, N, N] or None; vec: `self.vectors()` (None: taken here)
+        -> (out [B, T, C], v_first, new shift [B, C], new wkv state)."""
         B, T, C = x.shape
         H, N = self.H, self.N
+        p = self.vectors() if vec is None else vec  # [C] each
         last = x[:, -1].clone()  # no view of the input leaves the block (compiled-graph aliasing)
         dt = _act_dtype(x)  # bf16 under autocast (as RWKV-LM's bf16 training), else the model's dtype
         x = x.to(dt)
         xx = _shift(x, shift) - x
-        mix = [torch.addcmul(x, xx, m.to(dt)) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)]
+        mix = [torch.addcmul(x, xx, p[m].to(dt)) for m in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")]
         xr, xw, xk, xv, xa, xg = mix
 
         r = self.receptance(xr)  # [B, T, C]
@@ -166,15 +176,15 @@ class TimeMix(nn.Module):
         if self.first:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0.to(dt) + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0.to(dt) + (xa @ self.a1) @ self.a2)  # in-context learning rate
+            v = v + (v_first - v) * torch.sigmoid(p["v0"].to(dt) + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(p["a0"].to(dt) + (xa @ self.a1) @ self.a2)  # in-context learning rate
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         # log decay in fp32 (fp64 for an fp64 model): long-range decay products amplify its rounding
         wdt = torch.float64 if dt == torch.float64 else torch.float32
-        w = -DECAY_SCALE * torch.sigmoid(self.w0.to(wdt) + (torch.tanh(xw @ self.w1) @ self.w2).to(wdt))
+        w = -DECAY_SCALE * torch.sigmoid(p["w0"].to(wdt) + (torch.tanh(xw @ self.w1) @ self.w2).to(wdt))
 
-        kk = F.normalize((k * self.k_k.to(dt)).view(B, T, H, N), dim=-1, p=2.0)  # [B, T, H, N]
-        k = k * (1 + (a - 1) * self.k_a.to(dt))
+        kk = F.normalize((k * p["k_k"].to(dt)).view(B, T, H, N), dim=-1, p=2.0)  # [B, T, H, N]
+        k = k * (1 + (a - 1) * p["k_a"].to(dt))
         r4, w4, k4, v4 = (t.reshape(B, T, H, N) for t in (r, w, k, v))
         y, s = _wkv(r4.to(dt), w4, k4.to(dt), v4.to(dt), (-kk).to(dt), (kk * a.view(B, T, H, N)).to(dt), wkv_state)
 
@@ -193,11 +203,13 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
-    def forward(self, x, shift):
-        """x [B, T, C] (ln2 output), shift [B, C] or None -> (out [B, T, C], new shift [B, C])."""
+    def forward(self, x, shift, x_k: torch.Tensor | None = None):
+        """x [B, T, C] (ln2 output), shift [B, C] or None; x_k: `self.x_k` as a [C] view (None: taken
+        here) -> (out [B, T, C], new shift [B, C])."""
         last = x[:, -1].clone()  # no view of the input leaves the block (compiled-graph aliasing)
         x = x.to(_act_dtype(x))
-        k = torch.addcmul(x, _shift(x, shift) - x, self.x_k.to(x.dtype))
+        x_k = self.x_k.view(-1) if x_k is None else x_k  # [C]
+        k = torch.addcmul(x, _shift(x, shift) - x, x_k.to(x.dtype))
         return self.value(torch.relu(self.key(k)) ** 2), last
 
 
@@ -213,13 +225,19 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg, layer_id)
 
     def forward(self, x, v_first, state):
-        """x [B, T, C]; state (att_shift, wkv, ffn_shift) or None -> (x, v_first, new state)."""
+        """x [B, T, C]; state (att_shift, wkv, ffn_shift) or None -> (x, v_first, new state).
+        The [1, 1, C] parameters enter `_body` (what `apply_compile` compiles) as [C] views made here,
+        outside any graph: torch 2.11's compiled backward returns a [1, 1, C] graph input's gradient
+        as [C] and autograd rejects it ("invalid gradient ... expected shape compatible with [1, 1, C]")."""
+        return self._body(x, v_first, state, self.att.vectors(), self.ffn.x_k.view(-1))
+
+    def _body(self, x, v_first, state, att_vec: dict[str, torch.Tensor], ffn_xk: torch.Tensor):
         if self.first:
             x = self.ln0(x)
         att_shift, wkv, ffn_shift = state if state is not None else (None, None, None)
-        dx, v_first, att_shift, wkv = self.att(self.ln1(x), v_first, att_shift, wkv)
+        dx, v_first, att_shift, wkv = self.att(self.ln1(x), v_first, att_shift, wkv, att_vec)
         x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, ffn_xk)
         return x + dx, v_first, (att_shift, wkv, ffn_shift)
 
 
@@ -344,8 +362,9 @@ class RWKV7(nn.Module):
 
 
 def apply_compile(model: RWKV7, **compile_kwargs) -> RWKV7:
-    """torch.compile each block in place (as torchtitan's apply_compile): all blocks share a few graphs
-    (block 0 differs by ln0 and v_first), and the WKV kernel runs between them, outside the graphs.
+    """torch.compile each block's body in place (as torchtitan's apply_compile, but `Block._body`, so
+    the [1, 1, C] parameters enter the graphs as [C] views): all blocks share a few graphs (block 0
+    differs by ln0 and v_first), and the WKV kernel runs between them, outside the graphs.
     Static shapes by default (`dynamic=False`): one graph set per sequence length (training uses one or
     two), which sidesteps dynamic-shape recompiles."""
     compile_kwargs.setdefault("dynamic", False)
@@ -354,7 +373,7 @@ def apply_compile(model: RWKV7, **compile_kwargs) -> RWKV7:
     # a cold compile is correct, so the cache is turned off (process-wide) for compiled RWKV-7 blocks.
     torch._functorch.config.enable_autograd_cache = False
     for blk in model.blocks:
-        blk.compile(**compile_kwargs)
+        blk._body = torch.compile(blk._body, **compile_kwargs)
     return model
 
 

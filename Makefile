@@ -30,6 +30,7 @@ $(DATA)/index.json: $(STAMP)
 corpus: $(DATA)/index.json
 
 train: $(DATA)/index.json
+	rm -rf $(RUN)
 	$(PY) trainer/fit.py --config trainer/configs/debug.yaml --data $(DATA) --run-dir $(RUN)
 
 # Peers for the CPU benchmarks live in their own venv: datatrove pins packages (xxhash<4) that

@@ -117,6 +117,12 @@ def test_cpu_run_outputs_and_exact_resume(corpus, tmp_path):
     assert [int(r["step"]) for r in got] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(rows, got):
         assert (a["loss"], a["lr"], a["grad_norm"], a["val_loss"]) == (b["loss"], b["lr"], b["grad_norm"], b["val_loss"])
+    # a fresh run into a folder with checkpoints is refused (pruning would keep the old run's newer steps)
+    with pytest.raises(FileExistsError, match="--resume"):
+        fit(load_config(debug, TINY + ["train.max_steps=2"]), corpus, part)
+    # a resume that would change what sample i is (seed, window length, mixture, val split) is refused
+    with pytest.raises(ConfigError, match="train.seed"):
+        fit(load_config(debug, TINY + ["train.max_steps=8", "train.seed=7"]), corpus, part, resume=True)
 
 
 def test_bad_input_fails_before_training(corpus, tmp_path, capsys):

@@ -62,6 +62,12 @@ class OptimSection:
     grad_clip: float = 1.0              # max global gradient norm (0: off)
     accumulate_grad_batches: int = 1    # micro-batches per optimizer step per rank
 
+    def __post_init__(self):
+        if self.accumulate_grad_batches < 1:
+            raise ConfigError("optim.accumulate_grad_batches must be at least 1")
+        if self.warmup_steps < 0 or self.lr_decay_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps, optim.lr_decay_steps and optim.grad_clip must not be negative")
+
 
 @dataclass
 class TrainSection:
@@ -76,6 +82,11 @@ class TrainSection:
     keep_checkpoints: int = 2           # newest N checkpoints kept
     tensorboard: bool = True            # TensorBoard logs under RUN/tb through Fabric's logger
     compile: bool = False               # torch.compile each block (trainer.models.rwkv7.apply_compile)
+
+    def __post_init__(self):
+        if self.max_steps < 0 or self.keep_checkpoints < 1 or self.val_every < 0 or self.ckpt_every < 0:
+            raise ConfigError("train.max_steps, val_every and ckpt_every must not be negative, "
+                              "train.keep_checkpoints must be at least 1")
 
 
 @dataclass

@@ -58,12 +58,22 @@ def train_step(fabric, model, optimizer, micro_batches, lr: float, accumulate: i
             loss = model(fabric.to_device(batch))
             fabric.backward(loss / accumulate)
         acc += loss.detach().double()
-    grad_norm = torch.full((), float("nan"))
-    if grad_clip > 0:
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip)
+    # clipping at +inf still returns the norm, so metrics.csv has it with clipping off too
+    grad_norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return fabric.all_reduce(acc / accumulate, reduce_op="mean"), grad_norm
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, where: Path) -> None:
+    """The loader position counts samples of one seeded order: a resume that changes what sample i is
+    would repeat or skip data, so those settings must match the checkpoint's."""
+    now = cfg.to_dict()
+    keys = [("train", "seed"), ("data", "data_ctx_len"), ("data", "mixture"), ("data", "val_fraction")]
+    changed = [f"{a}.{b}: {saved[a][b]!r} -> {now[a][b]!r}" for a, b in keys if saved[a][b] != now[a][b]]
+    if changed:
+        raise ConfigError(f"--resume from {where}: these settings differ from the checkpoint's and would "
+                          f"change the data order: {'; '.join(changed)}")
 
 
 def parse_args(argv=None):
@@ -178,6 +188,8 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
                         f"{model_cfg.vocab_size}")
     if resume and ckpt.latest(run_dir) is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
+    if not resume and ckpt.latest(run_dir) is not None:  # pruning would keep the old run's newer steps
+        raise FileExistsError(f"{run_dir} already holds checkpoints of a run: pass --resume or use a new --run-dir")
 
     fabric = build_fabric(cfg, run_dir)
     if os.environ.get("LT_CLI_USED") != "1":  # `fabric run` has already started the processes
@@ -216,6 +228,7 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
         state = {"model": model, "optimizer": optimizer}
         rest = fabric.load(where / "resume.pt", state)
         step, samples = int(rest["step"]), int(rest["samples"])
+        check_resumable(rest["config"], cfg, where)
         ckpt.set_rng_states(rest["rng"])
         fabric.print(f"resuming from {where} (step {step}, {samples} samples consumed)")
         if rank0:
@@ -307,7 +320,7 @@ def main(argv=None) -> int:
             cfg.train.max_steps = args.max_steps
         resolve_model_config(cfg.model)
         fit(cfg, Path(args.data), Path(args.run_dir), resume=args.resume)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,18 +1,20 @@
 """WKV7: every implementation against the naive loop in float64 (outputs, final state, all seven gradients).
 
-The Triton kernels run under TRITON_INTERPRET=1 on machines without a GPU. The variable must be set before
-the kernel module is decorated, so it is set here before import, and the module is reloaded if something
-imported it earlier without it.
+The Triton kernels run under TRITON_INTERPRET=1 on machines without a GPU (and compiled on a GPU). The
+variable must be set before the kernel module is decorated, so it is set here before import (tests/conftest.py
+does the same for the whole session), and the module is reloaded if something imported it earlier without it.
 """
 import importlib
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dataclasses import replace  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from kernels.wkv7 import chunk_wkv7_torch, naive_wkv7, wkv7  # noqa: E402
 
@@ -152,15 +154,16 @@ def test_chunk_triton_bf16_inputs(monkeypatch):
 
 
 def test_chunk_triton_only_final_state_gradient(monkeypatch):
-    """Gradient from the final state alone (dy is None in backward), as the infctx trainer can produce."""
+    """Gradient from the final state alone (y unused), as the infctx trainer can produce: all inputs and
+    the initial state, whose gradient carries back to the previous segment."""
     chunk = _triton_modules()
     monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, **FP32))
     xs, s0, _, ds = make_inputs(1, 20, 1)
-    leaves = [x.float().requires_grad_() for x in xs]
-    _, sT = chunk.chunk_wkv7(*leaves, s0.float(), True)
+    leaves = [x.float().requires_grad_() for x in xs] + [s0.float().requires_grad_()]
+    _, sT = chunk.chunk_wkv7(*leaves, True)
     (sT.double() * ds).sum().backward()
-    ref = [x.clone().requires_grad_() for x in xs]
-    _, sT0 = naive_wkv7(*ref, s0, True)
+    ref = [x.clone().requires_grad_() for x in xs] + [s0.clone().requires_grad_()]
+    _, sT0 = naive_wkv7(*ref, True)
     (sT0 * ds).sum().backward()
     for a, b in zip(leaves, ref):
         expected = torch.zeros_like(b) if b.grad is None else b.grad   # r does not reach the final state

@@ -133,7 +133,7 @@ class WorldTokenizer:
         if workers == 1:
             return [texts]
         cum = np.cumsum(lengths)
-        cuts = np.searchsorted(cum, np.arange(1, workers) * total / workers).tolist()
+        cuts = np.searchsorted(cum, np.arange(1, workers) * total / workers, side="right").tolist()  # a doc ending on a cut stays left
         bounds = [0, *cuts, len(texts)]
         return [texts[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 

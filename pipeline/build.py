@@ -18,6 +18,7 @@ Re-running on the same ``--out`` skips finished units; the index is written last
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -180,10 +181,12 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     from tokenizer import WorldTokenizer
 
     t_start = time.perf_counter()
-    nd = manifest.near_dedup
+    nd = dataclasses.replace(manifest.near_dedup)  # the caller's manifest is left as it was
     if near is not None:
         nd.enabled = near
     if near_threshold is not None:
+        if not 0.0 < near_threshold < 1.0:
+            raise BuildError(f"--near-threshold must be in (0, 1), got {near_threshold}")
         nd.threshold = near_threshold
         nd.enabled = True if near is None else near
     tok = WorldTokenizer()
@@ -251,7 +254,9 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
             t1 = time.perf_counter()
             n_docs = sum(m["filter"]["out"] for m in metas)
             params = dict(nd.params)
-            params.setdefault("mode", "local" if n_docs < 2_000_000 else "ray")
+            # Ray only when this build runs on Ray and the input is large; a local build never starts it
+            on_ray = getattr(executor, "name", "local") == "ray"
+            params.setdefault("mode", "ray" if on_ray and n_docs >= 2_000_000 else "local")
             nd_run = type(nd)(enabled=True, threshold=nd.threshold, params=params)
             removed["near_dedup"], dup_of["near_dedup"] = stages.near_duplicates(
                 ingest_paths, removed["exact_dedup"], nd_run)

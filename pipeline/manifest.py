@@ -252,6 +252,7 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
                                    "near_dedup.threshold")),
             params=params)
         _check_near_params(params, mpath, d)
+        _check_near_values(nd, mpath, line)
     exact = _typed(doc.get("exact_dedup", True), (bool,), mpath,
                    doc.key_lines.get("exact_dedup", 0), None, "exact_dedup")
     shard_tokens = _typed(doc.get("shard_tokens", Manifest.shard_tokens), (int,), mpath,
@@ -293,6 +294,18 @@ def _check_near_params(params: dict, mpath: str, d: _LineDict) -> None:
         if k not in allowed:
             raise ManifestError(f"{_where(mpath, d.key_lines.get(k, d.line))}: unknown key {k!r} in "
                                 f"near_dedup (allowed: enabled, {', '.join(sorted(allowed))})")
+
+
+def _check_near_values(nd: NearDedupSettings, mpath: str, line: int) -> None:
+    """Build the MinHash config once here, so a bad value is a manifest error, not a crash mid-build."""
+    try:
+        from pipeline.dedup import MinHashConfig
+    except ImportError:
+        return
+    try:
+        MinHashConfig(threshold=nd.threshold, **nd.params)
+    except (TypeError, ValueError) as e:
+        raise ManifestError(f"{_where(mpath, line)}: near_dedup: {e}") from None
 
 
 def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: FilterConfig,

@@ -121,6 +121,14 @@ def _write(tmp_path, body: str) -> str:
        - name: c1
          paths: [d/a.jsonl]
      """, "duplicate component name", 5),
+    ("""\
+     name: t
+     near_dedup:
+       threshold: 1.5
+     components:
+       - name: c1
+         paths: [d/a.jsonl]
+     """, "near_dedup: threshold", 2),
 ])
 def test_errors_name_component_and_line(tmp_path, body, needle, line):
     p = _write(tmp_path, body)
@@ -129,8 +137,15 @@ def test_errors_name_component_and_line(tmp_path, body, needle, line):
     msg = str(e.value)
     assert needle in msg
     assert f"{p}:{line}" in msg
-    if "component" in needle or "c1" in body:
-        assert "component 'c" in msg or "manifest" in msg or "colour" in msg
+    component = COMPONENT_OF.get(needle)
+    if component:
+        assert f"component '{component}'" in msg
+
+
+# the component each error above is about (the others concern the manifest's top level)
+COMPONENT_OF = {"unknown key 'formt'": "c1", "matches no file": "c2", "bad glob": "c1",
+                "'format' must be one of": "c1", "'weight' must be": "c1",
+                "unknown key 'min_char' in filters": "c1", "duplicate component name": "c1"}
 
 
 def test_cli_wrong_manifest_exits_nonzero_with_one_message(tmp_path):

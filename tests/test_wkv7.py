@@ -177,6 +177,9 @@ def test_bad_shapes_are_rejected():
         chunk.chunk_wkv7(xs[0].float(), xs[1].float(), xs[2][:, :3].float(), *(x.float() for x in xs[3:]))
     with pytest.raises(ValueError, match="initial_state"):
         chunk.chunk_wkv7(*(x.float() for x in xs), s0[:, :1].float())
+    huge = torch.zeros(1, 1, 1, N).expand(64, 2**16, 8, N)  # a shape only: stride-0, no memory
+    with pytest.raises(ValueError, match="int32"):
+        chunk.chunk_wkv7(*(huge,) * 6)
 
 
 @pytest.mark.gpu

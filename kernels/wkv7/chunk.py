@@ -64,6 +64,10 @@ def _check(r, w, k, v, a, b, initial_state):
         raise ValueError(f"wkv7: head size N={N} must be a power of two >= 16")
     if initial_state is not None and initial_state.shape != (B, H, N, N):
         raise ValueError(f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, N, N)}")
+    chunks = -(-T // CONFIG.chunk_size)  # saved chunk-start states, indexed with int32 offsets in the kernels
+    if B * H * chunks * N * N >= 2**31:
+        raise ValueError(f"wkv7: B*H*ceil(T/chunk)*N*N = {B * H * chunks * N * N:,} overflows the kernels' int32 "
+                         f"offsets: split the batch or the sequence (infctx segments)")
 
 
 def _block_v(B, H, N):

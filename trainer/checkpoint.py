@@ -79,6 +79,21 @@ def official_state_dict(fabric, model, lm) -> dict:
     return lm.state_dict()
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file below `folder`, then the folders themselves."""
+    for p in sorted(folder.rglob("*"), reverse=True):
+        _fsync_path(p)
+    _fsync_path(folder)
+
+
 def save(fabric, run_dir: Path, step: int, state: dict, model, lm, keep: int) -> Path:
     """Write checkpoint `step` on every rank (Fabric decides who writes what), then rank 0 exports
     the official weights, renames the folder into place and prunes old ones."""
@@ -95,6 +110,7 @@ def save(fabric, run_dir: Path, step: int, state: dict, model, lm, keep: int) ->
     fabric.barrier()
     if fabric.global_rank == 0:
         save_state_dict(sd, tmp / "model.pth")
+        _fsync_tree(tmp)  # the files are on disk before the rename makes the checkpoint "complete"
         if final.exists():
             trash = final.with_name(".old-" + final.name)
             shutil.rmtree(trash, ignore_errors=True)
@@ -103,6 +119,7 @@ def save(fabric, run_dir: Path, step: int, state: dict, model, lm, keep: int) ->
             shutil.rmtree(trash)
         else:
             os.replace(tmp, final)
+        _fsync_path(final.parent)
         for _, old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     fabric.barrier()

@@ -280,6 +280,13 @@ class ShardCorpus:
             pos += take
         return out
 
+    def read_windows(self, items) -> torch.Tensor:
+        """[len(items), D + 1] int64 token windows for (component, window index) pairs."""
+        out = np.empty((len(items), self.D + 1), dtype=np.int64)
+        for row, (c, p) in enumerate(items):
+            self.read_window(c, p, out[row])
+        return torch.from_numpy(out)
+
     def val_windows(self) -> list[tuple[str, int]]:
         """Every held-out window, interleaved across components by a fixed shuffle."""
         items = [(name, p) for name, c in self.components.items() for p in range(c.n_train, c.n_windows)]
@@ -411,12 +418,8 @@ class TrainWindows(torch.utils.data.IterableDataset):
         self.corpus, self.seed, self.layout, self.start_sample = corpus, seed, layout, int(start_sample)
 
     def batch(self, m: int) -> torch.Tensor:
-        sampler = self._sampler()
         ids = self.layout.sample_ids(self.start_sample, m)
-        out = np.empty((len(ids), self.corpus.D + 1), dtype=np.int64)
-        for row, (c, p) in enumerate(sampler.locate(ids)):
-            self.corpus.read_window(c, p, out[row])
-        return torch.from_numpy(out)
+        return self.corpus.read_windows(self._sampler().locate(ids))
 
     def _sampler(self) -> MixtureSampler:
         if getattr(self, "_s", None) is None:
@@ -451,11 +454,5 @@ def val_batches(corpus: ShardCorpus, layout: Layout, n_batches: int) -> list[tor
     per = layout.micro_batch_size * layout.world_size
     n = min(len(items) // per, n_batches) * per
     mine = items[layout.rank:n:layout.world_size]
-    out = []
-    for s in range(0, len(mine), layout.micro_batch_size):
-        chunk = mine[s:s + layout.micro_batch_size]
-        arr = np.empty((len(chunk), corpus.D + 1), dtype=np.int64)
-        for row, (c, p) in enumerate(chunk):
-            corpus.read_window(c, p, arr[row])
-        out.append(torch.from_numpy(arr))
-    return out
+    B = layout.micro_batch_size
+    return [corpus.read_windows(mine[s:s + B]) for s in range(0, len(mine), B)]

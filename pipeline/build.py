@@ -341,6 +341,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     input_bytes = sum(os.path.getsize(u.path) for u in units if "://" not in u.path)
     report = {"manifest": index["manifest"], "executor": getattr(executor, "name", "?"),
               "components": {n: c["stages"] for n, c in components.items()},
+              "component_tokens": {n: c["tokens"] for n, c in components.items()},
               "totals": index["totals"], "input_bytes": input_bytes, "text_chars_read": chars_in,
               "seconds": {"total": total, **timings},
               "stage_task_seconds": dict(unit_secs), "stage_cpu_seconds": dict(unit_cpu),
@@ -361,13 +362,12 @@ def table(report: dict) -> str:
     rows = [("component", "read", "bad", "filtered", "exact dup", "near dup", "docs out", "tokens")]
     reasons: Counter = Counter()
     tot = [0] * 7
-    idx = report.get("_index_components", {})
     for name, st in report["components"].items():
         bad = st["read"]["in"] - st["read"]["out"]
         filt = st["filter"]["in"] - st["filter"]["out"]
         ex = st["exact_dedup"]["in"] - st["exact_dedup"]["out"]
         nd = st["near_dedup"]["in"] - st["near_dedup"]["out"] if "near_dedup" in st else 0
-        toks = idx.get(name, {}).get("tokens", 0)
+        toks = report["component_tokens"][name]
         vals = [st["read"]["in"], bad, filt, ex, nd, st["tokenize"]["out"], toks]
         tot = [a + b for a, b in zip(tot, vals)]
         rows.append((name, *(f"{v:,}" for v in vals)))
@@ -448,8 +448,6 @@ def main(argv: list[str] | None = None) -> int:
                 import ray
 
                 ray.shutdown()
-        with open(os.path.join(args.out, "index.json")) as f:
-            report["_index_components"] = json.load(f)["components"]
         print(table(report))
         print(f"wrote {args.out}/index.json ({report['totals']['documents']:,} documents, "
               f"{report['totals']['tokens']:,} tokens)")

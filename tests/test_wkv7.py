@@ -1,22 +1,15 @@
 """WKV7: every implementation against the naive loop in float64 (outputs, final state, all seven gradients).
 
-The Triton kernels run under TRITON_INTERPRET=1 on machines without a GPU (and compiled on a GPU). The
-variable must be set before the kernel module is decorated, so it is set here before import (tests/conftest.py
-does the same for the whole session), and the module is reloaded if something imported it earlier without it.
+The Triton kernels run under TRITON_INTERPRET=1 on machines without a GPU (tests/conftest.py sets it before
+anything imports triton) and compiled on a GPU.
 """
-import importlib
 import os
+from dataclasses import replace
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from dataclasses import replace  # noqa: E402
-
-import pytest  # noqa: E402
-
-from kernels.wkv7 import chunk_wkv7_torch, naive_wkv7, wkv7  # noqa: E402
+from kernels.wkv7 import chunk_wkv7_torch, naive_wkv7, wkv7
 
 N = 64
 FP32 = dict(precision="ieee", precision_bwd="ieee")   # float32 dots: the issue's "below 1e-3 in fp32"
@@ -25,12 +18,9 @@ FP32 = dict(precision="ieee", precision_bwd="ieee")   # float32 dots: the issue'
 def _triton_modules():
     """The Triton kernel modules, interpreted when there is no GPU; outputs poisoned with NaN."""
     pytest.importorskip("triton")
-    from kernels.wkv7 import chunk, triton_kernels
+    from kernels.wkv7 import chunk
     if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-    from triton.runtime.interpreter import InterpretedFunction
-    if not torch.cuda.is_available() and not isinstance(triton_kernels.chunk_fwd_kernel, InterpretedFunction):
-        importlib.reload(triton_kernels)
     return chunk
 
 

@@ -251,8 +251,7 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
             threshold=float(_typed(d.get("threshold", 0.8), (int, float), mpath, line, None,
                                    "near_dedup.threshold")),
             params=params)
-        _check_near_params(params, mpath, d)
-        _check_near_values(nd, mpath, line)
+        _check_near_dedup(nd, mpath, d, line)
     exact = _typed(doc.get("exact_dedup", True), (bool,), mpath,
                    doc.key_lines.get("exact_dedup", 0), None, "exact_dedup")
     shard_tokens = _typed(doc.get("shard_tokens", Manifest.shard_tokens), (int,), mpath,
@@ -282,26 +281,17 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
                     description=doc.get("description"), total_tokens=doc.get("total_tokens"))
 
 
-def _check_near_params(params: dict, mpath: str, d: _LineDict) -> None:
-    if not params:
-        return
+def _check_near_dedup(nd: NearDedupSettings, mpath: str, d: _LineDict, line: int) -> None:
+    """Unknown keys name their own line; bad values are a manifest error too, not a crash mid-build."""
     try:
         from pipeline.dedup import MinHashConfig
     except ImportError:
         return
     allowed = {f.name for f in dataclasses.fields(MinHashConfig)}
-    for k in params:
+    for k in nd.params:
         if k not in allowed:
             raise ManifestError(f"{_where(mpath, d.key_lines.get(k, d.line))}: unknown key {k!r} in "
                                 f"near_dedup (allowed: enabled, {', '.join(sorted(allowed))})")
-
-
-def _check_near_values(nd: NearDedupSettings, mpath: str, line: int) -> None:
-    """Build the MinHash config once here, so a bad value is a manifest error, not a crash mid-build."""
-    try:
-        from pipeline.dedup import MinHashConfig
-    except ImportError:
-        return
     try:
         MinHashConfig(threshold=nd.threshold, **nd.params)
     except (TypeError, ValueError) as e:

@@ -39,3 +39,22 @@ def test_ddp_two_processes_match_one(tmp_path):
     for (la, va), (lb, vb) in zip(a, b):
         assert abs(la - lb) <= 1e-5 * abs(la)
         assert bool(va) == bool(vb) and (not va or abs(float(va) - float(vb)) <= 1e-5 * float(va))
+
+
+def test_corrupt_shard_stops_every_process(tmp_path):
+    """Only local rank 0 reads the checksums; under `fabric run` its error must end the whole job (torchrun
+    stops the other ranks) with the file named, not leave rank 1 waiting in a collective."""
+    data = write_corpus(tmp_path / "data", random_docs(40, ["a"], seed=5, max_len=80, vocab=500))
+    shard = sorted((data / "shards").iterdir())[0]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    fabric = str(Path(sys.executable).parent / "fabric")
+    cmd = [fabric, "run", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "trainer/fit.py",
+           "--config", "trainer/configs/debug.yaml", "--data", str(data), "--run-dir", str(tmp_path / "run"),
+           "--max-steps", "2", *sum((["--set", s] for s in TINY), [])]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode != 0
+    assert f"{shard}" in r.stderr and "sha256" in r.stderr and "does not match the index" in r.stderr
+    assert not (tmp_path / "run" / "metrics.csv").exists()

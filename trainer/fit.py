@@ -180,7 +180,8 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
     from tqdm import tqdm
 
     model_cfg = resolve_model_config(cfg.model)
-    # checksums are read once per machine (local rank 0); every rank checks schemas and counts
+    # checksums are read once per machine (local rank 0); every rank checks schemas and counts. A failed check
+    # ends rank 0 before any collective; under `fabric run`, torchrun then stops the other ranks (tested)
     verify = cfg.data.verify_checksums and os.environ.get("LOCAL_RANK", "0") == "0"
     corpus = ShardCorpus(data_dir, cfg.data.data_ctx_len, cfg.data.val_fraction, cfg.data.mixture, verify)
     if corpus.vocab_size > model_cfg.vocab_size:

@@ -196,11 +196,15 @@ def main():
     ap.add_argument("--accelerator", default="cuda")
     ap.add_argument("--compile", default="", help="presets to time again with per-block torch.compile")
     ap.add_argument("--reference-loss", default="0.1b", help="preset to time again with the reference loss ('' = none)")
+    ap.add_argument("--batch", default="", help="micro-batch overrides, e.g. 0.1b=16 (default: BATCH)")
     ap.add_argument("--ddp-precision", default="bf16-mixed")
     ap.add_argument("--ddp-data", default=None, help="corpus for the 1-GPU vs 2-GPU DDP loss check (needs 2 GPUs)")
     args = ap.parse_args()
     global ACCEL
     ACCEL = args.accelerator
+    for item in [x for x in args.batch.split(",") if x]:
+        name, n = item.split("=")
+        BATCH[name] = int(n)
     if ACCEL != "cuda":
         torch.cuda.synchronize = lambda: None
         torch.cuda.reset_peak_memory_stats = lambda: None

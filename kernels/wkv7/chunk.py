@@ -40,6 +40,16 @@ class WKV7KernelConfig:
     once, at C=32 on B8-T4096-H12, and was far slower there (22.9 ms forward vs 1.14 fused): keep fused."""
     scan_precision: str = "ieee"
     """tl.dot precision of the split-mode scan, which carries the state across many chunks."""
+    prep: bool = True
+    """Fused mode: compute each chunk's state-independent [C, C] matrices ((I - L_ab)^{-1}, L_ak, M_rb, M_rk)
+    in a parallel kernel first (4 KiB per chunk and head, kept for the backward), so the sequential kernels
+    and the backward's gradient kernel load them instead of recomputing them in their serial steps."""
+    prefetch: bool = True
+    """With prep: the sequential kernels load the next chunk's inputs while computing the current one."""
+    grads_block_v: int = 16
+    """Value rows per step of the backward's parallel gradient kernel, which then holds [block_v, N] slices of
+    the state and its gradient instead of both whole [N, N] (register pressure); 0: the kernel that holds
+    them whole (chunk_bwd_grads_kernel)."""
     poison_outputs: bool = False
     """Fill outputs with NaN before the kernels run (tests: an unwritten element then fails)."""
 
@@ -82,7 +92,8 @@ def _split(B, H):
 
 def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
     """Chunked forward. Returns y [B, T, H, N] (dtype of r), final [B, H, N, N] fp32 or None,
-    chunk-start states [B, H, NC, N, N] fp32 or None."""
+    chunk-start states [B, H, NC, N, N] fp32 or None, the chunks' [C, C] matrices [B*H, NC, 4, C, C] fp32
+    (computed with CONFIG.precision; for the backward) or None."""
     B, T, H, N = r.shape
     C, BV = CONFIG.chunk_size, _block_v(B, H, N)
     NC = triton_cdiv(T, C)
@@ -102,17 +113,28 @@ def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
         K.chunk_out_kernel[(NC, B * H)](
             r, w, k, v, a, b, st, y, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=CONFIG.precision,
             num_warps=CONFIG.num_warps_bwd)
-        return y, sT, (st if store_states else None)
+        return y, sT, (st if store_states else None), None
     st = _alloc((B, H, NC, N, N), torch.float32, r.device) if store_states else None
+    if CONFIG.prep:
+        cc = _alloc((B * H, NC, 4, C, C), torch.float32, r.device)
+        K.chunk_cc_kernel[(NC, B * H)](
+            r, w, k, a, b, cc, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=CONFIG.precision,
+            num_warps=CONFIG.num_warps_bwd)
+        K.chunk_fwd2_kernel[(B * H, N // BV)](
+            r, w, k, v, a, b, cc, s0, y, sT, st, T, NC, H, N=N, C=C, BV=BV, HAS_S0=s0 is not None,
+            STORE_FINAL=store_final, STORE_STATES=store_states, PREFETCH=CONFIG.prefetch, PREC=CONFIG.precision,
+            num_warps=CONFIG.num_warps)
+        return y, sT, st, (cc if store_states else None)
     K.chunk_fwd_kernel[(B * H, N // BV)](
         r, w, k, v, a, b, s0, y, sT, st, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV,
         HAS_S0=s0 is not None, STORE_FINAL=store_final, STORE_STATES=store_states,
         PREC=CONFIG.precision, num_warps=CONFIG.num_warps)
-    return y, sT, st
+    return y, sT, st, None
 
 
-def _bwd(r, w, k, v, a, b, st, dy, dsT, need_ds0):
-    """Chunked backward from the stored chunk-start states. Returns (dr, dw, dk, dv, da, db, ds0)."""
+def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0):
+    """Chunked backward from the stored chunk-start states (and the forward's [C, C] matrices cc, or None).
+    Returns (dr, dw, dk, dv, da, db, ds0)."""
     B, T, H, N = r.shape
     C, BV = CONFIG.chunk_size, _block_v(B, H, N)
     NC = st.shape[2]
@@ -129,14 +151,24 @@ def _bwd(r, w, k, v, a, b, st, dy, dsT, need_ds0):
             m, e, dsT, dst, ds0, NC, N=N, BV=BV, HAS_S0=dsT is not None, STORE_FINAL=True, REVERSE=True,
             PREC=CONFIG.scan_precision, num_warps=CONFIG.num_warps)
         del m, e
+    elif cc is not None:
+        K.chunk_bwd_dstate2_kernel[(B * H, N // BV)](
+            r, w, a, b, cc, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, BV=BV, HAS_DST=dsT is not None,
+            PREFETCH=CONFIG.prefetch, PREC=CONFIG.precision_bwd, num_warps=CONFIG.num_warps)
     else:
         K.chunk_bwd_dstate_kernel[(B * H, N // BV)](
             r, w, k, a, b, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV,
             HAS_DST=dsT is not None, PREC=CONFIG.precision_bwd, num_warps=CONFIG.num_warps)
     grads = [_alloc(x.shape, x.dtype, x.device) for x in (r, w, k, v, a, b)]
-    K.chunk_bwd_grads_kernel[(NC, B * H)](
-        r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
-        PREC=CONFIG.precision_bwd, num_warps=CONFIG.num_warps_bwd)
+    if CONFIG.grads_block_v:
+        K.chunk_bwd_grads_vb_kernel[(NC, B * H)](
+            r, w, k, v, a, b, cc, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
+            BV=min(CONFIG.grads_block_v, N), HAS_CC=cc is not None, PREC=CONFIG.precision_bwd,
+            num_warps=CONFIG.num_warps_bwd)
+    else:
+        K.chunk_bwd_grads_kernel[(NC, B * H)](
+            r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
+            PREC=CONFIG.precision_bwd, num_warps=CONFIG.num_warps_bwd)
     return (*grads, ds0 if need_ds0 else None)
 
 
@@ -150,18 +182,18 @@ class ChunkWKV7(torch.autograd.Function):
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         s0 = None if s0 is None else s0.float().contiguous()
         need_grad = any(ctx.needs_input_grad[:7])
-        y, sT, st = _fwd(r, w, k, v, a, b, s0, output_final_state, need_grad)
-        ctx.save_for_backward(r, w, k, v, a, b, st)
+        y, sT, st, cc = _fwd(r, w, k, v, a, b, s0, output_final_state, need_grad)
+        ctx.save_for_backward(r, w, k, v, a, b, st, cc)
         ctx.has_s0 = s0 is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, st = ctx.saved_tensors
+        r, w, k, v, a, b, st, cc = ctx.saved_tensors
         dsT = None if dsT is None else dsT.float().contiguous()
         if dy is None:
             dy = torch.zeros_like(r)
-        grads = _bwd(r, w, k, v, a, b, st, dy, dsT, ctx.has_s0)
+        grads = _bwd(r, w, k, v, a, b, st, cc, dy, dsT, ctx.has_s0)
         return (*grads, None)
 
 
@@ -183,11 +215,11 @@ class RecurrentWKV7(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dsT):
         r, w, k, v, a, b, s0 = ctx.saved_tensors
-        _, _, st = _fwd(r, w, k, v, a, b, s0, False, True)
+        _, _, st, cc = _fwd(r, w, k, v, a, b, s0, False, True)
         dsT = None if dsT is None else dsT.float().contiguous()
         if dy is None:
             dy = torch.zeros_like(r)
-        grads = _bwd(r, w, k, v, a, b, st, dy, dsT, s0 is not None)
+        grads = _bwd(r, w, k, v, a, b, st, cc, dy, dsT, s0 is not None)
         return (*grads, None)
 
 

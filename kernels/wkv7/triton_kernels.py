@@ -246,6 +246,304 @@ def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst
 
 
 @triton.jit
+def _ld(ptr, n, T, H, i_b, i_h, offs_t, offs_x, N: tl.constexpr, C: tl.constexpr):
+    """Chunk n of one head of a [B, T, H, N] tensor, columns offs_x: [C, len(offs_x)], zero past T (and for
+    n >= NC, so a prefetch one chunk past the end is harmless). Raw dtype: convert where used, so the load's
+    latency is not waited for at the load."""
+    t = n * C + offs_t
+    p = (((i_b * T + t) * H + i_h) * N)[:, None] + offs_x[None, :]
+    return tl.load(ptr + p, mask=(t < T)[:, None], other=0.)
+
+
+@triton.jit
+def _ldc(cc_ptr, i_bh, NC, n, j: tl.constexpr, offs_cc, C: tl.constexpr):
+    """Matrix j (0: (I - L_ab)^{-1}, 1: L_ak, 2: M_rb, 3: M_rk) of chunk n from cc [B*H, NC, 4, C, C]."""
+    return tl.load(cc_ptr + ((i_bh * NC + n) * 4 + j) * C * C + offs_cc, mask=offs_cc < (NC - n) * C * C, other=0.)
+
+
+@triton.jit
+def chunk_cc_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, cc_ptr, T, NC, H, N: tl.constexpr, C: tl.constexpr,
+                    LOG2C: tl.constexpr, PREC: tl.constexpr):
+    """Parallel, grid (NC, B*H): each chunk's [C, C] matrices (I - L_ab)^{-1}, L_ak, M_rb, M_rk into
+    cc [B*H, NC, 4, C, C] fp32. They do not depend on the carried state, so the sequential kernels (and the
+    backward's) load them instead of spending their serial steps on ~10 small dependent products."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_t = tl.arange(0, C)
+    offs_k = tl.arange(0, N)
+    offs_cc = offs_t[:, None] * C + offs_t[None, :]
+    tri_s = offs_t[:, None] > offs_t[None, :]
+    tri_i = offs_t[:, None] >= offs_t[None, :]
+    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
+    rr = _ld(r_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C).to(tl.float32)
+    ww = _ld(w_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C).to(tl.float32)
+    kk = _ld(k_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C).to(tl.float32)
+    aa = _ld(a_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C).to(tl.float32)
+    bb = _ld(b_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C).to(tl.float32)
+    g = tl.cumsum(ww, axis=0)
+    a_d = aa * tl.exp(g - ww)
+    r_d = rr * tl.exp(g)
+    e_neg = tl.exp(-g)
+    b_u = bb * e_neg
+    k_u = kk * e_neg
+    L_ab = tl.where(tri_s, _dot(a_d, tl.trans(b_u), PREC), 0.)
+    L_ak = tl.where(tri_s, _dot(a_d, tl.trans(k_u), PREC), 0.)
+    M_rb = tl.where(tri_i, _dot(r_d, tl.trans(b_u), PREC), 0.)
+    M_rk = tl.where(tri_i, _dot(r_d, tl.trans(k_u), PREC), 0.)
+    Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC)
+    base = (i_bh * NC + n) * 4 * C * C
+    tl.store(cc_ptr + base + offs_cc, Pinv)
+    tl.store(cc_ptr + base + C * C + offs_cc, L_ak)
+    tl.store(cc_ptr + base + 2 * C * C + offs_cc, M_rb)
+    tl.store(cc_ptr + base + 3 * C * C + offs_cc, M_rk)
+
+
+@triton.jit
+def chunk_fwd2_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr,
+                      T, NC, H, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                      HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
+                      PREFETCH: tl.constexpr, PREC: tl.constexpr):
+    """Sequential forward on precomputed [C, C] matrices (chunk_cc_kernel), grid (B*H, N/BV); same math and
+    outputs as chunk_fwd_kernel. PREFETCH: chunk n+1's inputs are loaded while chunk n is computed."""
+    i_bh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_t = tl.arange(0, C)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    offs_cc = offs_t[:, None] * C + offs_t[None, :]
+    p_s = offs_v[:, None] * N + offs_k[None, :]     # [BV, N] within one state
+    if HAS_S0:
+        S = tl.load(s0_ptr + i_bh * N * N + p_s).to(tl.float32)
+    else:
+        S = tl.zeros([BV, N], dtype=tl.float32)
+    if PREFETCH:
+        rr = _ld(r_ptr, 0, T, H, i_b, i_h, offs_t, offs_k, N, C)
+        ww = _ld(w_ptr, 0, T, H, i_b, i_h, offs_t, offs_k, N, C)
+        kk = _ld(k_ptr, 0, T, H, i_b, i_h, offs_t, offs_k, N, C)
+        aa = _ld(a_ptr, 0, T, H, i_b, i_h, offs_t, offs_k, N, C)
+        bb = _ld(b_ptr, 0, T, H, i_b, i_h, offs_t, offs_k, N, C)
+        vv = _ld(v_ptr, 0, T, H, i_b, i_h, offs_t, offs_v, N, C)
+        Pinv = _ldc(cc_ptr, i_bh, NC, 0, 0, offs_cc, C)
+        L_ak = _ldc(cc_ptr, i_bh, NC, 0, 1, offs_cc, C)
+        M_rb = _ldc(cc_ptr, i_bh, NC, 0, 2, offs_cc, C)
+        M_rk = _ldc(cc_ptr, i_bh, NC, 0, 3, offs_cc, C)
+    for n in range(NC):
+        if PREFETCH:
+            rr_n = _ld(r_ptr, n + 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            ww_n = _ld(w_ptr, n + 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            kk_n = _ld(k_ptr, n + 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            aa_n = _ld(a_ptr, n + 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            bb_n = _ld(b_ptr, n + 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            vv_n = _ld(v_ptr, n + 1, T, H, i_b, i_h, offs_t, offs_v, N, C)
+            Pinv_n = _ldc(cc_ptr, i_bh, NC, n + 1, 0, offs_cc, C)
+            L_ak_n = _ldc(cc_ptr, i_bh, NC, n + 1, 1, offs_cc, C)
+            M_rb_n = _ldc(cc_ptr, i_bh, NC, n + 1, 2, offs_cc, C)
+            M_rk_n = _ldc(cc_ptr, i_bh, NC, n + 1, 3, offs_cc, C)
+        else:
+            rr = _ld(r_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            ww = _ld(w_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            kk = _ld(k_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            aa = _ld(a_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            bb = _ld(b_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            vv = _ld(v_ptr, n, T, H, i_b, i_h, offs_t, offs_v, N, C)
+            Pinv = _ldc(cc_ptr, i_bh, NC, n, 0, offs_cc, C)
+            L_ak = _ldc(cc_ptr, i_bh, NC, n, 1, offs_cc, C)
+            M_rb = _ldc(cc_ptr, i_bh, NC, n, 2, offs_cc, C)
+            M_rk = _ldc(cc_ptr, i_bh, NC, n, 3, offs_cc, C)
+        if STORE_STATES:
+            tl.store(st_ptr + (i_bh * NC + n) * N * N + p_s, S)
+        w32 = ww.to(tl.float32)
+        v32 = vv.to(tl.float32)
+        g = tl.cumsum(w32, axis=0)                  # [C, N]
+        gC = tl.sum(w32, axis=0)                    # [N]
+        e_end = tl.exp(gC[None, :] - g)
+        St = tl.trans(S)                            # [N, BV]
+        Z = _dot(aa.to(tl.float32) * tl.exp(g - w32), St, PREC) + _dot(L_ak, v32, PREC)
+        U = _dot(Pinv, Z, PREC)                     # [C, BV]
+        Y = _dot(rr.to(tl.float32) * tl.exp(g), St, PREC) + _dot(M_rb, U, PREC) + _dot(M_rk, v32, PREC)
+        t = n * C + offs_t
+        p_y = (((i_b * T + t) * H + i_h) * N)[:, None] + offs_v[None, :]
+        tl.store(y_ptr + p_y, Y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None])
+        S = (S * tl.exp(gC)[None, :] + _dot(tl.trans(U), bb.to(tl.float32) * e_end, PREC)
+             + _dot(tl.trans(v32), kk.to(tl.float32) * e_end, PREC))
+        if PREFETCH:
+            rr, ww, kk, aa, bb, vv = rr_n, ww_n, kk_n, aa_n, bb_n, vv_n
+            Pinv, L_ak, M_rb, M_rk = Pinv_n, L_ak_n, M_rb_n, M_rk_n
+    if STORE_FINAL:
+        tl.store(sT_ptr + i_bh * N * N + p_s, S)
+
+
+@triton.jit
+def chunk_bwd_dstate2_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr,
+                             T, NC, H, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                             HAS_DST: tl.constexpr, PREFETCH: tl.constexpr, PREC: tl.constexpr):
+    """The backward's sequential state pass (as chunk_bwd_dstate_kernel) on the precomputed (I - L_ab)^{-1}
+    and M_rb, with chunk n-1's inputs prefetched while chunk n is computed (PREFETCH)."""
+    i_bh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_t = tl.arange(0, C)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    offs_cc = offs_t[:, None] * C + offs_t[None, :]
+    p_s = offs_v[:, None] * N + offs_k[None, :]
+    if HAS_DST:
+        dS = tl.load(dsT_ptr + i_bh * N * N + p_s).to(tl.float32)
+    else:
+        dS = tl.zeros([BV, N], dtype=tl.float32)
+    if PREFETCH:
+        rr = _ld(r_ptr, NC - 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
+        ww = _ld(w_ptr, NC - 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
+        aa = _ld(a_ptr, NC - 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
+        bb = _ld(b_ptr, NC - 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
+        dY = _ld(dy_ptr, NC - 1, T, H, i_b, i_h, offs_t, offs_v, N, C)
+        Pinv = _ldc(cc_ptr, i_bh, NC, NC - 1, 0, offs_cc, C)
+        M_rb = _ldc(cc_ptr, i_bh, NC, NC - 1, 2, offs_cc, C)
+    for i in range(NC):
+        n = NC - 1 - i
+        if PREFETCH:   # chunk n-1; at n = 0 that is chunk -1: every t < 0, so clamp to a masked-out chunk
+            m = tl.where(n > 0, n - 1, NC)
+            rr_n = _ld(r_ptr, m, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            ww_n = _ld(w_ptr, m, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            aa_n = _ld(a_ptr, m, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            bb_n = _ld(b_ptr, m, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            dY_n = _ld(dy_ptr, m, T, H, i_b, i_h, offs_t, offs_v, N, C)
+            Pinv_n = _ldc(cc_ptr, i_bh, NC, m, 0, offs_cc, C)
+            M_rb_n = _ldc(cc_ptr, i_bh, NC, m, 2, offs_cc, C)
+        else:
+            rr = _ld(r_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            ww = _ld(w_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            aa = _ld(a_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            bb = _ld(b_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
+            dY = _ld(dy_ptr, n, T, H, i_b, i_h, offs_t, offs_v, N, C)
+            Pinv = _ldc(cc_ptr, i_bh, NC, n, 0, offs_cc, C)
+            M_rb = _ldc(cc_ptr, i_bh, NC, n, 2, offs_cc, C)
+        tl.store(dst_ptr + (i_bh * NC + n) * N * N + p_s, dS)
+        w32 = ww.to(tl.float32)
+        dY32 = dY.to(tl.float32)                    # [C, BV]
+        g = tl.cumsum(w32, axis=0)
+        gC = tl.sum(w32, axis=0)
+        b_e = bb.to(tl.float32) * tl.exp(gC[None, :] - g)
+        dU = _dot(tl.trans(M_rb), dY32, PREC) + _dot(b_e, tl.trans(dS), PREC)
+        dZ = _dot(tl.trans(Pinv), dU, PREC)
+        dS = (_dot(tl.trans(dY32), rr.to(tl.float32) * tl.exp(g), PREC)
+              + _dot(tl.trans(dZ), aa.to(tl.float32) * tl.exp(g - w32), PREC)
+              + dS * tl.exp(gC)[None, :])
+        if PREFETCH:
+            rr, ww, aa, bb, dY, Pinv, M_rb = rr_n, ww_n, aa_n, bb_n, dY_n, Pinv_n, M_rb_n
+    tl.store(ds0_ptr + i_bh * N * N + p_s, dS)
+
+
+@triton.jit
+def chunk_bwd_grads_vb_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, st_ptr, dst_ptr, dy_ptr,
+                              dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
+                              T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
+                              BV: tl.constexpr, HAS_CC: tl.constexpr, PREC: tl.constexpr):
+    """Parallel pass of the backward (as chunk_bwd_grads_kernel), grid (NC, B*H), walking the value dimension
+    in blocks of BV: no [N, N] state is held whole (S and dS rows [BV, N] per step), the products that
+    contract over the value index are accumulated ([C, C] and [C, N]). HAS_CC: load the [C, C] matrices
+    from chunk_cc_kernel's output instead of computing them."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_t = tl.arange(0, C)
+    offs_k = tl.arange(0, N)
+    offs_cc = offs_t[:, None] * C + offs_t[None, :]
+    tri_s = offs_t[:, None] > offs_t[None, :]
+    tri_i = offs_t[:, None] >= offs_t[None, :]
+    t = n * C + offs_t
+    mk = (t < T)[:, None]
+    base = ((i_b * T + t) * H + i_h) * N
+    pk = base[:, None] + offs_k[None, :]
+    rr = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    ww = tl.load(w_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    kk = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    aa = tl.load(a_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    bb = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    g = tl.cumsum(ww, axis=0)                       # [C, N]
+    gx = g - ww
+    gC = tl.sum(ww, axis=0)                         # [N]
+    a_d = aa * tl.exp(gx)
+    r_d = rr * tl.exp(g)
+    e_neg = tl.exp(-g)
+    b_u = bb * e_neg
+    k_u = kk * e_neg
+    e_end = tl.exp(gC[None, :] - g)
+    b_e = bb * e_end
+    k_e = kk * e_end
+    if HAS_CC:
+        Pinv = _ldc(cc_ptr, i_bh, NC, n, 0, offs_cc, C)
+        L_ak = _ldc(cc_ptr, i_bh, NC, n, 1, offs_cc, C)
+        M_rb = _ldc(cc_ptr, i_bh, NC, n, 2, offs_cc, C)
+        M_rk = _ldc(cc_ptr, i_bh, NC, n, 3, offs_cc, C)
+    else:
+        eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
+        L_ak = tl.where(tri_s, _dot(a_d, tl.trans(k_u), PREC), 0.)
+        M_rb = tl.where(tri_i, _dot(r_d, tl.trans(b_u), PREC), 0.)
+        M_rk = tl.where(tri_i, _dot(r_d, tl.trans(k_u), PREC), 0.)
+        Pinv = _inv_unit_lower(tl.where(tri_s, _dot(a_d, tl.trans(b_u), PREC), 0.), eye, LOG2C, PREC)
+    PinvT = tl.trans(Pinv)
+    M_rbT = tl.trans(M_rb)
+    M_rkT = tl.trans(M_rk)
+    L_akT = tl.trans(L_ak)
+    dL_ab = tl.zeros([C, C], dtype=tl.float32)
+    dL_ak = tl.zeros([C, C], dtype=tl.float32)
+    dM_rb = tl.zeros([C, C], dtype=tl.float32)
+    dM_rk = tl.zeros([C, C], dtype=tl.float32)
+    dR_s = tl.zeros([C, N], dtype=tl.float32)       # dY S
+    dA_s = tl.zeros([C, N], dtype=tl.float32)       # dZ S
+    dB_e = tl.zeros([C, N], dtype=tl.float32)       # U dS
+    dK_e = tl.zeros([C, N], dtype=tl.float32)       # V dS
+    dgC = tl.zeros([N], dtype=tl.float32)
+    s_base = (i_bh * NC + n) * N * N
+    for i_v in range(N // BV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        p_s = offs_v[:, None] * N + offs_k[None, :]
+        pv = base[:, None] + offs_v[None, :]
+        S = tl.load(st_ptr + s_base + p_s)          # [BV, K] rows of the chunk-start state
+        dS = tl.load(dst_ptr + s_base + p_s)        # [BV, K] rows of the gradient of the chunk-end state
+        vv = tl.load(v_ptr + pv, mask=mk, other=0.).to(tl.float32)   # [C, BV]
+        dY = tl.load(dy_ptr + pv, mask=mk, other=0.).to(tl.float32)  # [C, BV]
+        dSt = tl.trans(dS)                          # [K, BV]
+        U = _dot(Pinv, _dot(a_d, tl.trans(S), PREC) + _dot(L_ak, vv, PREC), PREC)   # [C, BV]
+        dZ = _dot(PinvT, _dot(M_rbT, dY, PREC) + _dot(b_e, dSt, PREC), PREC)
+        dV = _dot(M_rkT, dY, PREC) + _dot(L_akT, dZ, PREC) + _dot(k_e, dSt, PREC)
+        tl.store(dv_ptr + pv, dV.to(dv_ptr.dtype.element_ty), mask=mk)
+        dL_ab += _dot(dZ, tl.trans(U), PREC)
+        dL_ak += _dot(dZ, tl.trans(vv), PREC)
+        dM_rb += _dot(dY, tl.trans(U), PREC)
+        dM_rk += _dot(dY, tl.trans(vv), PREC)
+        dR_s += _dot(dY, S, PREC)
+        dA_s += _dot(dZ, S, PREC)
+        dB_e += _dot(U, dS, PREC)
+        dK_e += _dot(vv, dS, PREC)
+        dgC += tl.sum(dS * S, axis=0)
+    dL_ab = tl.where(tri_s, dL_ab, 0.)
+    dL_ak = tl.where(tri_s, dL_ak, 0.)
+    dM_rb = tl.where(tri_i, dM_rb, 0.)
+    dM_rk = tl.where(tri_i, dM_rk, 0.)
+    dR_d = dR_s + _dot(dM_rb, b_u, PREC) + _dot(dM_rk, k_u, PREC)
+    dA_d = dA_s + _dot(dL_ab, b_u, PREC) + _dot(dL_ak, k_u, PREC)
+    dB_u = _dot(tl.trans(dM_rb), r_d, PREC) + _dot(tl.trans(dL_ab), a_d, PREC)
+    dK_u = _dot(tl.trans(dM_rk), r_d, PREC) + _dot(tl.trans(dL_ak), a_d, PREC)
+    dgC = dgC * tl.exp(gC) + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)   # [K]
+    dg = dR_d * r_d - dB_u * b_u - dB_e * b_e - dK_u * k_u - dK_e * k_e
+    dgx = dA_d * a_d
+    dw = tl.cumsum(dg, axis=0, reverse=True) + tl.cumsum(dgx, axis=0, reverse=True) - dgx + dgC[None, :]
+    tl.store(dr_ptr + pk, (dR_d * tl.exp(g)).to(dr_ptr.dtype.element_ty), mask=mk)
+    tl.store(dw_ptr + pk, dw.to(dw_ptr.dtype.element_ty), mask=mk)
+    tl.store(dk_ptr + pk, (dK_u * e_neg + dK_e * e_end).to(dk_ptr.dtype.element_ty), mask=mk)
+    tl.store(da_ptr + pk, (dA_d * tl.exp(gx)).to(da_ptr.dtype.element_ty), mask=mk)
+    tl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)
+
+
+@triton.jit
 def chunk_prep_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, m_ptr, e_ptr,
                       T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
                       BWD: tl.constexpr, PREC: tl.constexpr):

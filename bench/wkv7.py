@@ -106,7 +106,39 @@ def copy_bandwidth():
 
 def cfg_tag(cfg):
     return (f"ours_C{cfg.chunk_size}_BV{cfg.block_v}_W{cfg.num_warps}_Wb{cfg.num_warps_bwd}_{cfg.precision}"
-            f"_{cfg.precision_bwd}_{cfg.split}")
+            f"_{cfg.precision_bwd}_{cfg.split}_p{int(cfg.prep)}_f{int(cfg.prefetch)}_g{cfg.grads_block_v}")
+
+
+def parse_cfg(c):
+    """C-BV-warps-warpsbwd-precision-precisionbwd-split[-pP-fF-gG]: P prep (0/1), F prefetch (0/1), G
+    grads_block_v; omitted ones keep chunk.CONFIG's defaults."""
+    f = c.split("-")
+    cfg = replace(ours.CONFIG, chunk_size=int(f[0]), block_v=int(f[1]), num_warps=int(f[2]), num_warps_bwd=int(f[3]),
+                  precision=f[4], precision_bwd=f[5], split=f[6])
+    for x in f[7:]:
+        key = {"p": "prep", "f": "prefetch", "g": "grads_block_v"}[x[0]]
+        val = int(x[1:])
+        cfg = replace(cfg, **{key: bool(val) if key != "grads_block_v" else val})
+    return cfg
+
+
+def kernel_times(fn, iters=5):
+    """Device time per Triton kernel (ms per call of fn), from torch.profiler over `iters` calls."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0)
+        if t and "kernel" in e.key:
+            out[e.key] = t / 1000 / iters
+    return out
 
 
 def ours_fwd(x):
@@ -143,9 +175,10 @@ def main():
     ap.add_argument("--rwkvlm", default=".whl-kernels/rwkvlm")
     ap.add_argument("--shapes", default="all")
     ap.add_argument("--configs", default="16-0-4-4-tf32r-tf32-fused",
-                    help="comma-separated C-BV-warps-warpsbwd-precision-precisionbwd-split (see WKV7KernelConfig)")
+                    help="comma-separated configs, see parse_cfg and WKV7KernelConfig")
     ap.add_argument("--acc-shapes", type=int, default=2, help="how many accuracy shapes to check (<= 2)")
     ap.add_argument("--peers", default="fla,official_v1,official_v3")
+    ap.add_argument("--parts", action="store_true", help="also time each kernel of ours (torch.profiler)")
     ap.add_argument("--build-only", choices=["v1", "v3"], help="build one official extension and exit")
     args = ap.parse_args()
     if args.build_only:
@@ -180,11 +213,7 @@ def main():
     BW_BYTES_PER_MS = copy_bandwidth()
     res["copy_bandwidth_TBps"] = BW_BYTES_PER_MS / 1e9
     print(f"copy bandwidth {BW_BYTES_PER_MS / 1e9:.2f} TB/s", flush=True)
-    configs = []
-    for c in args.configs.split(","):
-        f = c.split("-")
-        configs.append(replace(ours.CONFIG, chunk_size=int(f[0]), block_v=int(f[1]), num_warps=int(f[2]),
-                               num_warps_bwd=int(f[3]), precision=f[4], precision_bwd=f[5], split=f[6]))
+    configs = [parse_cfg(c) for c in args.configs.split(",")]
 
     peers = {}
     want = set(args.peers.split(",")) if args.peers else set()
@@ -258,6 +287,8 @@ def main():
                 row[tag] = {"fwd": do_bench(lambda x=x: ours_fwd(x))}
                 run, _ = ours_fwd_bwd_fn(x, dy)
                 row[tag]["fwd_bwd"] = do_bench(run)
+                if args.parts:
+                    row[tag]["kernels_ms"] = kernel_times(run)
             except Exception:  # noqa: BLE001
                 res["failures"][f"{tag}_{row['shape']}"] = traceback.format_exc()[-2000:]
             print(row["shape"], tag, row.get(tag), flush=True)

@@ -6,8 +6,10 @@ never produces it and decoding renders it as nothing. The model's embedding has 
 so ids fit in uint16.
 
 `encode_batch` spreads documents over threads: the compiled encoder releases the GIL, so
-threads run it in parallel while the UTF-8 encoding and list building stay in Python.
-With `num_workers=1` (e.g. inside a Ray actor, which owns one core) it runs in the caller.
+threads run it in parallel while the UTF-8 encoding and list building stay in Python. Lists
+are built in the calling thread group by group as the threads finish them (several groups per
+thread), so building overlaps with encoding. With `num_workers=1` (e.g. inside a Ray actor,
+which owns one core) it runs in the caller.
 `encode_batch_flat` returns one id array plus document offsets: the layout of an Arrow
 list column, so a shard writer needs no per-document Python objects.
 
@@ -42,9 +44,14 @@ class TokenizerConfig:
     num_workers: int | None = None
     """Default threads for `encode_batch`; None = the cores this process may use."""
     min_batch_bytes_per_worker: int = 1 << 16
-    """Below this many UTF-8 bytes per worker a batch runs in the calling thread."""
+    """Groups of documents (one per worker, or several for `encode_batch`) hold at least this many
+    UTF-8 bytes; a batch too small for two groups runs in the calling thread."""
     use_cache: bool = True
     """Keep the compiled trie tables on disk (tokenizer/tables.py says where and how it is checked)."""
+
+
+_WINDOW = 1 << 15  # ids per shared-int window in `_to_lists` (256 KB of object pointers: stays in cache)
+_GROUPS_PER_WORKER = 2  # list batches: groups per thread, so lists are built while later groups encode
 
 
 def available_cores() -> int:
@@ -103,10 +110,26 @@ class WorldTokenizer:
         """Token ids of a str (its UTF-8 bytes) as a uint16 array [n_tokens]."""
         return self.encode_bytes_to_array(text.encode("utf-8"))
 
+    def _to_lists(self, ids: np.ndarray, bounds: list[int]) -> list[list[int]]:
+        """[ids[bounds[d]:bounds[d+1]].tolist() for each d], built from the vocab's shared int objects.
+
+        Taking shared ints is ~2x faster than ndarray.tolist(), which makes a new int per id. The
+        take runs over windows of at least `_WINDOW` ids that hold whole documents, and each
+        document's list is a slice of its window: one take and one copy per id.
+        """
+        out: list[list[int]] = []
+        w0 = w1 = 0
+        window = self._ids[:0]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > w1:  # ids[w0:w1] does not hold this document: the next window starts at a
+                w0, w1 = a, max(b, min(a + _WINDOW, bounds[-1]))
+                window = self._ids.take(ids[w0:w1])  # [w1 - w0] shared int objects
+            out.append(window[a - w0 : b - w0].tolist())
+        return out
+
     def _to_list(self, ids: np.ndarray) -> list[int]:
-        # For long outputs, taking shared int objects is ~2x faster than ndarray.tolist(), which
-        # makes a new int per id; for short ones the take costs more than it saves.
-        return self._ids.take(ids).tolist() if ids.shape[0] > 256 else ids.tolist()
+        # For a few ids the take costs more than it saves.
+        return ids.tolist() if ids.shape[0] <= 256 else self._ids.take(ids).tolist()
 
     def encode_bytes(self, data: bytes | bytearray | memoryview) -> list[int]:
         return self._to_list(self._encode_view(data))
@@ -124,16 +147,18 @@ class WorldTokenizer:
         data = np.frombuffer(b"".join(chunks), np.uint8)
         return trie.encode_docs(data, doc_offsets, self._table, self._value)
 
-    def _split(self, texts: Sequence[str | bytes], num_workers: int | None) -> list[Sequence[str | bytes]]:
-        """Contiguous groups of about equal length, one per worker (fewer for small batches)."""
-        workers = num_workers or self.config.num_workers or available_cores()
+    def _workers(self, num_workers: int | None) -> int:
+        return num_workers or self.config.num_workers or available_cores()
+
+    def _split(self, texts: Sequence[str | bytes], n_groups: int) -> list[Sequence[str | bytes]]:
+        """Contiguous groups of about equal length, at most n_groups (fewer for small batches)."""
         lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts))
         total = int(lengths.sum())
-        workers = max(1, min(workers, len(texts), total // self.config.min_batch_bytes_per_worker))
-        if workers == 1:
+        n_groups = max(1, min(n_groups, len(texts), total // self.config.min_batch_bytes_per_worker))
+        if n_groups == 1:
             return [texts]
         cum = np.cumsum(lengths)
-        cuts = np.searchsorted(cum, np.arange(1, workers) * total / workers, side="right").tolist()  # a doc ending on a cut stays left
+        cuts = np.searchsorted(cum, np.arange(1, n_groups) * total / n_groups, side="right").tolist()  # a doc ending on a cut stays left
         bounds = [0, *cuts, len(texts)]
         return [texts[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
@@ -150,7 +175,7 @@ class WorldTokenizer:
         self, texts: Sequence[str | bytes], num_workers: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(ids [n_tokens] uint16, offsets [n_docs + 1] int64): document d is ids[offsets[d]:offsets[d+1]]."""
-        parts = self._map_groups(texts, num_workers)
+        parts = list(self._map_groups(texts, num_workers))
         if not parts:
             return np.zeros(0, np.uint16), np.zeros(1, np.int64)
         ids = np.concatenate([p[0] for p in parts])
@@ -184,25 +209,28 @@ class WorldTokenizer:
     def encode_batch(self, texts: Sequence[str | bytes], num_workers: int | None = None) -> list[list[int]]:
         """Token ids of each document (str, or bytes taken as they are); groups run on threads."""
         out: list[list[int]] = []
-        for ids, offs in self._map_groups(texts, num_workers, as_lists=True):
-            o = offs.tolist()
-            out.extend(ids[a:b] for a, b in zip(o[:-1], o[1:]))
+        for ids, offs in self._map_groups(texts, num_workers, _GROUPS_PER_WORKER):
+            out += self._to_lists(ids, offs.tolist())
         return out
 
-    def _map_groups(self, texts: Sequence[str | bytes], num_workers: int | None, as_lists: bool = False):
+    def _map_groups(self, texts: Sequence[str | bytes], num_workers: int | None, groups_per_worker: int = 1):
+        """(ids, token offsets) of each group of documents, in order, encoded on worker threads.
+
+        Yields each group as soon as it is done, so the caller can build Python objects (which
+        needs the GIL) while the threads encode later groups (which does not).
+        """
         if isinstance(texts, (str, bytes)):
             raise TypeError("encode_batch takes a sequence of documents, not one str/bytes")
         texts = list(texts)
         if not texts:
-            return []
-        groups = self._split(texts, num_workers)
+            return
+        workers = self._workers(num_workers)
+        groups = self._split(texts, workers * groups_per_worker if workers > 1 else 1)
         if len(groups) == 1:
-            parts = [self._encode_group(groups[0])]
-        else:
-            with ThreadPoolExecutor(len(groups)) as pool:
-                parts = list(pool.map(self._encode_group, groups))
-        # Lists are built here, after the threads finish, so they do not fight over the GIL.
-        return [(self._to_list(ids), offs) for ids, offs in parts] if as_lists else parts
+            yield self._encode_group(groups[0])
+            return
+        with ThreadPoolExecutor(min(workers, len(groups))) as pool:
+            yield from pool.map(self._encode_group, groups)
 
     # decoding
 

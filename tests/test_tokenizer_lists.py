@@ -1,0 +1,103 @@
+"""The list-building paths of WorldTokenizer (shared-int windows, groups built while others encode).
+
+Every document's list is checked against the `rwkv` package's TRIE_TOKENIZER and against the
+uint16 array path, with windows and groups small enough that documents straddle their edges.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokenizer import VOCAB_PATH, TokenizerConfig, WorldTokenizer, world
+
+SAMPLE = Path(__file__).resolve().parents[1] / "tokenizer" / "data" / "multilingual_sample.txt"
+
+
+@pytest.fixture(scope="module")
+def tok() -> WorldTokenizer:
+    return WorldTokenizer()
+
+
+@pytest.fixture(scope="module")
+def ref():
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    return TRIE_TOKENIZER(str(VOCAB_PATH))
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[str | bytes]:
+    """Empty, one-token, high-id (CJK, emoji), invalid-UTF-8 and long documents, shuffled."""
+    rng = random.Random(5)
+    lines = [ln for ln in SAMPLE.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    out: list[str | bytes] = ["", "a", "\n", "你", "👨‍👩‍👧‍👦", "", b"", b"\xff", b"\xc3", "Hello world"]
+    out += ["".join(rng.choice(lines) for _ in range(rng.randrange(1, 12))) for _ in range(60)]
+    out += [" " * 1000, "好" * 333, bytes(rng.randrange(256) for _ in range(3000))]
+    out += ["\n".join(lines) * 20]  # ~110k tokens: longer than the default window
+    rng.shuffle(out)
+    return out
+
+
+def expected_ids(ref, doc: str | bytes) -> list[int]:
+    return ref.encodeBytes(doc) if isinstance(doc, bytes) else ref.encode(doc)
+
+
+@pytest.fixture(scope="module")
+def expected(ref, docs) -> list[list[int]]:
+    return [expected_ids(ref, d) for d in docs]
+
+
+def test_fixture_covers_the_cases(docs, expected):
+    lengths = [len(e) for e in expected]
+    assert 0 in lengths and 1 in lengths
+    assert max(lengths) > world._WINDOW
+    assert any(i > 255 for e in expected for i in e) and any(i < 256 for e in expected for i in e)
+
+
+@pytest.mark.parametrize("window", [1, 2, 7, 300, None])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_batch_lists_match_reference_and_arrays(tok, docs, expected, monkeypatch, window, workers):
+    if window is not None:
+        monkeypatch.setattr(world, "_WINDOW", window)
+    got = tok.encode_batch(docs, num_workers=workers)
+    assert got == expected
+    assert all(type(i) is int for doc in got for i in doc)
+    arrays = tok.encode_batch_to_arrays(docs, num_workers=workers)
+    assert [a.tolist() for a in arrays] == expected
+
+
+@pytest.mark.parametrize("groups_per_worker", [1, 2, 5])
+def test_many_small_groups(docs, expected, monkeypatch, groups_per_worker):
+    monkeypatch.setattr(world, "_GROUPS_PER_WORKER", groups_per_worker)
+    monkeypatch.setattr(world, "_WINDOW", 5)
+    small = WorldTokenizer(TokenizerConfig(min_batch_bytes_per_worker=1))
+    assert small.encode_batch(docs, num_workers=2) == expected
+    assert small.encode_batch(docs[:3], num_workers=4) == expected[:3]
+    assert small.encode_batch([""] * 5, num_workers=2) == [[]] * 5
+
+
+def test_to_lists_bounds(tok):
+    ids = np.array([1, 300, 65529, 256, 255, 300, 7], np.uint16)
+    for bounds in ([0, 7], [0, 0, 7], [0, 3, 3, 7, 7], [2, 5], [0, 1, 2, 3, 4, 5, 6, 7]):
+        got = tok._to_lists(ids, bounds)
+        assert got == [ids[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+    assert tok._to_lists(ids, [0]) == []
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 5000])
+def test_single_document_list_sizes(tok, ref, n):
+    """Both sides of the short-output switch in `_to_list` (ids.tolist() up to 256 ids, take above).
+
+    A prefix of the bytes that ends on a token boundary encodes to the same first n tokens.
+    """
+    text = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(6000))  # CJK: ids far above 255
+    full = tok.encode(text)
+    assert full == ref.encode(text) == tok.encode_to_array(text).tolist()
+    data = tok.decode_bytes(full[:n])
+    ids = tok.encode_bytes(data)
+    assert ids == full[:n] == ref.encodeBytes(data)
+    assert all(type(i) is int for i in ids)

@@ -101,3 +101,10 @@ def test_single_document_list_sizes(tok, ref, n):
     ids = tok.encode_bytes(data)
     assert ids == full[:n] == ref.encodeBytes(data)
     assert all(type(i) is int for i in ids)
+
+
+def test_error_in_a_worker_group_reaches_the_caller():
+    small = WorldTokenizer(TokenizerConfig(min_batch_bytes_per_worker=1))
+    with pytest.raises(UnicodeEncodeError):
+        small.encode_batch(["abc"] * 10 + ["a\ud800"] + ["x"] * 10, num_workers=2)
+    assert small.encode_batch(["ab", "cd"], num_workers=2) == [[1734], [1787]]

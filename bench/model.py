@@ -1,7 +1,7 @@
 """Benchmark the RWKV-7 model: training throughput beside fla's RWKV-7, and RNN-mode generation speed.
 
 Training (CUDA only): one optimizer step = forward + backward + fused AdamW, fp32 master weights under
-bf16 autocast, random tokens, ctx 4096; ours with cross-entropy + L2Wrap (as the trainer runs it), eager
+bf16 autocast, random tokens, ctx 4096; ours with the trainer's fused Triton cross-entropy + L2Wrap, eager
 and with each block torch.compile'd (the WKV kernel stays outside the graphs); peer: flash-linear-attention's
 `RWKV7ForCausalLM` (chunk mode, fused cross-entropy, L2Wrap off, as in BENCHMARKS.md) at the same size
 and LoRA widths, in the same process. MFU = 6 x (parameters outside the embedding) x tokens/s / 790e12.
@@ -31,12 +31,12 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer.generate import stream  # noqa: E402
+from trainer.loss import lm_loss  # noqa: E402
 from trainer.models import PRESETS, RWKV7  # noqa: E402
-from trainer.models.rwkv7 import apply_compile, l2wrap  # noqa: E402
+from trainer.models.rwkv7 import apply_compile  # noqa: E402
 
 PEAK_FLOPS = 790e12  # measured bf16 matmul rate of one H200 here (BENCHMARKS.md)
 
@@ -76,12 +76,11 @@ def ours_train(preset: str, batch: int, ctx: int, compiled: bool, device: str = 
         torch._dynamo.reset()  # fresh static-shape graphs for this size
         apply_compile(model)
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-5, betas=(0.9, 0.99), eps=1e-18, fused=True)
-    V = cfg.vocab_size
 
     def step(idx, tgt):
         with torch.autocast(device, dtype=torch.bfloat16):
             logits, _ = model(idx)
-            loss = l2wrap(F.cross_entropy(logits.view(-1, V), tgt.view(-1)), logits)
+            loss = lm_loss(logits, tgt)     # the trainer's loss: fused Triton CE + L2Wrap on CUDA
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -30,7 +30,7 @@ from trainer.infctx import InfctxLM  # noqa: E402
 from trainer.models.rwkv7 import PRESETS, RWKV7  # noqa: E402
 
 PEAK_BF16 = 790e12
-BATCH = {"debug": 2, "0.1b": 8, "0.4b": 8, "1.5b": 4}
+BATCH = {"debug": 2, "0.1b": 16, "0.4b": 8, "1.5b": 4}  # as the presets' micro_batch_size
 ACCEL = "cuda"  # --accelerator cpu: a smoke run of this script on a machine without a GPU
 
 

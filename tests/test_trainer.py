@@ -164,3 +164,17 @@ def test_gradient_accumulation_matches_a_bigger_micro_batch(corpus, tmp_path):
     for x, y in zip(a, b):
         assert abs(float(x["loss"]) - float(y["loss"])) <= 1e-5 * float(x["loss"])
         assert abs(float(x["grad_norm"]) - float(y["grad_norm"])) <= 1e-4 * float(x["grad_norm"])
+
+
+def test_non_finite_loss_stops_the_run(corpus, tmp_path, capsys):
+    """A diverged run (here: a learning rate of 1e30) stops with the step named, not silently logging NaN."""
+    run = tmp_path / "run"
+    sets = [s for s in TINY if not s.startswith("optim.lr_")] + ["optim.lr_init=1e30", "optim.lr_final=1e30",
+                                                                 "optim.warmup_steps=0", "train.ckpt_every=0"]
+    rc = main(["--config", str(ROOT / "trainer/configs/debug.yaml"), "--data", str(corpus), "--run-dir", str(run),
+               "--max-steps", "6"] + [f"--set={s}" for s in sets])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: step " in err and ("nan" in err or "inf" in err)
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) < 6 and all(float(r["loss"]) == float(r["loss"]) for r in rows)

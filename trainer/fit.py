@@ -58,8 +58,10 @@ def train_step(fabric, model, optimizer, micro_batches, lr: float, accumulate: i
             loss = model(fabric.to_device(batch))
             fabric.backward(loss / accumulate)
         acc += loss.detach().double()
-    # clipping at +inf still returns the norm, so metrics.csv has it with clipping off too
-    grad_norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip if grad_clip > 0 else float("inf"))
+    # clipping at +inf still returns the norm, so metrics.csv has it with clipping off too; the non-finite
+    # check is the caller's (on the logged norm), since raising here would make every step wait for the GPU
+    grad_norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip if grad_clip > 0 else float("inf"),
+                                      error_if_nonfinite=False)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return fabric.all_reduce(acc / accumulate, reduce_op="mean"), grad_norm
@@ -265,31 +267,47 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
     it = iter(loader)
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not rank0, dynamic_ncols=True, desc="train")
     model.train()
+    pending = None  # the last launched step, logged once the next one is queued (the GPU never waits on the host)
+    t_last = time.perf_counter()
+
+    def log(p: dict, val_loss: float | None = None):
+        nonlocal t_last
+        loss_val, grad_norm = float(p["loss"]), float(p["norm"])  # waits for that step's kernels
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+            last = ckpt.latest(run_dir)
+            raise FloatingPointError(f"step {p['step']}: loss {loss_val}, gradient norm {grad_norm}; stopping "
+                                     f"({f'newest checkpoint: {last}' if last else 'no checkpoint written yet'})")
+        now = time.perf_counter()
+        row = {"step": p["step"], "loss": f"{loss_val:.6f}", "lr": f"{p['lr']:.6g}", "tokens": p["tokens"],
+               "tokens_per_s": f"{tokens_per_step / (now - t_last):.1f}", "grad_norm": f"{grad_norm:.4f}",
+               "val_loss": "" if val_loss is None else f"{val_loss:.6f}"}
+        t_last = now
+        losses.append(loss_val)
+        fabric.log_dict({k: float(v) for k, v in row.items() if v != "" and k != "step"}, step=p["step"])
+        if rank0:
+            writer.writerow(row)
+            f.flush()
+        if p["step"] % max(1, cfg.train.log_every) == 0 or p["step"] == cfg.train.max_steps:
+            bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{p['lr']:.2e}", tok_s=row["tokens_per_s"])
+        bar.update(1)
+
     try:
         while step < cfg.train.max_steps:
-            t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             loss_t, norm_t = train_step(fabric, model, optimizer, (next(it) for _ in range(o.accumulate_grad_batches)),
                                         lr, o.accumulate_grad_batches, o.grad_clip)
             step += 1
             samples += layout.global_batch
-            loss_val, grad_norm = float(loss_t), float(norm_t)
-            dt = time.perf_counter() - t0
-            row = {"step": step, "loss": f"{loss_val:.6f}", "lr": f"{lr:.6g}", "tokens": samples * cfg.data.data_ctx_len,
-                   "tokens_per_s": f"{tokens_per_step / dt:.1f}", "grad_norm": f"{grad_norm:.4f}", "val_loss": ""}
+            if pending is not None:
+                log(pending)
+            pending = {"step": step, "lr": lr, "loss": loss_t, "norm": norm_t, "tokens": samples * cfg.data.data_ctx_len}
             final = step == cfg.train.max_steps
-            if val and ((cfg.train.val_every and step % cfg.train.val_every == 0) or final):
-                vl = evaluate(fabric, model, [b for b in val])
-                row["val_loss"] = f"{vl:.6f}"
-            losses.append(loss_val)
-            fabric.log_dict({k: float(v) for k, v in row.items() if v != "" and k != "step"}, step=step)
-            if rank0:
-                writer.writerow(row)
-                f.flush()
-            if step % max(1, cfg.train.log_every) == 0 or final:
-                bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=row["tokens_per_s"])
-            bar.update(1)
-            if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or final:
+            validate = val and ((cfg.train.val_every and step % cfg.train.val_every == 0) or final)
+            save = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or final
+            if validate or save:  # this step's row first: a checkpoint never precedes its metrics
+                log(pending, evaluate(fabric, model, [b for b in val]) if validate else None)
+                pending = None
+            if save:
                 save_checkpoint(step, samples)
     finally:
         bar.close()
@@ -321,7 +339,7 @@ def main(argv=None) -> int:
             cfg.train.max_steps = args.max_steps
         resolve_model_config(cfg.model)
         fit(cfg, Path(args.data), Path(args.run_dir), resume=args.resume)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -100,7 +100,7 @@ def test_wkv7_cpu_dispatch_float64_and_fp32():
     (17, 3, True, 16, 0, "fused", True, True, 16),
     (63, 3, True, 32, 64, "fused", True, True, 64),
     (63, 1, True, 16, 16, "split", False, False, 0),
-    (63, 3, False, 16, 0, "fused", True, False, 16),
+    (63, 3, False, 16, 0, "fused", True, False, 0),
     (130, 1, False, 16, 16, "fused", True, True, 16),
     (130, 3, True, 64, 64, "fused", False, False, 16),
     (130, 3, False, 32, 0, "fused", True, True, 32),

@@ -50,6 +50,10 @@ class WKV7KernelConfig:
     """Value rows per step of the backward's parallel gradient kernel, which then holds [block_v, N] slices of
     the state and its gradient instead of both whole [N, N] (register pressure); 0: the kernel that holds
     them whole (chunk_bwd_grads_kernel)."""
+    maxnreg_bwd: int = 0
+    """Register cap per thread for the backward's gradient kernel (0: none). Uncapped it takes 255 and
+    spills a little (ptxas, sm_90), so at most two programs fit on a multiprocessor; a cap trades more
+    spills (to L1) for more programs in flight."""
     poison_outputs: bool = False
     """Fill outputs with NaN before the kernels run (tests: an unwritten element then fails)."""
 
@@ -132,6 +136,14 @@ def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
     return y, sT, st, None
 
 
+def _grads_launch():
+    """Launch options of the backward's gradient kernel: warps, and a register cap when configured."""
+    opts = {"num_warps": CONFIG.num_warps_bwd}
+    if CONFIG.maxnreg_bwd:
+        opts["maxnreg"] = CONFIG.maxnreg_bwd
+    return opts
+
+
 def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0):
     """Chunked backward from the stored chunk-start states (and the forward's [C, C] matrices cc, or None).
     Returns (dr, dw, dk, dv, da, db, ds0)."""
@@ -163,12 +175,11 @@ def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0):
     if CONFIG.grads_block_v:
         K.chunk_bwd_grads_vb_kernel[(NC, B * H)](
             r, w, k, v, a, b, cc, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
-            BV=min(CONFIG.grads_block_v, N), HAS_CC=cc is not None, PREC=CONFIG.precision_bwd,
-            num_warps=CONFIG.num_warps_bwd)
+            BV=min(CONFIG.grads_block_v, N), HAS_CC=cc is not None, PREC=CONFIG.precision_bwd, **_grads_launch())
     else:
         K.chunk_bwd_grads_kernel[(NC, B * H)](
-            r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
-            PREC=CONFIG.precision_bwd, num_warps=CONFIG.num_warps_bwd)
+            r, w, k, v, a, b, cc, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
+            HAS_CC=cc is not None, PREC=CONFIG.precision_bwd, **_grads_launch())
     return (*grads, ds0 if need_ds0 else None)
 
 

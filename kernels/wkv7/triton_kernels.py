@@ -186,12 +186,13 @@ def chunk_bwd_dstate_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, 
 
 
 @triton.jit
-def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
+def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, st_ptr, dst_ptr, dy_ptr,
                            dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
                            T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
-                           PREC: tl.constexpr):
+                           HAS_CC: tl.constexpr, PREC: tl.constexpr):
     """Parallel pass of the backward, grid (NC, B*H): one chunk each, from its start state st[n] and the
-    gradient dst[n] of its end state; writes the chunk's dr, dw, dk, dv, da, db [B, T, H, N]."""
+    gradient dst[n] of its end state; writes the chunk's dr, dw, dk, dv, da, db [B, T, H, N]. HAS_CC: the
+    [C, C] matrices come from chunk_cc_kernel's output cc instead of being computed here."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -209,8 +210,28 @@ def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst
     S = tl.load(st_ptr + (i_bh * NC + n) * N * N + p_s)            # [V, K] chunk-start state
     dS = tl.load(dst_ptr + (i_bh * NC + n) * N * N + p_s)          # [V, K] gradient of the chunk-end state
     dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)    # [C, V]
-    (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
-     Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pk, mk, tri_s, tri_i, eye, LOG2C, PREC)
+    if HAS_CC:
+        vv = tl.load(v_ptr + pk, mask=mk, other=0.).to(tl.float32)
+        ww = tl.load(w_ptr + pk, mask=mk, other=0.).to(tl.float32)
+        g = tl.cumsum(ww, axis=0)
+        gx = g - ww
+        gC = tl.sum(ww, axis=0)
+        a_d = tl.load(a_ptr + pk, mask=mk, other=0.).to(tl.float32) * tl.exp(gx)
+        r_d = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32) * tl.exp(g)
+        bb = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32)
+        kk = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32)
+        b_u = bb * tl.exp(-g)
+        k_u = kk * tl.exp(-g)
+        b_e = bb * tl.exp(gC[None, :] - g)
+        k_e = kk * tl.exp(gC[None, :] - g)
+        offs_cc = offs_t[:, None] * C + offs_t[None, :]
+        Pinv = _ldc(cc_ptr, i_bh, NC, n, 0, offs_cc, C)
+        L_ak = _ldc(cc_ptr, i_bh, NC, n, 1, offs_cc, C)
+        M_rb = _ldc(cc_ptr, i_bh, NC, n, 2, offs_cc, C)
+        M_rk = _ldc(cc_ptr, i_bh, NC, n, 3, offs_cc, C)
+    else:
+        (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
+         Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pk, mk, tri_s, tri_i, eye, LOG2C, PREC)
     Z = _dot(a_d, tl.trans(S), PREC) + _dot(L_ak, vv, PREC)
     U = _dot(Pinv, Z, PREC)       # [C, V]
     dSt = tl.trans(dS)                              # [K, V]
@@ -446,8 +467,9 @@ def chunk_bwd_grads_vb_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, 
                               BV: tl.constexpr, HAS_CC: tl.constexpr, PREC: tl.constexpr):
     """Parallel pass of the backward (as chunk_bwd_grads_kernel), grid (NC, B*H), walking the value dimension
     in blocks of BV: no [N, N] state is held whole (S and dS rows [BV, N] per step), the products that
-    contract over the value index are accumulated ([C, C] and [C, N]). HAS_CC: load the [C, C] matrices
-    from chunk_cc_kernel's output instead of computing them."""
+    contract over the value index are accumulated ([C, C] and [C, N]); only a_d, b_e, k_e stay live through
+    that loop (the other decayed vectors are rebuilt after it), to keep registers low. HAS_CC: load the
+    [C, C] matrices from chunk_cc_kernel's output instead of computing them."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -461,22 +483,13 @@ def chunk_bwd_grads_vb_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, 
     mk = (t < T)[:, None]
     base = ((i_b * T + t) * H + i_h) * N
     pk = base[:, None] + offs_k[None, :]
-    rr = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32)
     ww = tl.load(w_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    kk = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    aa = tl.load(a_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    bb = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32)
     g = tl.cumsum(ww, axis=0)                       # [C, N]
-    gx = g - ww
     gC = tl.sum(ww, axis=0)                         # [N]
-    a_d = aa * tl.exp(gx)
-    r_d = rr * tl.exp(g)
-    e_neg = tl.exp(-g)
-    b_u = bb * e_neg
-    k_u = kk * e_neg
+    a_d = tl.load(a_ptr + pk, mask=mk, other=0.).to(tl.float32) * tl.exp(g - ww)
     e_end = tl.exp(gC[None, :] - g)
-    b_e = bb * e_end
-    k_e = kk * e_end
+    b_e = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32) * e_end
+    k_e = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32) * e_end
     if HAS_CC:
         Pinv = _ldc(cc_ptr, i_bh, NC, n, 0, offs_cc, C)
         L_ak = _ldc(cc_ptr, i_bh, NC, n, 1, offs_cc, C)
@@ -484,14 +497,14 @@ def chunk_bwd_grads_vb_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, 
         M_rk = _ldc(cc_ptr, i_bh, NC, n, 3, offs_cc, C)
     else:
         eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
+        e_neg = tl.exp(-g)
+        b_u = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32) * e_neg
+        k_u = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32) * e_neg
+        r_d = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32) * tl.exp(g)
         L_ak = tl.where(tri_s, _dot(a_d, tl.trans(k_u), PREC), 0.)
         M_rb = tl.where(tri_i, _dot(r_d, tl.trans(b_u), PREC), 0.)
         M_rk = tl.where(tri_i, _dot(r_d, tl.trans(k_u), PREC), 0.)
         Pinv = _inv_unit_lower(tl.where(tri_s, _dot(a_d, tl.trans(b_u), PREC), 0.), eye, LOG2C, PREC)
-    PinvT = tl.trans(Pinv)
-    M_rbT = tl.trans(M_rb)
-    M_rkT = tl.trans(M_rk)
-    L_akT = tl.trans(L_ak)
     dL_ab = tl.zeros([C, C], dtype=tl.float32)
     dL_ak = tl.zeros([C, C], dtype=tl.float32)
     dM_rb = tl.zeros([C, C], dtype=tl.float32)
@@ -512,8 +525,8 @@ def chunk_bwd_grads_vb_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, 
         dY = tl.load(dy_ptr + pv, mask=mk, other=0.).to(tl.float32)  # [C, BV]
         dSt = tl.trans(dS)                          # [K, BV]
         U = _dot(Pinv, _dot(a_d, tl.trans(S), PREC) + _dot(L_ak, vv, PREC), PREC)   # [C, BV]
-        dZ = _dot(PinvT, _dot(M_rbT, dY, PREC) + _dot(b_e, dSt, PREC), PREC)
-        dV = _dot(M_rkT, dY, PREC) + _dot(L_akT, dZ, PREC) + _dot(k_e, dSt, PREC)
+        dZ = _dot(tl.trans(Pinv), _dot(tl.trans(M_rb), dY, PREC) + _dot(b_e, dSt, PREC), PREC)
+        dV = _dot(tl.trans(M_rk), dY, PREC) + _dot(tl.trans(L_ak), dZ, PREC) + _dot(k_e, dSt, PREC)
         tl.store(dv_ptr + pv, dV.to(dv_ptr.dtype.element_ty), mask=mk)
         dL_ab += _dot(dZ, tl.trans(U), PREC)
         dL_ak += _dot(dZ, tl.trans(vv), PREC)
@@ -524,23 +537,33 @@ def chunk_bwd_grads_vb_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, 
         dB_e += _dot(U, dS, PREC)
         dK_e += _dot(vv, dS, PREC)
         dgC += tl.sum(dS * S, axis=0)
+    dgC = dgC * tl.exp(gC) + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)   # [K]
+    dg = -dB_e * b_e - dK_e * k_e
+    dB_e = dB_e * e_end                             # the e^{g_C - g} parts of db, dk
+    dK_e = dK_e * e_end
     dL_ab = tl.where(tri_s, dL_ab, 0.)
     dL_ak = tl.where(tri_s, dL_ak, 0.)
     dM_rb = tl.where(tri_i, dM_rb, 0.)
     dM_rk = tl.where(tri_i, dM_rk, 0.)
+    e_neg = tl.exp(-g)
+    rr = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    bb = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    kk = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    r_d = rr * tl.exp(g)
+    b_u = bb * e_neg
+    k_u = kk * e_neg
     dR_d = dR_s + _dot(dM_rb, b_u, PREC) + _dot(dM_rk, k_u, PREC)
     dA_d = dA_s + _dot(dL_ab, b_u, PREC) + _dot(dL_ak, k_u, PREC)
     dB_u = _dot(tl.trans(dM_rb), r_d, PREC) + _dot(tl.trans(dL_ab), a_d, PREC)
     dK_u = _dot(tl.trans(dM_rk), r_d, PREC) + _dot(tl.trans(dL_ak), a_d, PREC)
-    dgC = dgC * tl.exp(gC) + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)   # [K]
-    dg = dR_d * r_d - dB_u * b_u - dB_e * b_e - dK_u * k_u - dK_e * k_e
+    dg += dR_d * r_d - dB_u * b_u - dK_u * k_u
     dgx = dA_d * a_d
     dw = tl.cumsum(dg, axis=0, reverse=True) + tl.cumsum(dgx, axis=0, reverse=True) - dgx + dgC[None, :]
     tl.store(dr_ptr + pk, (dR_d * tl.exp(g)).to(dr_ptr.dtype.element_ty), mask=mk)
     tl.store(dw_ptr + pk, dw.to(dw_ptr.dtype.element_ty), mask=mk)
-    tl.store(dk_ptr + pk, (dK_u * e_neg + dK_e * e_end).to(dk_ptr.dtype.element_ty), mask=mk)
-    tl.store(da_ptr + pk, (dA_d * tl.exp(gx)).to(da_ptr.dtype.element_ty), mask=mk)
-    tl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)
+    tl.store(dk_ptr + pk, (dK_u * e_neg + dK_e).to(dk_ptr.dtype.element_ty), mask=mk)
+    tl.store(da_ptr + pk, (dA_d * tl.exp(g - ww)).to(da_ptr.dtype.element_ty), mask=mk)
+    tl.store(db_ptr + pk, (dB_u * e_neg + dB_e).to(db_ptr.dtype.element_ty), mask=mk)
 
 
 @triton.jit

@@ -276,6 +276,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
                  for i, k, o in ((i, keys[i], ofs[i]) for i in order)]
         stages.atomic_write_bytes(os.path.join(out, "duplicates.jsonl"),
                                   ("\n".join(lines) + "\n" if lines else "").encode())
+        stages.fsync_file(tmp)
         os.replace(tmp, dedup_path)  # the marker of this stage
     timings["dedup_wall"] = time.perf_counter() - t0
     all_removed = np.sort(np.concatenate([removed["exact_dedup"], removed["near_dedup"]]))

@@ -43,6 +43,16 @@ SHARD_SCHEMA = pa.schema([("id", pa.string()), ("component", pa.string()),
 TOK_SCHEMA = pa.schema([("key", pa.int64())] + list(SHARD_SCHEMA))
 
 
+def fsync_file(path: str) -> None:
+    """Flush a finished temp file to disk before it is renamed into place (the rename alone can leave an
+    empty or partial file under the final name after a power loss)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -76,6 +86,7 @@ class _ArrowOut:
     def close(self) -> None:
         self.writer.close()
         self.sink.close()
+        fsync_file(self.tmp)
         os.replace(self.tmp, self.path)
 
 
@@ -190,6 +201,7 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
         sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, 0), np.uint64)
         tmp = os.path.join(work, "ingest", f"{unit.name}.sig.tmp{os.getpid()}.npy")
         np.save(tmp, sigs)
+        fsync_file(tmp)
         os.replace(tmp, os.path.join(work, "ingest", unit.name + ".sig.npy"))
     meta = {"unit": unit.name, "component": comp.name, "ci": unit.ci, "fi": unit.fi, "file": unit.rel,
             "read": read.as_dict(), "filter": filt.as_dict(), "chars_read": bytes_read,
@@ -335,6 +347,7 @@ def write_shard(index: int, pieces: list[tuple[str, int, int]], out_dir: str) ->
     with open(tmp, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    fsync_file(tmp)
     os.replace(tmp, path)
     lens = table.column("input_ids").combine_chunks().value_lengths() if table.num_rows else pa.array([], pa.int32())
     meta = {"path": rel, "documents": table.num_rows, "tokens": int(pc.sum(lens).as_py() or 0),

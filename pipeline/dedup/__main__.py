@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..stages import fsync_file
 from . import MinHashConfig, NearDedup
 
 
@@ -82,6 +83,7 @@ def run(input_path: str, out_path: str, cfg: MinHashConfig, threads: int, batch:
     with open(tmp, "w", encoding="utf-8") as out:
         for r, d in zip(removed.tolist(), dup.tolist()):
             out.write(json.dumps({"id": ids[r], "duplicate_of": ids[d]}) + "\n")  # ASCII-escaped: any id survives
+    fsync_file(tmp)
     os.replace(tmp, out_path)
     return {
         "input": input_path,
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = f"{a.report}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(text + "\n")
+        fsync_file(tmp)
         os.replace(tmp, a.report)
     print(text, file=sys.stderr)
     return 0

@@ -41,6 +41,7 @@ TOKENIZER_NAME = "rwkv_vocab_v20230424"
 VOCAB_SIZE = 65536
 STAGES = ("read", "filter", "exact_dedup", "near_dedup", "tokenize")
 EXACT_DOCS_PER_TASK = 20_000_000
+NEAR_RAY_MIN_DOCS = 2_000_000  # below this, near dedup runs in the driver even on Ray (start-up outweighs it)
 """Exact dedup splits the content hashes into this many documents per task (~0.5 GB each)."""
 
 
@@ -256,7 +257,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
             params = dict(nd.params)
             # Ray only when this build runs on Ray and the input is large; a local build never starts it
             on_ray = getattr(executor, "name", "local") == "ray"
-            params.setdefault("mode", "ray" if on_ray and n_docs >= 2_000_000 else "local")
+            params.setdefault("mode", "ray" if on_ray and n_docs >= NEAR_RAY_MIN_DOCS else "local")
             nd_run = type(nd)(enabled=True, threshold=nd.threshold, params=params)
             removed["near_dedup"], dup_of["near_dedup"] = stages.near_duplicates(
                 ingest_paths, removed["exact_dedup"], nd_run)

@@ -254,21 +254,30 @@ def exact_duplicates(ingest_paths: list[str], part: int = 0, parts: int = 1) -> 
     return removed[o], of[o]
 
 
+def load_signatures(ingest_path: str, removed_exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keys [n] int64, MinHash signatures [n, num_perm]) of one ingest file's documents that survived exact
+    dedup; the signatures were written beside it by the ingest stage."""
+    keys = read_arrow(ingest_path).column("key").to_numpy()
+    sigs = np.load(ingest_path[: -len(".arrow")] + ".sig.npy")
+    live = ~np.isin(keys, removed_exact)
+    return keys[live], sigs[live]
+
+
 def near_duplicates(ingest_paths: list[str], removed_exact: np.ndarray,
                     near: NearDedupSettings) -> tuple[np.ndarray, np.ndarray]:
-    """MinHash near duplicates among documents that survived exact dedup."""
+    """MinHash near duplicates among documents that survived exact dedup. In Ray mode each file's
+    signatures are loaded by a task and handed on as an ObjectRef: the driver never holds them."""
     from pipeline.dedup import MinHashConfig, NearDedup
 
     nd = NearDedup(MinHashConfig(threshold=near.threshold, **near.params))
-    blocks = []
-    for p in ingest_paths:
-        sig_path = p[: -len(".arrow")] + ".sig.npy"
-        keys = read_arrow(p).column("key").to_numpy()
-        sigs = np.load(sig_path)
-        if len(keys) == 0:
-            continue
-        live = ~np.isin(keys, removed_exact)
-        blocks.append((keys[live], sigs[live]))
+    if nd.cfg.mode == "ray":
+        import ray
+
+        load = ray.remote(load_signatures)
+        removed_ref = ray.put(removed_exact)
+        blocks = [load.remote(p, removed_ref) for p in ingest_paths]
+    else:
+        blocks = [b for b in (load_signatures(p, removed_exact) for p in ingest_paths) if len(b[0])]
     if not blocks:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     removed, of = nd.duplicates(blocks)

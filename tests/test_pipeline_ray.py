@@ -138,6 +138,12 @@ def test_ray_build_is_byte_identical_to_in_process(cluster, reference, tmp_path,
     from pipeline.executor import RayExecutor
 
     monkeypatch.setattr(pipeline.build, "EXACT_DOCS_PER_TASK", 100)  # exact dedup as 4 hash-partition tasks
+    monkeypatch.setattr(pipeline.build, "NEAR_RAY_MIN_DOCS", 0)  # near dedup on Ray: signatures as ObjectRefs
+    import pipeline.dedup.ray_exec as rx
+
+    seen = []
+    real = rx.duplicates_ray
+    monkeypatch.setattr(rx, "duplicates_ray", lambda blocks, cfg: seen.append([type(b) for b in blocks]) or real(blocks, cfg))
 
     init_ray(cluster["address"])
     try:
@@ -148,6 +154,7 @@ def test_ray_build_is_byte_identical_to_in_process(cluster, reference, tmp_path,
     finally:
         ray.shutdown()
     assert _output_files(out) == _output_files(reference)
+    assert seen and all(t is ray.ObjectRef for t in seen[0])  # the driver handed on references only
 
 
 def test_worker_killed_mid_task_is_retried(cluster, big, tmp_path):

@@ -50,6 +50,8 @@ class WKV7KernelConfig:
     """Value rows per step of the backward's parallel gradient kernel, which then holds [block_v, N] slices of
     the state and its gradient instead of both whole [N, N] (register pressure); 0: the kernel that holds
     them whole (chunk_bwd_grads_kernel)."""
+    num_warps_cc: int = 4
+    """Warps per program for the parallel [C, C]-matrix kernel (prep)."""
     maxnreg_bwd: int = 0
     """Register cap per thread for the backward's gradient kernel (0: none). Uncapped it takes 255 and
     spills a little (ptxas, sm_90), so at most two programs fit on a multiprocessor; a cap trades more
@@ -123,7 +125,7 @@ def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
         cc = _alloc((B * H, NC, 4, C, C), torch.float32, r.device)
         K.chunk_cc_kernel[(NC, B * H)](
             r, w, k, a, b, cc, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=CONFIG.precision,
-            num_warps=CONFIG.num_warps_bwd)
+            num_warps=CONFIG.num_warps_cc)
         K.chunk_fwd2_kernel[(B * H, N // BV)](
             r, w, k, v, a, b, cc, s0, y, sT, st, T, NC, H, N=N, C=C, BV=BV, HAS_S0=s0 is not None,
             STORE_FINAL=store_final, STORE_STATES=store_states, PREFETCH=CONFIG.prefetch, PREC=CONFIG.precision,

@@ -70,3 +70,33 @@ def test_table_layout_facts(vocab):
     assert int(table.max() >> 8) + 256 <= table.shape[0]
     assert (table[:256] & 0xFF != np.arange(256)).all()  # a leaf (base 0) never matches
     assert int(np.count_nonzero(tok._value)) == tok.n_entries
+
+
+def test_walk_near_the_end_check(vocab):
+    """Tokens up to the longest entry straddling end - MAX_TOKEN_BYTES, where the walk switches to the checked loop."""
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    tok = WorldTokenizer()
+    ref = TRIE_TOKENIZER(str(vocab[0]))
+    entries = {tok.token_bytes(i): i for i in range(1, tok.n_entries + 1)}
+    longest = max(entries, key=len)
+    units = [longest, b" " * 200, b"=" * 90 + b"\n", "的是".encode() * 40, b"\xff\xfe" * 70]
+    rng = np.random.default_rng(3)
+    for n in range(trie.MAX_TOKEN_BYTES - 8, 3 * trie.MAX_TOKEN_BYTES, 5):
+        parts = [units[int(rng.integers(len(units)))] for _ in range(n // 60 + 2)]
+        stream = b"".join(parts)
+        data = stream[:n]
+        want = trie.encode_plain(entries, data)
+        assert tok.encode_bytes(data) == want == ref.encodeBytes(data), n
+        # as a document followed by the rest of the stream, which would extend its last token
+        # if the walk read past the document's end (start > 0 in the compiled walk)
+        joined = np.frombuffer(b"ab" + stream, np.uint8)
+        ids, offs = tok.encode_docs(joined, [0, 2, 2 + n, len(joined)])
+        assert ids[offs[1] : offs[2]].tolist() == want, n
+
+
+def test_build_rejects_an_entry_longer_than_a_walk_may_read(vocab):
+    path, raw, sha = vocab
+    tokens = tables.parse_vocab(raw, path, sha)
+    with pytest.raises(ValueError, match="longer than"):
+        trie.build_tables(tokens + [b"x" * (trie.MAX_TOKEN_BYTES + 1)])

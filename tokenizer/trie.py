@@ -35,6 +35,7 @@ import numba
 import numpy as np
 
 LAYOUT_VERSION = 3  # bump when the table layout or its build changes (names the disk cache)
+MAX_TOKEN_BYTES = 256  # longest entry the tables accept: bounds how far one walk reads
 
 
 @numba.njit(cache=True, nogil=True)
@@ -135,31 +136,60 @@ def _place(n, first_child, next_sibling, byte, node_value):  # pragma: no cover 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _encode_into(data, start, end, table, value, out, k):  # pragma: no cover - compiled
-    """Greedy longest match of data[start:end] written to out[k:]; returns the new k."""
-    root_base = np.int64(table[0] >> 8)
-    i = start
-    while i < end:
-        t = root_base + data[i]  # every byte is a child of the root and an entry
-        b = np.int64(table[t] >> 8)
+    """Greedy longest match of data[start:end] written to out[k:]; returns the new k.
+
+    Indices are uint64, so numba emits no negative-index wraparound code. A walk from i reads at
+    most data[i : i + MAX_TOKEN_BYTES] (the deepest nodes are leaves), so tokens starting before
+    end - MAX_TOKEN_BYTES are walked without the end check; the rest with it.
+    """
+    u = np.uint64
+    zero, one, low8, shift = u(0), u(1), u(0xFF), u(8)
+    root_base = u(table[0]) >> shift
+    i, n, kk = u(start), u(end), u(k)
+    safe = n - u(MAX_TOKEN_BYTES) if n > i + u(MAX_TOKEN_BYTES) else i
+    while i < safe:
+        t = root_base + u(data[i])  # every byte is a child of the root and an entry
+        b = u(table[t]) >> shift
         best_v = value[t]
-        j = i + 1
+        j = i + one
         best_j = j
-        while j < end and b != 0:
-            c = np.int64(data[j])
+        while b != zero:
+            c = u(data[j])
             t = b + c
-            e = np.int64(table[t])
-            if (e & 0xFF) != c:
+            e = u(table[t])
+            if (e & low8) != c:
                 break
-            j += 1
-            b = e >> 8
+            j += one
+            b = e >> shift
             v = value[t]
             if v != 0:
                 best_v = v
                 best_j = j
-        out[k] = best_v
-        k += 1
+        out[kk] = best_v
+        kk += one
         i = best_j
-    return k
+    while i < n:  # the same walk with the end check
+        t = root_base + u(data[i])
+        b = u(table[t]) >> shift
+        best_v = value[t]
+        j = i + one
+        best_j = j
+        while j < n and b != zero:
+            c = u(data[j])
+            t = b + c
+            e = u(table[t])
+            if (e & low8) != c:
+                break
+            j += one
+            b = e >> shift
+            v = value[t]
+            if v != 0:
+                best_v = v
+                best_j = j
+        out[kk] = best_v
+        kk += one
+        i = best_j
+    return np.int64(kk)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -195,6 +225,8 @@ def build_tables(tokens: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{len(tokens) - 1} entries do not fit uint16 ids")
     if len({t for t in tokens if len(t) == 1}) != 256:
         raise ValueError("the vocab must hold all 256 single bytes")
+    if max(map(len, tokens)) > MAX_TOKEN_BYTES:
+        raise ValueError(f"an entry is longer than {MAX_TOKEN_BYTES} bytes")
     order = sorted(range(1, len(tokens)), key=tokens.__getitem__)
     blob = np.frombuffer(b"".join(tokens[i] for i in order), np.uint8)
     offsets = np.zeros(len(order) + 1, np.int64)

@@ -25,6 +25,29 @@ first shared token boundary) 108-151. A fully predictable text (" the" repeated)
 exit at the end of each token, the rest the chain of dependent table loads.
 pyrwkv-tokenizer (Rust) measured the same way: 55-90 MB/s, including building its list.
 
+Second round (ns per token, kernel alone, best of 7 with the variants taking turns, on the
+benchmark's Python stdlib code / multilingual lines / 12 MB mix): int64 indices 18.0/10.2/13.9;
+uint64 indices (no wraparound code) 17.3/9.5/13.2; plus no end check for tokens starting
+MAX_TOKEN_BYTES before the end 17.0/9.5/13.0 (kept). Within noise of the kept walk: a terminal
+bit in the table word instead of a value load per step, ids looked up once per token
+(17.3/9.6/12.8 vs 17.5/9.7/12.9); the 65,536-entry table over the first two bytes (longest
+match within them and the node to go on from, 384 KB, built in 2 ms; 16.3/9.6/12.8 vs
+16.8/9.6/12.9); no leaf check in the unchecked loop. Slower: breadth-first placement
+19.7/10.3/14.5 and placement by subtree size 19.6/10.6/14.7 (preorder keeps a path's slots
+close); a memo of the next 4 or 8 bytes -> (id, length) for tokens decided within them
+(60-86% hits, 13.0-15.1 on the mix: the hit test mispredicts and the memo misses too); a
+branch-free automaton (at a terminal node a failed byte emits it and restarts at the root
+child; a failure at an inner node re-walks), walking 1-4 chunks in lockstep: 16.1/12.7/16.6,
+15.0/13.8/15.7, 15.6/15.0/17.4, 16.4/16.2/18.6. On a 2 KB text repeated (every table line in
+L1) 2-4 lockstep chunks do reach 5.5-6.0 against 6.9 for this walk, but there the loop is
+bound by its ~30 instructions per byte and chunk, and on real text by table misses (worse
+when the chunks lie in different kinds of text) and by inner-node failures (11.7% of tokens
+on the multilingual lines, each a mispredict and a re-walk). (LLVM turns such selects back
+into branches unless the fallback load is unconditional and the select is mask arithmetic.)
+Where the time goes: 1.22 table reads per byte; half of them hit 69 cache lines, 90% hit 1,585
+lines (100 KB) and 99% 4,228 (270 KB), so beyond the hot half they come from L2; the 12 MB mix
+costs 12.9 ns per token against 6.9 for the 2 KB text repeated.
+
 `encode_plain` is the plain reference (a dict of entries, longest length first); the
 compiled loops are tested against it and against the `rwkv` package.
 """

@@ -15,9 +15,9 @@ list column, so a shard writer needs no per-document Python objects.
 
 Lists of ids cost more than finding the ids. Measured on the benchmark's 12 MB (this shared
 2-core AMD EPYC, CPU ns per token, bench/results/tokenizer.json `ns_per_token_all`): trie walk
-13.7, then `take` of shared int objects 6.9 and `tolist` 3.9, against 2.3 for the least any
-list of shared ints costs (copying a tuple of them); ndarray.tolist() of the uint16 ids makes
-a new int per id, 25. Tried and slower end to end: `marshal.loads` of a stream built by a
+12.9 (13.7 before its uint64 indices), then `take` of shared int objects 6.9 and `tolist` 3.9,
+against 2.3 for the least any list of shared ints costs (copying a tuple of them);
+ndarray.tolist() of the uint16 ids makes a new int per id, 25. Tried and slower end to end: `marshal.loads` of a stream built by a
 compiled loop (first occurrence of an id flagged as a reference, repeats as back-references;
 85 vs 111 MB/s, and slower still below ~1 MB because each first occurrence is a new int),
 `pickle.loads` with memo gets (16 ns per token for the load alone), `list(map(...))` over a

@@ -107,20 +107,21 @@ def copy_bandwidth():
 def cfg_tag(cfg):
     return (f"ours_C{cfg.chunk_size}_BV{cfg.block_v}_W{cfg.num_warps}_Wb{cfg.num_warps_bwd}_{cfg.precision}"
             f"_{cfg.precision_bwd}_{cfg.split}_p{int(cfg.prep)}_f{int(cfg.prefetch)}_g{cfg.grads_block_v}"
-            f"_r{cfg.maxnreg_bwd}_c{cfg.num_warps_cc}")
+            f"_r{cfg.maxnreg_bwd}_c{cfg.num_warps_cc}_u{int(cfg.grads_use_cc)}")
 
 
 def parse_cfg(c):
-    """C-BV-warps-warpsbwd-precision-precisionbwd-split[-pP-fF-gG-rR-cW]: P prep (0/1), F prefetch (0/1), G
-    grads_block_v, R maxnreg_bwd, W num_warps_cc; omitted ones keep chunk.CONFIG's defaults."""
+    """C-BV-warps-warpsbwd-precision-precisionbwd-split[-pP-fF-gG-rR-cW-uU]: P prep (0/1), F prefetch (0/1),
+    G grads_block_v, R maxnreg_bwd, W num_warps_cc, U grads_use_cc (0/1); omitted ones keep chunk.CONFIG's
+    defaults."""
     f = c.split("-")
     cfg = replace(ours.CONFIG, chunk_size=int(f[0]), block_v=int(f[1]), num_warps=int(f[2]), num_warps_bwd=int(f[3]),
                   precision=f[4], precision_bwd=f[5], split=f[6])
     for x in f[7:]:
         key = {"p": "prep", "f": "prefetch", "g": "grads_block_v", "r": "maxnreg_bwd",
-               "c": "num_warps_cc"}[x[0]]
+               "c": "num_warps_cc", "u": "grads_use_cc"}[x[0]]
         val = int(x[1:])
-        cfg = replace(cfg, **{key: bool(val) if key in ("prep", "prefetch") else val})
+        cfg = replace(cfg, **{key: bool(val) if key in ("prep", "prefetch", "grads_use_cc") else val})
     return cfg
 
 

@@ -43,19 +43,28 @@ class WKV7KernelConfig:
     prep: bool = True
     """Fused mode: compute each chunk's state-independent [C, C] matrices ((I - L_ab)^{-1}, L_ak, M_rb, M_rk)
     in a parallel kernel first (4 KiB per chunk and head, kept for the backward), so the sequential kernels
-    and the backward's gradient kernel load them instead of recomputing them in their serial steps."""
+    load them instead of recomputing them in their serial steps (H200, 8-4096-32: forward 1.14 + 0.34 ms
+    vs 1.66, backward state pass 1.00 vs 1.47; 1-32768-32: 4.67 + 0.34 vs 7.69 and 4.07 vs 7.24)."""
     prefetch: bool = True
-    """With prep: the sequential kernels load the next chunk's inputs while computing the current one."""
-    grads_block_v: int = 16
+    """With prep: the sequential kernels load the next chunk's inputs while computing the current one
+    (H200, 1-32768-32: forward kernel 4.71 vs 5.83 ms, state pass 4.02 vs 4.93)."""
+    grads_block_v: int = 0
     """Value rows per step of the backward's parallel gradient kernel, which then holds [block_v, N] slices of
-    the state and its gradient instead of both whole [N, N] (register pressure); 0: the kernel that holds
-    them whole (chunk_bwd_grads_kernel)."""
-    num_warps_cc: int = 4
-    """Warps per program for the parallel [C, C]-matrix kernel (prep)."""
+    the state and its gradient instead of both whole [N, N]; 0: the kernel that holds them whole
+    (chunk_bwd_grads_kernel). Blocked was slower on the H200 (8-4096-32: 4.52 ms with 32 rows, 5.69 with 16,
+    vs 4.23 whole, each loading the [C, C] matrices)."""
+    grads_use_cc: bool = False
+    """With prep: the gradient kernel loads the forward's [C, C] matrices instead of recomputing them. Slower
+    on the H200 (8-4096-32: 4.23 vs 3.95 ms; every shape 5-8% slower): the reload from memory costs more than
+    the ~10 small products it replaces in a kernel that runs many programs at once."""
+    num_warps_cc: int = 1
+    """Warps per program for the parallel [C, C]-matrix kernel (prep). H200, 8-4096-32: 0.34 ms with 1 warp,
+    0.42 with 2, 0.78 with 4."""
     maxnreg_bwd: int = 0
     """Register cap per thread for the backward's gradient kernel (0: none). Uncapped it takes 255 and
     spills a little (ptxas, sm_90), so at most two programs fit on a multiprocessor; a cap trades more
-    spills (to L1) for more programs in flight."""
+    spills for more programs in flight, and lost on the H200 (8-4096-32, whole kernel with the [C, C]
+    matrices loaded: 4.23 ms uncapped, 5.07 at 168, 5.89 at 128)."""
     poison_outputs: bool = False
     """Fill outputs with NaN before the kernels run (tests: an unwritten element then fails)."""
 
@@ -177,11 +186,11 @@ def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0):
     if CONFIG.grads_block_v:
         K.chunk_bwd_grads_vb_kernel[(NC, B * H)](
             r, w, k, v, a, b, cc, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
-            BV=min(CONFIG.grads_block_v, N), HAS_CC=cc is not None, PREC=CONFIG.precision_bwd, **_grads_launch())
+            BV=min(CONFIG.grads_block_v, N), HAS_CC=cc is not None and CONFIG.grads_use_cc, PREC=CONFIG.precision_bwd, **_grads_launch())
     else:
         K.chunk_bwd_grads_kernel[(NC, B * H)](
             r, w, k, v, a, b, cc, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
-            HAS_CC=cc is not None, PREC=CONFIG.precision_bwd, **_grads_launch())
+            HAS_CC=cc is not None and CONFIG.grads_use_cc, PREC=CONFIG.precision_bwd, **_grads_launch())
     return (*grads, ds0 if need_ds0 else None)
 
 

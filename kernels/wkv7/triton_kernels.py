@@ -22,6 +22,13 @@ chunk's terms from the chunk-start state the forward stored and produces all gra
 and the chain rule through the exponentials to r, w, k, a, b (dw by reverse cumsums of dg and dgx).
 The value dimension of the sequential passes is split in blocks of BV (rows of S evolve independently).
 
+With prep (the default): the [C, C] matrices (I - L_ab)^{-1}, L_ak, M_rb, M_rk do not depend on the carried
+state, so a parallel kernel (chunk_cc_kernel) computes them for every chunk first, and the sequential kernels
+(chunk_fwd2_kernel, chunk_bwd_dstate2_kernel) load them, with the next chunk's inputs prefetched one step
+ahead, instead of spending ~10 small dependent products per serial step on them. The gradient kernel can
+load them too or recompute them (recomputing measured faster); chunk_bwd_grads_vb_kernel is a variant of it
+that walks the value dimension in blocks (measured slower).
+
 Split mode (for few heads, e.g. one long sequence, where a program per head leaves the GPU idle): the
 state map of a chunk is affine, S_C = S0 M + E, with M, E computed for all chunks in parallel
 (chunk_prep_kernel); the sequential part is then one [BV, N] x [N, N] product per chunk

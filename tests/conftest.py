@@ -1,4 +1,4 @@
-"""Session-wide test set-up.
+"""Session-wide test set-up and the shared tokenizer fixtures.
 
 On a machine without CUDA the Triton kernels can only run in Triton's interpreter, and
 TRITON_INTERPRET is read when triton is first imported: set it here, before any test module
@@ -6,7 +6,26 @@ TRITON_INTERPRET is read when triton is first imported: set it here, before any 
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """Our World tokenizer (tables built once per session)."""
+    from tokenizer import WorldTokenizer
+
+    return WorldTokenizer()
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """The oracle: the rwkv package's TRIE_TOKENIZER over the same vocab file."""
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    from tokenizer import VOCAB_PATH
+
+    return TRIE_TOKENIZER(str(VOCAB_PATH))

@@ -21,18 +21,6 @@ HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthChe
 
 
 @pytest.fixture(scope="module")
-def tok() -> WorldTokenizer:
-    return WorldTokenizer()
-
-
-@pytest.fixture(scope="module")
-def ref():
-    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
-
-    return TRIE_TOKENIZER(str(VOCAB_PATH))
-
-
-@pytest.fixture(scope="module")
 def entries(tok) -> dict[bytes, int]:
     return {tok.token_bytes(i): i for i in range(1, tok.n_entries + 1)}
 

@@ -12,21 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenizer import VOCAB_PATH, TokenizerConfig, WorldTokenizer, world
+from tokenizer import TokenizerConfig, WorldTokenizer, world
 
 SAMPLE = Path(__file__).resolve().parents[1] / "tokenizer" / "data" / "multilingual_sample.txt"
-
-
-@pytest.fixture(scope="module")
-def tok() -> WorldTokenizer:
-    return WorldTokenizer()
-
-
-@pytest.fixture(scope="module")
-def ref():
-    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
-
-    return TRIE_TOKENIZER(str(VOCAB_PATH))
 
 
 @pytest.fixture(scope="module")

@@ -191,7 +191,8 @@ def _encode_into(data, start, end, table, value, out, k):  # pragma: no cover - 
         out[kk] = best_v
         kk += one
         i = best_j
-    while i < n:  # the same walk with the end check
+    while i < n:  # the same walk with the end check (written out twice: one numba helper for both loops,
+        # inlined or per-variant, measured 1.6-1.8x slower)
         t = root_base + u(data[i])
         b = u(table[t]) >> shift
         best_v = value[t]

@@ -106,22 +106,19 @@ def copy_bandwidth():
 
 def cfg_tag(cfg):
     return (f"ours_C{cfg.chunk_size}_BV{cfg.block_v}_W{cfg.num_warps}_Wb{cfg.num_warps_bwd}_{cfg.precision}"
-            f"_{cfg.precision_bwd}_{cfg.split}_p{int(cfg.prep)}_f{int(cfg.prefetch)}_g{cfg.grads_block_v}"
-            f"_r{cfg.maxnreg_bwd}_c{cfg.num_warps_cc}_u{int(cfg.grads_use_cc)}")
+            f"_{cfg.precision_bwd}_f{int(cfg.prefetch)}_c{cfg.num_warps_cc}")
 
 
 def parse_cfg(c):
-    """C-BV-warps-warpsbwd-precision-precisionbwd-split[-pP-fF-gG-rR-cW-uU]: P prep (0/1), F prefetch (0/1),
-    G grads_block_v, R maxnreg_bwd, W num_warps_cc, U grads_use_cc (0/1); omitted ones keep chunk.CONFIG's
-    defaults."""
+    """C-BV-warps-warpsbwd-precision-precisionbwd[-fF-cW]: F prefetch (0/1), W num_warps_cc; omitted ones keep
+    chunk.CONFIG's defaults."""
     f = c.split("-")
     cfg = replace(ours.CONFIG, chunk_size=int(f[0]), block_v=int(f[1]), num_warps=int(f[2]), num_warps_bwd=int(f[3]),
-                  precision=f[4], precision_bwd=f[5], split=f[6])
-    for x in f[7:]:
-        key = {"p": "prep", "f": "prefetch", "g": "grads_block_v", "r": "maxnreg_bwd",
-               "c": "num_warps_cc", "u": "grads_use_cc"}[x[0]]
+                  precision=f[4], precision_bwd=f[5])
+    for x in f[6:]:
+        key = {"f": "prefetch", "c": "num_warps_cc"}[x[0]]
         val = int(x[1:])
-        cfg = replace(cfg, **{key: bool(val) if key in ("prep", "prefetch", "grads_use_cc") else val})
+        cfg = replace(cfg, **{key: bool(val) if key == "prefetch" else val})
     return cfg
 
 
@@ -177,7 +174,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--rwkvlm", default=".whl-kernels/rwkvlm")
     ap.add_argument("--shapes", default="all")
-    ap.add_argument("--configs", default="16-0-4-4-tf32r-tf32-fused",
+    ap.add_argument("--configs", default="16-0-4-4-tf32r-tf32",
                     help="comma-separated configs, see parse_cfg and WKV7KernelConfig")
     ap.add_argument("--acc-shapes", type=int, default=2, help="how many accuracy shapes to check (<= 2)")
     ap.add_argument("--peers", default="fla,official_v1,official_v3")

@@ -90,31 +90,25 @@ def test_wkv7_cpu_dispatch_float64_and_fp32():
     compare(wkv7, 2, 70, 2, True, torch.float32, 1e-4)
 
 
-@pytest.mark.parametrize("T,H,with_s0,chunk_size,block_v,split,prep,prefetch,grads_block_v,grads_use_cc", [
-    (1, 1, True, 16, 0, "fused", True, True, 0, False),
-    (1, 3, False, 16, 0, "split", False, False, 0, False),
-    (15, 3, False, 16, 64, "fused", True, False, 32, True),
-    (15, 1, True, 16, 16, "split", False, False, 16, False),
-    (17, 1, True, 16, 32, "fused", False, False, 0, False),
-    (17, 3, False, 32, 32, "split", False, False, 32, False),
-    (17, 3, True, 16, 0, "fused", True, True, 16, True),
-    (63, 3, True, 32, 64, "fused", True, True, 64, True),
-    (63, 1, True, 16, 16, "split", False, False, 0, False),
-    (63, 3, False, 16, 0, "fused", True, False, 0, True),
-    (130, 1, False, 16, 16, "fused", True, True, 0, False),
-    (130, 3, True, 64, 64, "fused", False, False, 16, False),
-    (130, 3, False, 32, 0, "fused", True, True, 32, False),
-    (130, 3, True, 16, 0, "split", False, False, 16, False),
+@pytest.mark.parametrize("T,H,with_s0,chunk_size,block_v,prefetch", [
+    (1, 1, True, 16, 0, True),
+    (1, 3, False, 32, 32, False),
+    (15, 3, False, 16, 64, True),
+    (15, 1, True, 32, 16, False),
+    (17, 1, True, 16, 32, True),
+    (17, 3, False, 32, 0, False),
+    (63, 3, True, 32, 64, False),
+    (63, 1, False, 16, 16, True),
+    (130, 1, False, 16, 0, False),
+    (130, 3, True, 32, 32, True),
 ])
-def test_chunk_triton_matches_naive(T, H, with_s0, chunk_size, block_v, split, prep, prefetch, grads_block_v,
-                                    grads_use_cc, monkeypatch):
-    """Fused mode (a sequential program per head; with or without the precomputed [C, C] matrices and the
-    next-chunk prefetch) and split mode (parallel chunk maps + scan); backward gradient kernel whole or
-    value-blocked, recomputing the [C, C] matrices or loading them."""
+def test_chunk_triton_matches_naive(T, H, with_s0, chunk_size, block_v, prefetch, monkeypatch):
+    """The training path ([C, C] kernel, sequential forward and state pass, parallel gradient kernel) with
+    state blocks of 16, 32 or all 64 rows (0: the automatic choice, 16 for these few heads), with and
+    without the next-chunk prefetch."""
     chunk = _triton_modules()
     monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True, chunk_size=chunk_size,
-                                                 block_v=block_v, split=split, prep=prep, prefetch=prefetch,
-                                                 grads_block_v=grads_block_v, grads_use_cc=grads_use_cc, **FP32))
+                                                 block_v=block_v, prefetch=prefetch, **FP32))
     compare(chunk.chunk_wkv7, 2, T, H, with_s0, torch.float32, 1e-3)
 
 

@@ -31,40 +31,18 @@ class WKV7KernelConfig:
     """Dot precision of the backward kernels. "tf32" measured 2.8 ms of backward for B8-T4096-H12 on the
     H200, "tf32r" 4.0 ms; gradient errors were 1.8e-3..3.0e-3 and 1.7e-3..1.8e-3 respectively."""
     num_warps: int = 4
-    """Warps per program for the sequential chunked kernels (forward, backward state pass)."""
+    """Warps per program for the sequential kernels (chunk_fwd_kernel, chunk_bwd_dstate_kernel)."""
     num_warps_bwd: int = 4
-    """Warps per program for the parallel backward kernel (one program per chunk and head)."""
-    split: str = "fused"
-    """"fused": one sequential program per head (and value block) does all the chunk work; "split": chunk
-    maps in parallel, then a light sequential scan; "auto": split when B*H <= 64. Split was measured only
-    once, at C=32 on B8-T4096-H12, and was far slower there (22.9 ms forward vs 1.14 fused): keep fused."""
-    scan_precision: str = "ieee"
-    """tl.dot precision of the split-mode scan, which carries the state across many chunks."""
-    prep: bool = True
-    """Fused mode: compute each chunk's state-independent [C, C] matrices ((I - L_ab)^{-1}, L_ak, M_rb, M_rk)
-    in a parallel kernel first (4 KiB per chunk and head, kept for the backward), so the sequential kernels
-    load them instead of recomputing them in their serial steps (H200, 8-4096-32: forward 1.14 + 0.34 ms
-    vs 1.66, backward state pass 1.00 vs 1.47; 1-32768-32: 4.67 + 0.34 vs 7.69 and 4.07 vs 7.24)."""
+    """Warps per program for the parallel gradient kernel (chunk_bwd_grads_kernel, one program per chunk
+    and head)."""
     prefetch: bool = True
-    """With prep: the sequential kernels load the next chunk's inputs while computing the current one
-    (H200, 1-32768-32: forward kernel 4.71 vs 5.83 ms, state pass 4.02 vs 4.93)."""
-    grads_block_v: int = 0
-    """Value rows per step of the backward's parallel gradient kernel, which then holds [block_v, N] slices of
-    the state and its gradient instead of both whole [N, N]; 0: the kernel that holds them whole
-    (chunk_bwd_grads_kernel). Blocked was slower on the H200 (8-4096-32: 4.52 ms with 32 rows, 5.69 with 16,
-    vs 4.23 whole, each loading the [C, C] matrices)."""
-    grads_use_cc: bool = False
-    """With prep: the gradient kernel loads the forward's [C, C] matrices instead of recomputing them. Slower
-    on the H200 (8-4096-32: 4.23 vs 3.95 ms; every shape 5-8% slower): the reload from memory costs more than
-    the ~10 small products it replaces in a kernel that runs many programs at once."""
+    """The sequential kernels load the next chunk's inputs while computing the current one (H200,
+    1-32768-32: forward kernel 4.71 vs 5.83 ms, state pass 4.02 vs 4.93)."""
     num_warps_cc: int = 1
-    """Warps per program for the parallel [C, C]-matrix kernel (prep). H200, 8-4096-32: 0.34 ms with 1 warp,
-    0.42 with 2, 0.78 with 4."""
-    maxnreg_bwd: int = 0
-    """Register cap per thread for the backward's gradient kernel (0: none). Uncapped it takes 255 and
-    spills a little (ptxas, sm_90), so at most two programs fit on a multiprocessor; a cap trades more
-    spills for more programs in flight, and lost on the H200 (8-4096-32, whole kernel with the [C, C]
-    matrices loaded: 4.23 ms uncapped, 5.07 at 168, 5.89 at 128)."""
+    """Warps per program for chunk_cc_kernel, which computes every chunk's state-independent [C, C] matrices
+    (4 KiB per chunk and head, kept for the backward) so the sequential kernels load them instead of
+    recomputing them in their serial steps (H200, 8-4096-32: forward 1.14 + 0.34 ms vs 1.66). H200,
+    8-4096-32: 0.34 ms with 1 warp, 0.42 with 2, 0.78 with 4."""
     poison_outputs: bool = False
     """Fill outputs with NaN before the kernels run (tests: an unwritten element then fails)."""
 
@@ -101,10 +79,6 @@ def _block_v(B, H, N):
     return 16 if B * H <= 48 else N
 
 
-def _split(B, H):
-    return CONFIG.split == "split" or (CONFIG.split == "auto" and B * H <= 64)
-
-
 def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
     """Chunked forward. Returns y [B, T, H, N] (dtype of r), final [B, H, N, N] fp32 or None,
     chunk-start states [B, H, NC, N, N] fp32 or None, the chunks' [C, C] matrices [B*H, NC, 4, C, C] fp32
@@ -114,83 +88,34 @@ def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
     NC = triton_cdiv(T, C)
     y = _alloc((B, T, H, N), r.dtype, r.device)
     sT = _alloc((B, H, N, N), torch.float32, r.device) if store_final else None
-    if _split(B, H):
-        st = _alloc((B, H, NC, N, N), torch.float32, r.device)
-        m = torch.empty((B, H, NC, N, N), dtype=torch.float32, device=r.device)
-        e = torch.empty_like(m)
-        K.chunk_prep_kernel[(NC, B * H)](
-            r, w, k, v, a, b, None, m, e, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BWD=False,
-            PREC=CONFIG.precision, num_warps=CONFIG.num_warps_bwd)
-        K.chunk_scan_kernel[(B * H, N // BV)](
-            m, e, s0, st, sT, NC, N=N, BV=BV, HAS_S0=s0 is not None, STORE_FINAL=store_final, REVERSE=False,
-            PREC=CONFIG.scan_precision, num_warps=CONFIG.num_warps)
-        del m, e
-        K.chunk_out_kernel[(NC, B * H)](
-            r, w, k, v, a, b, st, y, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=CONFIG.precision,
-            num_warps=CONFIG.num_warps_bwd)
-        return y, sT, (st if store_states else None), None
     st = _alloc((B, H, NC, N, N), torch.float32, r.device) if store_states else None
-    if CONFIG.prep:
-        cc = _alloc((B * H, NC, 4, C, C), torch.float32, r.device)
-        K.chunk_cc_kernel[(NC, B * H)](
-            r, w, k, a, b, cc, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=CONFIG.precision,
-            num_warps=CONFIG.num_warps_cc)
-        K.chunk_fwd2_kernel[(B * H, N // BV)](
-            r, w, k, v, a, b, cc, s0, y, sT, st, T, NC, H, N=N, C=C, BV=BV, HAS_S0=s0 is not None,
-            STORE_FINAL=store_final, STORE_STATES=store_states, PREFETCH=CONFIG.prefetch, PREC=CONFIG.precision,
-            num_warps=CONFIG.num_warps)
-        return y, sT, st, (cc if store_states else None)
+    cc = _alloc((B * H, NC, 4, C, C), torch.float32, r.device)
+    K.chunk_cc_kernel[(NC, B * H)](
+        r, w, k, a, b, cc, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=CONFIG.precision,
+        num_warps=CONFIG.num_warps_cc)
     K.chunk_fwd_kernel[(B * H, N // BV)](
-        r, w, k, v, a, b, s0, y, sT, st, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV,
-        HAS_S0=s0 is not None, STORE_FINAL=store_final, STORE_STATES=store_states,
-        PREC=CONFIG.precision, num_warps=CONFIG.num_warps)
-    return y, sT, st, None
-
-
-def _grads_launch():
-    """Launch options of the backward's gradient kernel: warps, and a register cap when configured."""
-    opts = {"num_warps": CONFIG.num_warps_bwd}
-    if CONFIG.maxnreg_bwd:
-        opts["maxnreg"] = CONFIG.maxnreg_bwd
-    return opts
+        r, w, k, v, a, b, cc, s0, y, sT, st, T, NC, H, N=N, C=C, BV=BV, HAS_S0=s0 is not None,
+        STORE_FINAL=store_final, STORE_STATES=store_states, PREFETCH=CONFIG.prefetch, PREC=CONFIG.precision,
+        num_warps=CONFIG.num_warps)
+    return y, sT, st, (cc if store_states else None)
 
 
 def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0):
-    """Chunked backward from the stored chunk-start states (and the forward's [C, C] matrices cc, or None).
-    Returns (dr, dw, dk, dv, da, db, ds0)."""
+    """Chunked backward from the forward's chunk-start states st and [C, C] matrices cc (both stored when
+    it ran with store_states). Returns (dr, dw, dk, dv, da, db, ds0)."""
     B, T, H, N = r.shape
     C, BV = CONFIG.chunk_size, _block_v(B, H, N)
     NC = st.shape[2]
     dy = dy.contiguous()
     dst = _alloc((B, H, NC, N, N), torch.float32, r.device)   # dL/dS at each chunk's end
     ds0 = _alloc((B, H, N, N), torch.float32, r.device)
-    if _split(B, H):
-        m = torch.empty((B, H, NC, N, N), dtype=torch.float32, device=r.device)
-        e = torch.empty_like(m)
-        K.chunk_prep_kernel[(NC, B * H)](
-            r, w, k, v, a, b, dy, m, e, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BWD=True,
-            PREC=CONFIG.precision_bwd, num_warps=CONFIG.num_warps_bwd)
-        K.chunk_scan_kernel[(B * H, N // BV)](
-            m, e, dsT, dst, ds0, NC, N=N, BV=BV, HAS_S0=dsT is not None, STORE_FINAL=True, REVERSE=True,
-            PREC=CONFIG.scan_precision, num_warps=CONFIG.num_warps)
-        del m, e
-    elif cc is not None:
-        K.chunk_bwd_dstate2_kernel[(B * H, N // BV)](
-            r, w, a, b, cc, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, BV=BV, HAS_DST=dsT is not None,
-            PREFETCH=CONFIG.prefetch, PREC=CONFIG.precision_bwd, num_warps=CONFIG.num_warps)
-    else:
-        K.chunk_bwd_dstate_kernel[(B * H, N // BV)](
-            r, w, k, a, b, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), BV=BV,
-            HAS_DST=dsT is not None, PREC=CONFIG.precision_bwd, num_warps=CONFIG.num_warps)
+    K.chunk_bwd_dstate_kernel[(B * H, N // BV)](
+        r, w, a, b, cc, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, BV=BV, HAS_DST=dsT is not None,
+        PREFETCH=CONFIG.prefetch, PREC=CONFIG.precision_bwd, num_warps=CONFIG.num_warps)
     grads = [_alloc(x.shape, x.dtype, x.device) for x in (r, w, k, v, a, b)]
-    if CONFIG.grads_block_v:
-        K.chunk_bwd_grads_vb_kernel[(NC, B * H)](
-            r, w, k, v, a, b, cc, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
-            BV=min(CONFIG.grads_block_v, N), HAS_CC=cc is not None and CONFIG.grads_use_cc, PREC=CONFIG.precision_bwd, **_grads_launch())
-    else:
-        K.chunk_bwd_grads_kernel[(NC, B * H)](
-            r, w, k, v, a, b, cc, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
-            HAS_CC=cc is not None and CONFIG.grads_use_cc, PREC=CONFIG.precision_bwd, **_grads_launch())
+    K.chunk_bwd_grads_kernel[(NC, B * H)](
+        r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
+        PREC=CONFIG.precision_bwd, num_warps=CONFIG.num_warps_bwd)
     return (*grads, ds0 if need_ds0 else None)
 
 

@@ -12,28 +12,23 @@ g = inclusive cumsum of w over the chunk (per key), gx = g - w, g_C = g at the c
 The factorisation e^{gx_t - g_s} = e^{gx_t} e^{-g_s} needs |g| over a chunk well inside float32 range:
 for the model's w >= -0.6065 and C <= 64, |g| <= 39 (e^39 ~ 1e17).
 
-The backward has two passes. A sequential one walks the chunks in reverse carrying dS (the gradient of the
-state at a chunk's end) and stores it per chunk; then a parallel one, a program per chunk, recomputes the
-chunk's terms from the chunk-start state the forward stored and produces all gradients:
-    dU = M_rb^T dY + b_e dS_C^T;  dZ = (I - L_ab)^{-T} dU
-    dL_ab = strict_lower(dZ U^T), dL_ak = strict_lower(dZ V^T), dM_rb = lower(dY U^T), dM_rk = lower(dY V^T)
-    dV = M_rk^T dY + L_ak^T dZ + k_e dS_C^T
-    dS0 = dY^T r_d + dZ^T a_d + dS_C diag(e^{g_C})
-and the chain rule through the exponentials to r, w, k, a, b (dw by reverse cumsums of dg and dgx).
-The value dimension of the sequential passes is split in blocks of BV (rows of S evolve independently).
-
-With prep (the default): the [C, C] matrices (I - L_ab)^{-1}, L_ak, M_rb, M_rk do not depend on the carried
-state, so a parallel kernel (chunk_cc_kernel) computes them for every chunk first, and the sequential kernels
-(chunk_fwd2_kernel, chunk_bwd_dstate2_kernel) load them, with the next chunk's inputs prefetched one step
-ahead, instead of spending ~10 small dependent products per serial step on them. The gradient kernel can
-load them too or recompute them (recomputing measured faster); chunk_bwd_grads_vb_kernel is a variant of it
-that walks the value dimension in blocks (measured slower).
-
-Split mode (for few heads, e.g. one long sequence, where a program per head leaves the GPU idle): the
-state map of a chunk is affine, S_C = S0 M + E, with M, E computed for all chunks in parallel
-(chunk_prep_kernel); the sequential part is then one [BV, N] x [N, N] product per chunk
-(chunk_scan_kernel), and the outputs are again parallel over chunks (chunk_out_kernel). The backward's
-state pass is the same scan, reversed, on M^T and dY^T (r_d + M_rb W).
+Training path, four kernels per forward + backward:
+1. chunk_cc_kernel, parallel over (chunk, head): the [C, C] matrices (I - L_ab)^{-1}, L_ak, M_rb, M_rk, which
+   do not depend on the carried state, for every chunk (kept for the backward's state pass).
+2. chunk_fwd_kernel, sequential over chunks, a program per head and block of BV state rows (rows of S evolve
+   independently): loads those matrices instead of spending ~10 small dependent products per serial step on them,
+   with the next chunk's inputs prefetched one step ahead; stores each chunk's start state.
+3. chunk_bwd_dstate_kernel, sequential in reverse, the same layout: carries dS (the gradient of the state at
+   a chunk's end), stores it per chunk, and ends with the initial state's gradient:
+       dU = M_rb^T dY + b_e dS_C^T;  dZ = (I - L_ab)^{-T} dU;  dS0 = dY^T r_d + dZ^T a_d + dS_C diag(e^{g_C})
+4. chunk_bwd_grads_kernel, parallel over (chunk, head): from the chunk's start state and dS it recomputes the
+   chunk's terms, the [C, C] matrices included (faster than loading them on the H200), and produces all
+   gradients:
+       dL_ab = strict_lower(dZ U^T), dL_ak = strict_lower(dZ V^T), dM_rb = lower(dY U^T), dM_rk = lower(dY V^T)
+       dV = M_rk^T dY + L_ak^T dZ + k_e dS_C^T
+   and the chain rule through the exponentials to r, w, k, a, b (dw by reverse cumsums of dg and dgx).
+Decoding: recurrent_fwd_kernel, one step at a time (its backward is the chunked one).
+The measurements behind these choices, and the variants tried and removed: bench/results/wkv7.md.
 """
 from __future__ import annotations
 
@@ -71,15 +66,15 @@ def _inv_unit_lower(L, eye, LOG2C: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pv, mk, tri_s, tri_i, eye,
+def _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, eye,
                  LOG2C: tl.constexpr, PREC: tl.constexpr):
-    """Loads one chunk ([C, N] rows, [C, BV] values) and builds its decayed vectors and [C, C] matrices."""
+    """Loads one chunk ([C, N] at offsets pk, masked by mk) and builds its decayed vectors and [C, C] matrices."""
     rr = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32)
     ww = tl.load(w_ptr + pk, mask=mk, other=0.).to(tl.float32)
     kk = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32)
     aa = tl.load(a_ptr + pk, mask=mk, other=0.).to(tl.float32)
     bb = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    vv = tl.load(v_ptr + pv, mask=mk, other=0.).to(tl.float32)
+    vv = tl.load(v_ptr + pk, mask=mk, other=0.).to(tl.float32)
     g = tl.cumsum(ww, axis=0)                       # [C, N]
     gx = g - ww
     gC = tl.sum(ww, axis=0)                         # [N]
@@ -97,180 +92,6 @@ def _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pv, mk, tri_s, tr
     M_rk = tl.where(tri_i, _dot(r_d, tl.trans(k_u), PREC), 0.)
     Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC)
     return (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk, Pinv)
-
-
-@triton.jit
-def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr,
-                     T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BV: tl.constexpr,
-                     HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
-                     PREC: tl.constexpr):
-    """grid (B*H, N/BV). Inputs [B, T, H, N]; s0/sT [B, H, N, N]; st (chunk-start states) [B, H, NC, N, N]."""
-    i_bh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    offs_t = tl.arange(0, C)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    p_s = offs_v[:, None] * N + offs_k[None, :]     # [BV, N] within one state
-    if HAS_S0:
-        S = tl.load(s0_ptr + i_bh * N * N + p_s).to(tl.float32)
-    else:
-        S = tl.zeros([BV, N], dtype=tl.float32)
-    tri_s = offs_t[:, None] > offs_t[None, :]
-    tri_i = offs_t[:, None] >= offs_t[None, :]
-    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
-    for n in range(NC):
-        t = n * C + offs_t
-        mk = (t < T)[:, None]
-        base = ((i_b * T + t) * H + i_h) * N
-        pk = base[:, None] + offs_k[None, :]
-        pv = base[:, None] + offs_v[None, :]
-        if STORE_STATES:
-            tl.store(st_ptr + (i_bh * NC + n) * N * N + p_s, S)
-        (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
-         Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pv, mk, tri_s, tri_i, eye, LOG2C, PREC)
-        St = tl.trans(S)                            # [N, BV]
-        Z = _dot(a_d, St, PREC) + _dot(L_ak, vv, PREC)
-        U = _dot(Pinv, Z, PREC)   # [C, BV]
-        Y = (_dot(r_d, St, PREC) + _dot(M_rb, U, PREC)
-             + _dot(M_rk, vv, PREC))
-        tl.store(y_ptr + pv, Y.to(y_ptr.dtype.element_ty), mask=mk)
-        S = (S * tl.exp(gC)[None, :] + _dot(tl.trans(U), b_e, PREC)
-             + _dot(tl.trans(vv), k_e, PREC))
-    if STORE_FINAL:
-        tl.store(sT_ptr + i_bh * N * N + p_s, S)
-
-
-@triton.jit
-def chunk_bwd_dstate_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr,
-                            T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, BV: tl.constexpr,
-                            HAS_DST: tl.constexpr, PREC: tl.constexpr):
-    """Sequential pass of the backward, grid (B*H, N/BV): walks the chunks in reverse carrying dS and stores
-    dst[n] = dL/dS at the end of chunk n [B, H, NC, N, N]; ds0 = dL/d(initial state) [B, H, N, N]."""
-    i_bh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    offs_t = tl.arange(0, C)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    p_s = offs_v[:, None] * N + offs_k[None, :]
-    if HAS_DST:
-        dS = tl.load(dsT_ptr + i_bh * N * N + p_s).to(tl.float32)
-    else:
-        dS = tl.zeros([BV, N], dtype=tl.float32)
-    tri_s = offs_t[:, None] > offs_t[None, :]
-    tri_i = offs_t[:, None] >= offs_t[None, :]
-    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
-    for i in range(NC):
-        n = NC - 1 - i
-        tl.store(dst_ptr + (i_bh * NC + n) * N * N + p_s, dS)
-        t = n * C + offs_t
-        mk = (t < T)[:, None]
-        base = ((i_b * T + t) * H + i_h) * N
-        pk = base[:, None] + offs_k[None, :]
-        pv = base[:, None] + offs_v[None, :]
-        rr = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32)
-        ww = tl.load(w_ptr + pk, mask=mk, other=0.).to(tl.float32)
-        aa = tl.load(a_ptr + pk, mask=mk, other=0.).to(tl.float32)
-        bb = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32)
-        dY = tl.load(dy_ptr + pv, mask=mk, other=0.).to(tl.float32)  # [C, BV]
-        g = tl.cumsum(ww, axis=0)
-        gC = tl.sum(ww, axis=0)
-        a_d = aa * tl.exp(g - ww)
-        r_d = rr * tl.exp(g)
-        b_u = bb * tl.exp(-g)
-        b_e = bb * tl.exp(gC[None, :] - g)
-        L_ab = tl.where(tri_s, _dot(a_d, tl.trans(b_u), PREC), 0.)
-        M_rb = tl.where(tri_i, _dot(r_d, tl.trans(b_u), PREC), 0.)
-        Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC)
-        dU = _dot(tl.trans(M_rb), dY, PREC) + _dot(b_e, tl.trans(dS), PREC)
-        dZ = _dot(tl.trans(Pinv), dU, PREC)
-        dS = (_dot(tl.trans(dY), r_d, PREC) + _dot(tl.trans(dZ), a_d, PREC)
-              + dS * tl.exp(gC)[None, :])
-    tl.store(ds0_ptr + i_bh * N * N + p_s, dS)
-
-
-@triton.jit
-def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, st_ptr, dst_ptr, dy_ptr,
-                           dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
-                           T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
-                           HAS_CC: tl.constexpr, PREC: tl.constexpr):
-    """Parallel pass of the backward, grid (NC, B*H): one chunk each, from its start state st[n] and the
-    gradient dst[n] of its end state; writes the chunk's dr, dw, dk, dv, da, db [B, T, H, N]. HAS_CC: the
-    [C, C] matrices come from chunk_cc_kernel's output cc instead of being computed here."""
-    n = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    offs_t = tl.arange(0, C)
-    offs_k = tl.arange(0, N)
-    p_s = offs_k[:, None] * N + offs_k[None, :]
-    tri_s = offs_t[:, None] > offs_t[None, :]
-    tri_i = offs_t[:, None] >= offs_t[None, :]
-    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
-    t = n * C + offs_t
-    mk = (t < T)[:, None]
-    base = ((i_b * T + t) * H + i_h) * N
-    pk = base[:, None] + offs_k[None, :]
-    S = tl.load(st_ptr + (i_bh * NC + n) * N * N + p_s)            # [V, K] chunk-start state
-    dS = tl.load(dst_ptr + (i_bh * NC + n) * N * N + p_s)          # [V, K] gradient of the chunk-end state
-    dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)    # [C, V]
-    if HAS_CC:
-        vv = tl.load(v_ptr + pk, mask=mk, other=0.).to(tl.float32)
-        ww = tl.load(w_ptr + pk, mask=mk, other=0.).to(tl.float32)
-        g = tl.cumsum(ww, axis=0)
-        gx = g - ww
-        gC = tl.sum(ww, axis=0)
-        a_d = tl.load(a_ptr + pk, mask=mk, other=0.).to(tl.float32) * tl.exp(gx)
-        r_d = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32) * tl.exp(g)
-        bb = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32)
-        kk = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32)
-        b_u = bb * tl.exp(-g)
-        k_u = kk * tl.exp(-g)
-        b_e = bb * tl.exp(gC[None, :] - g)
-        k_e = kk * tl.exp(gC[None, :] - g)
-        offs_cc = offs_t[:, None] * C + offs_t[None, :]
-        Pinv = _ldc(cc_ptr, i_bh, NC, n, 0, offs_cc, C)
-        L_ak = _ldc(cc_ptr, i_bh, NC, n, 1, offs_cc, C)
-        M_rb = _ldc(cc_ptr, i_bh, NC, n, 2, offs_cc, C)
-        M_rk = _ldc(cc_ptr, i_bh, NC, n, 3, offs_cc, C)
-    else:
-        (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
-         Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pk, mk, tri_s, tri_i, eye, LOG2C, PREC)
-    Z = _dot(a_d, tl.trans(S), PREC) + _dot(L_ak, vv, PREC)
-    U = _dot(Pinv, Z, PREC)       # [C, V]
-    dSt = tl.trans(dS)                              # [K, V]
-    dU = _dot(tl.trans(M_rb), dY, PREC) + _dot(b_e, dSt, PREC)
-    dZ = _dot(tl.trans(Pinv), dU, PREC)
-    dL_ab = tl.where(tri_s, _dot(dZ, tl.trans(U), PREC), 0.)
-    dL_ak = tl.where(tri_s, _dot(dZ, tl.trans(vv), PREC), 0.)
-    dM_rb = tl.where(tri_i, _dot(dY, tl.trans(U), PREC), 0.)
-    dM_rk = tl.where(tri_i, _dot(dY, tl.trans(vv), PREC), 0.)
-    dV = (_dot(tl.trans(M_rk), dY, PREC) + _dot(tl.trans(L_ak), dZ, PREC)
-          + _dot(k_e, dSt, PREC))
-    dR_d = (_dot(dY, S, PREC) + _dot(dM_rb, b_u, PREC)
-            + _dot(dM_rk, k_u, PREC))
-    dA_d = (_dot(dZ, S, PREC) + _dot(dL_ab, b_u, PREC)
-            + _dot(dL_ak, k_u, PREC))
-    dB_u = _dot(tl.trans(dM_rb), r_d, PREC) + _dot(tl.trans(dL_ab), a_d, PREC)
-    dK_u = _dot(tl.trans(dM_rk), r_d, PREC) + _dot(tl.trans(dL_ak), a_d, PREC)
-    dB_e = _dot(U, dS, PREC)      # [C, K]
-    dK_e = _dot(vv, dS, PREC)
-    egC = tl.exp(gC)
-    dgC = tl.sum(dS * S, axis=0) * egC + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)   # [K]
-    e_neg = tl.exp(-g)
-    e_end = tl.exp(gC[None, :] - g)
-    dg = dR_d * r_d - dB_u * b_u - dB_e * b_e - dK_u * k_u - dK_e * k_e
-    dgx = dA_d * a_d
-    dw = tl.cumsum(dg, axis=0, reverse=True) + tl.cumsum(dgx, axis=0, reverse=True) - dgx + dgC[None, :]
-    tl.store(dr_ptr + pk, (dR_d * tl.exp(g)).to(dr_ptr.dtype.element_ty), mask=mk)
-    tl.store(dw_ptr + pk, dw.to(dw_ptr.dtype.element_ty), mask=mk)
-    tl.store(dk_ptr + pk, (dK_u * e_neg + dK_e * e_end).to(dk_ptr.dtype.element_ty), mask=mk)
-    tl.store(dv_ptr + pk, dV.to(dv_ptr.dtype.element_ty), mask=mk)
-    tl.store(da_ptr + pk, (dA_d * tl.exp(gx)).to(da_ptr.dtype.element_ty), mask=mk)
-    tl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)
 
 
 @triton.jit
@@ -329,12 +150,14 @@ def chunk_cc_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, cc_ptr, T, NC, H, N: tl.c
 
 
 @triton.jit
-def chunk_fwd2_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr,
-                      T, NC, H, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                      HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
-                      PREFETCH: tl.constexpr, PREC: tl.constexpr):
-    """Sequential forward on precomputed [C, C] matrices (chunk_cc_kernel), grid (B*H, N/BV); same math and
-    outputs as chunk_fwd_kernel. PREFETCH: chunk n+1's inputs are loaded while chunk n is computed."""
+def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr,
+                     T, NC, H, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                     HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
+                     PREFETCH: tl.constexpr, PREC: tl.constexpr):
+    """Sequential forward on the precomputed [C, C] matrices (chunk_cc_kernel), grid (B*H, N/BV): carries
+    the state rows [BV, N] over the chunks, writes y [B, T, H, N], the chunk-start states st [B, H, NC, N, N]
+    (STORE_STATES) and the final state sT [B, H, N, N] (STORE_FINAL). PREFETCH: chunk n+1's inputs are loaded
+    while chunk n is computed."""
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_b = i_bh // H
@@ -406,11 +229,12 @@ def chunk_fwd2_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, 
 
 
 @triton.jit
-def chunk_bwd_dstate2_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr,
-                             T, NC, H, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                             HAS_DST: tl.constexpr, PREFETCH: tl.constexpr, PREC: tl.constexpr):
-    """The backward's sequential state pass (as chunk_bwd_dstate_kernel) on the precomputed (I - L_ab)^{-1}
-    and M_rb, with chunk n-1's inputs prefetched while chunk n is computed (PREFETCH)."""
+def chunk_bwd_dstate_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr,
+                            T, NC, H, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                            HAS_DST: tl.constexpr, PREFETCH: tl.constexpr, PREC: tl.constexpr):
+    """Sequential pass of the backward, grid (B*H, N/BV): walks the chunks in reverse carrying dS, on the
+    precomputed (I - L_ab)^{-1} and M_rb, and stores dst[n] = dL/dS at the end of chunk n [B, H, NC, N, N];
+    ds0 = dL/d(initial state) [B, H, N, N]. PREFETCH: chunk n-1's inputs are loaded while chunk n is computed."""
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_b = i_bh // H
@@ -468,205 +292,65 @@ def chunk_bwd_dstate2_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr
 
 
 @triton.jit
-def chunk_bwd_grads_vb_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, st_ptr, dst_ptr, dy_ptr,
-                              dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
-                              T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
-                              BV: tl.constexpr, HAS_CC: tl.constexpr, PREC: tl.constexpr):
-    """Parallel pass of the backward (as chunk_bwd_grads_kernel), grid (NC, B*H), walking the value dimension
-    in blocks of BV: no [N, N] state is held whole (S and dS rows [BV, N] per step), the products that
-    contract over the value index are accumulated ([C, C] and [C, N]); only a_d, b_e, k_e stay live through
-    that loop (the other decayed vectors are rebuilt after it), to keep registers low. HAS_CC: load the
-    [C, C] matrices from chunk_cc_kernel's output instead of computing them."""
+def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
+                           dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
+                           T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
+                           PREC: tl.constexpr):
+    """Parallel pass of the backward, grid (NC, B*H): one chunk each, from its start state st[n] and the
+    gradient dst[n] of its end state; writes the chunk's dr, dw, dk, dv, da, db [B, T, H, N]. It recomputes
+    the chunk's [C, C] matrices (_chunk_terms) rather than loading chunk_cc_kernel's: measured faster on the
+    H200, where this kernel runs many programs at once."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
     offs_t = tl.arange(0, C)
     offs_k = tl.arange(0, N)
-    offs_cc = offs_t[:, None] * C + offs_t[None, :]
+    p_s = offs_k[:, None] * N + offs_k[None, :]
     tri_s = offs_t[:, None] > offs_t[None, :]
     tri_i = offs_t[:, None] >= offs_t[None, :]
+    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
     t = n * C + offs_t
     mk = (t < T)[:, None]
     base = ((i_b * T + t) * H + i_h) * N
     pk = base[:, None] + offs_k[None, :]
-    ww = tl.load(w_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    g = tl.cumsum(ww, axis=0)                       # [C, N]
-    gC = tl.sum(ww, axis=0)                         # [N]
-    a_d = tl.load(a_ptr + pk, mask=mk, other=0.).to(tl.float32) * tl.exp(g - ww)
-    e_end = tl.exp(gC[None, :] - g)
-    b_e = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32) * e_end
-    k_e = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32) * e_end
-    if HAS_CC:
-        Pinv = _ldc(cc_ptr, i_bh, NC, n, 0, offs_cc, C)
-        L_ak = _ldc(cc_ptr, i_bh, NC, n, 1, offs_cc, C)
-        M_rb = _ldc(cc_ptr, i_bh, NC, n, 2, offs_cc, C)
-        M_rk = _ldc(cc_ptr, i_bh, NC, n, 3, offs_cc, C)
-    else:
-        eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
-        e_neg = tl.exp(-g)
-        b_u = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32) * e_neg
-        k_u = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32) * e_neg
-        r_d = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32) * tl.exp(g)
-        L_ak = tl.where(tri_s, _dot(a_d, tl.trans(k_u), PREC), 0.)
-        M_rb = tl.where(tri_i, _dot(r_d, tl.trans(b_u), PREC), 0.)
-        M_rk = tl.where(tri_i, _dot(r_d, tl.trans(k_u), PREC), 0.)
-        Pinv = _inv_unit_lower(tl.where(tri_s, _dot(a_d, tl.trans(b_u), PREC), 0.), eye, LOG2C, PREC)
-    dL_ab = tl.zeros([C, C], dtype=tl.float32)
-    dL_ak = tl.zeros([C, C], dtype=tl.float32)
-    dM_rb = tl.zeros([C, C], dtype=tl.float32)
-    dM_rk = tl.zeros([C, C], dtype=tl.float32)
-    dR_s = tl.zeros([C, N], dtype=tl.float32)       # dY S
-    dA_s = tl.zeros([C, N], dtype=tl.float32)       # dZ S
-    dB_e = tl.zeros([C, N], dtype=tl.float32)       # U dS
-    dK_e = tl.zeros([C, N], dtype=tl.float32)       # V dS
-    dgC = tl.zeros([N], dtype=tl.float32)
-    s_base = (i_bh * NC + n) * N * N
-    for i_v in range(N // BV):
-        offs_v = i_v * BV + tl.arange(0, BV)
-        p_s = offs_v[:, None] * N + offs_k[None, :]
-        pv = base[:, None] + offs_v[None, :]
-        S = tl.load(st_ptr + s_base + p_s)          # [BV, K] rows of the chunk-start state
-        dS = tl.load(dst_ptr + s_base + p_s)        # [BV, K] rows of the gradient of the chunk-end state
-        vv = tl.load(v_ptr + pv, mask=mk, other=0.).to(tl.float32)   # [C, BV]
-        dY = tl.load(dy_ptr + pv, mask=mk, other=0.).to(tl.float32)  # [C, BV]
-        dSt = tl.trans(dS)                          # [K, BV]
-        U = _dot(Pinv, _dot(a_d, tl.trans(S), PREC) + _dot(L_ak, vv, PREC), PREC)   # [C, BV]
-        dZ = _dot(tl.trans(Pinv), _dot(tl.trans(M_rb), dY, PREC) + _dot(b_e, dSt, PREC), PREC)
-        dV = _dot(tl.trans(M_rk), dY, PREC) + _dot(tl.trans(L_ak), dZ, PREC) + _dot(k_e, dSt, PREC)
-        tl.store(dv_ptr + pv, dV.to(dv_ptr.dtype.element_ty), mask=mk)
-        dL_ab += _dot(dZ, tl.trans(U), PREC)
-        dL_ak += _dot(dZ, tl.trans(vv), PREC)
-        dM_rb += _dot(dY, tl.trans(U), PREC)
-        dM_rk += _dot(dY, tl.trans(vv), PREC)
-        dR_s += _dot(dY, S, PREC)
-        dA_s += _dot(dZ, S, PREC)
-        dB_e += _dot(U, dS, PREC)
-        dK_e += _dot(vv, dS, PREC)
-        dgC += tl.sum(dS * S, axis=0)
-    dgC = dgC * tl.exp(gC) + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)   # [K]
-    dg = -dB_e * b_e - dK_e * k_e
-    dB_e = dB_e * e_end                             # the e^{g_C - g} parts of db, dk
-    dK_e = dK_e * e_end
-    dL_ab = tl.where(tri_s, dL_ab, 0.)
-    dL_ak = tl.where(tri_s, dL_ak, 0.)
-    dM_rb = tl.where(tri_i, dM_rb, 0.)
-    dM_rk = tl.where(tri_i, dM_rk, 0.)
-    e_neg = tl.exp(-g)
-    rr = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    bb = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    kk = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    r_d = rr * tl.exp(g)
-    b_u = bb * e_neg
-    k_u = kk * e_neg
-    dR_d = dR_s + _dot(dM_rb, b_u, PREC) + _dot(dM_rk, k_u, PREC)
-    dA_d = dA_s + _dot(dL_ab, b_u, PREC) + _dot(dL_ak, k_u, PREC)
+    S = tl.load(st_ptr + (i_bh * NC + n) * N * N + p_s)            # [V, K] chunk-start state
+    dS = tl.load(dst_ptr + (i_bh * NC + n) * N * N + p_s)          # [V, K] gradient of the chunk-end state
+    dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)    # [C, V]
+    (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
+     Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, eye, LOG2C, PREC)
+    Z = _dot(a_d, tl.trans(S), PREC) + _dot(L_ak, vv, PREC)
+    U = _dot(Pinv, Z, PREC)       # [C, V]
+    dSt = tl.trans(dS)                              # [K, V]
+    dU = _dot(tl.trans(M_rb), dY, PREC) + _dot(b_e, dSt, PREC)
+    dZ = _dot(tl.trans(Pinv), dU, PREC)
+    dL_ab = tl.where(tri_s, _dot(dZ, tl.trans(U), PREC), 0.)
+    dL_ak = tl.where(tri_s, _dot(dZ, tl.trans(vv), PREC), 0.)
+    dM_rb = tl.where(tri_i, _dot(dY, tl.trans(U), PREC), 0.)
+    dM_rk = tl.where(tri_i, _dot(dY, tl.trans(vv), PREC), 0.)
+    dV = (_dot(tl.trans(M_rk), dY, PREC) + _dot(tl.trans(L_ak), dZ, PREC)
+          + _dot(k_e, dSt, PREC))
+    dR_d = (_dot(dY, S, PREC) + _dot(dM_rb, b_u, PREC)
+            + _dot(dM_rk, k_u, PREC))
+    dA_d = (_dot(dZ, S, PREC) + _dot(dL_ab, b_u, PREC)
+            + _dot(dL_ak, k_u, PREC))
     dB_u = _dot(tl.trans(dM_rb), r_d, PREC) + _dot(tl.trans(dL_ab), a_d, PREC)
     dK_u = _dot(tl.trans(dM_rk), r_d, PREC) + _dot(tl.trans(dL_ak), a_d, PREC)
-    dg += dR_d * r_d - dB_u * b_u - dK_u * k_u
+    dB_e = _dot(U, dS, PREC)      # [C, K]
+    dK_e = _dot(vv, dS, PREC)
+    egC = tl.exp(gC)
+    dgC = tl.sum(dS * S, axis=0) * egC + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)   # [K]
+    e_neg = tl.exp(-g)
+    e_end = tl.exp(gC[None, :] - g)
+    dg = dR_d * r_d - dB_u * b_u - dB_e * b_e - dK_u * k_u - dK_e * k_e
     dgx = dA_d * a_d
     dw = tl.cumsum(dg, axis=0, reverse=True) + tl.cumsum(dgx, axis=0, reverse=True) - dgx + dgC[None, :]
     tl.store(dr_ptr + pk, (dR_d * tl.exp(g)).to(dr_ptr.dtype.element_ty), mask=mk)
     tl.store(dw_ptr + pk, dw.to(dw_ptr.dtype.element_ty), mask=mk)
-    tl.store(dk_ptr + pk, (dK_u * e_neg + dK_e).to(dk_ptr.dtype.element_ty), mask=mk)
-    tl.store(da_ptr + pk, (dA_d * tl.exp(g - ww)).to(da_ptr.dtype.element_ty), mask=mk)
-    tl.store(db_ptr + pk, (dB_u * e_neg + dB_e).to(db_ptr.dtype.element_ty), mask=mk)
-
-
-@triton.jit
-def chunk_prep_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, m_ptr, e_ptr,
-                      T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
-                      BWD: tl.constexpr, PREC: tl.constexpr):
-    """Split mode, parallel, grid (NC, B*H): writes each chunk's state map as S_C = S0 M + E.
-    Forward:  M = diag(e^{g_C}) + W^T b_e, E = U0^T b_e + V^T k_e, with W = P^{-1} a_d, U0 = P^{-1} L_ak V.
-    Backward: dS0 = dS_C M^T + dY^T (r_d + M_rb W); stores M^T and that second term.
-    m, e: [B, H, NC, N, N] fp32."""
-    n = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    offs_t = tl.arange(0, C)
-    offs_k = tl.arange(0, N)
-    p_s = offs_k[:, None] * N + offs_k[None, :]
-    tri_s = offs_t[:, None] > offs_t[None, :]
-    tri_i = offs_t[:, None] >= offs_t[None, :]
-    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
-    t = n * C + offs_t
-    mk = (t < T)[:, None]
-    base = ((i_b * T + t) * H + i_h) * N
-    pk = base[:, None] + offs_k[None, :]
-    (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
-     Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pk, mk, tri_s, tri_i, eye, LOG2C, PREC)
-    W = _dot(Pinv, a_d, PREC)                       # [C, K]
-    diag = tl.where(offs_k[:, None] == offs_k[None, :], tl.exp(gC)[None, :], 0.)
-    if BWD:
-        dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)
-        M = diag + _dot(tl.trans(b_e), W, PREC)     # M^T [K, K]
-        E = _dot(tl.trans(dY), r_d + _dot(M_rb, W, PREC), PREC)            # [V, K]
-    else:
-        M = diag + _dot(tl.trans(W), b_e, PREC)     # [K, K]
-        U0 = _dot(Pinv, _dot(L_ak, vv, PREC), PREC)                           # [C, V]
-        E = _dot(tl.trans(U0), b_e, PREC) + _dot(tl.trans(vv), k_e, PREC)   # [V, K]
-    off = (i_bh * NC + n) * N * N
-    tl.store(m_ptr + off + p_s, M)
-    tl.store(e_ptr + off + p_s, E)
-
-
-@triton.jit
-def chunk_scan_kernel(m_ptr, e_ptr, s0_ptr, out_ptr, sT_ptr, NC, N: tl.constexpr, BV: tl.constexpr,
-                      HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
-                      PREC: tl.constexpr):
-    """Split mode, sequential, grid (B*H, N/BV): S <- S M_n + E_n over the chunks (reversed for the
-    backward), storing S before each chunk's step in out [B, H, NC, N, N] and the last S in sT."""
-    i_bh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    p_s = offs_v[:, None] * N + offs_k[None, :]
-    p_m = offs_k[:, None] * N + offs_k[None, :]
-    if HAS_S0:
-        S = tl.load(s0_ptr + i_bh * N * N + p_s).to(tl.float32)
-    else:
-        S = tl.zeros([BV, N], dtype=tl.float32)
-    for i in range(NC):
-        if REVERSE:
-            n = NC - 1 - i
-        else:
-            n = i
-        off = (i_bh * NC + n) * N * N
-        tl.store(out_ptr + off + p_s, S)
-        M = tl.load(m_ptr + off + p_m)
-        E = tl.load(e_ptr + off + p_s)
-        S = _dot(S, M, PREC) + E
-    if STORE_FINAL:
-        tl.store(sT_ptr + i_bh * N * N + p_s, S)
-
-
-@triton.jit
-def chunk_out_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, y_ptr,
-                     T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.constexpr):
-    """Split mode, parallel, grid (NC, B*H): a chunk's outputs from its start state st[n]."""
-    n = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    offs_t = tl.arange(0, C)
-    offs_k = tl.arange(0, N)
-    p_s = offs_k[:, None] * N + offs_k[None, :]
-    tri_s = offs_t[:, None] > offs_t[None, :]
-    tri_i = offs_t[:, None] >= offs_t[None, :]
-    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
-    t = n * C + offs_t
-    mk = (t < T)[:, None]
-    base = ((i_b * T + t) * H + i_h) * N
-    pk = base[:, None] + offs_k[None, :]
-    S = tl.load(st_ptr + (i_bh * NC + n) * N * N + p_s)
-    (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
-     Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, pk, mk, tri_s, tri_i, eye, LOG2C, PREC)
-    St = tl.trans(S)
-    U = _dot(Pinv, _dot(a_d, St, PREC) + _dot(L_ak, vv, PREC), PREC)
-    Y = _dot(r_d, St, PREC) + _dot(M_rb, U, PREC) + _dot(M_rk, vv, PREC)
-    tl.store(y_ptr + pk, Y.to(y_ptr.dtype.element_ty), mask=mk)
+    tl.store(dk_ptr + pk, (dK_u * e_neg + dK_e * e_end).to(dk_ptr.dtype.element_ty), mask=mk)
+    tl.store(dv_ptr + pk, dV.to(dv_ptr.dtype.element_ty), mask=mk)
+    tl.store(da_ptr + pk, (dA_d * tl.exp(gx)).to(da_ptr.dtype.element_ty), mask=mk)
+    tl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)
 
 
 @triton.jit

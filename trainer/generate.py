@@ -1,8 +1,9 @@
 """Text generation with an RWKV-7 checkpoint in RNN mode: constant memory and time per token.
 
-The prompt goes through the model in chunks (the parallel WKV path); then each new token is one
-T = 1 step that carries the fixed-size state (per layer: two [1, C] shifts and one [1, H, N, N] WKV
-state), so nothing grows with the number of tokens generated. Sampling is RWKV's usual
+The prompt goes through the model in chunks (`RWKV7.forward`, the parallel WKV path); then each new
+token is one `RWKV7.step` (the T = 1 math on [1, C] tensors, parameters gathered once by
+`RWKV7.step_weights`) that carries the fixed-size state (per layer: two [1, C] shifts and one
+[1, H, N, N] WKV state), so nothing grows with the number of tokens generated. Sampling is RWKV's usual
 temperature + nucleus (top-p) rule, as in the `rwkv` package's PIPELINE.sample_logits.
 
     python -m trainer.generate --model X.pth --prompt "..." --max-tokens N [--temperature T --top-p P --seed S]
@@ -78,15 +79,16 @@ def stream(model: RWKV7, prompt_ids: list[int], max_tokens: int, temperature: fl
     for i in range(0, len(ids), prompt_chunk):
         logits, state = model(torch.tensor([ids[i:i + prompt_chunk]], device=device), state)
     last = logits[0, -1]
-    step = torch.empty(1, 1, dtype=torch.long, device=device)
+    weights = model.step_weights()  # gathered once; each token then costs one `RWKV7.step`
+    step = torch.empty(1, dtype=torch.long, device=device)  # [B = 1]
     for _ in range(max_tokens):
         tok = sample_logits(last, temperature, top_p, gen)
         yield tok, state
         if stop_token is not None and tok == stop_token:
             return
         step.fill_(tok)
-        logits, state = model(step, state)
-        last = logits[0, -1]
+        logits, state = model.step(step, state, weights)
+        last = logits[0]
 
 
 def main(argv: list[str] | None = None) -> int:

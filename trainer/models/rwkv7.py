@@ -241,6 +241,79 @@ class Block(nn.Module):
         return x + dx, v_first, (att_shift, wkv, ffn_shift)
 
 
+@dataclass(frozen=True)
+class StepWeights:
+    """What `RWKV7.step` reads, gathered once per model (`RWKV7.step_weights()`): detached views of the
+    parameters (matrices transposed for `x @ W.T`), the six token-shift vectors stacked [6, 1, C] and the
+    decay bias w0 in the state dtype. A snapshot: build it again after moving or replacing parameters."""
+
+    dtype: torch.dtype
+    """the model's dtype: activations run in it (no autocast in RNN mode)"""
+    state_dtype: torch.dtype
+    """WKV state and log decay: fp32 (fp64 for an fp64 model)"""
+    n_head: int
+    head_size: int
+    eps: float
+    """LayerNorm eps"""
+    emb: torch.Tensor
+    """[V, C]"""
+    ln0: tuple[torch.Tensor, torch.Tensor]
+    layers: tuple[tuple, ...]
+    """one tuple per block, in the order `_block_step` unpacks it"""
+    ln_out: tuple[torch.Tensor, torch.Tensor]
+    head_t: torch.Tensor
+    """[C, V]"""
+
+
+def _block_step(x, v_first, att_shift, wkv, ffn_shift, p: tuple, sw: StepWeights):
+    """One block for one token, no T axis: x [B, C] -> (x, v_first [B, C], (ln1 out [B, C], wkv [B, H, N, N],
+    ln2 out [B, C])). The same math as `Block._body` at T = 1 with `_wkv_one_step`, with the T axis and the
+    no-op dtype casts left out and the six token-shift mixes done as one broadcast addcmul."""
+    (ln1_w, ln1_b, maa, r_t, k_t, v_t, o_t, w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2,
+     k_k, one_minus_ka, k_a, r_k, lnx_w, lnx_b, ln2_w, ln2_b, f_xk, f_kt, f_vt) = p
+    B, C = x.shape
+    H, N, sdt = sw.n_head, sw.head_size, sw.state_dtype
+    cast = sw.dtype != sdt
+    h = F.layer_norm(x, (C,), ln1_w, ln1_b, sw.eps)  # [B, C], also the next token's att shift
+    xr, xw, xk, xv, xa, xg = torch.addcmul(h, att_shift - h, maa).unbind(0)  # maa [6, 1, C] -> 6 x [B, C]
+    r = torch.mm(xr, r_t)
+    k = torch.mm(xk, k_t)
+    v = torch.mm(xv, v_t)
+    if v0 is None:  # block 0
+        v_first = v
+    else:
+        v = torch.addcmul(v, v_first - v, torch.sigmoid(torch.addmm(v0, torch.mm(xv, v1), v2)))
+    a = torch.sigmoid(torch.addmm(a0, torch.mm(xa, a1), a2))  # in-context learning rate
+    g = torch.mm(torch.sigmoid(torch.mm(xg, g1)), g2)
+    lora_w = torch.tanh(torch.mm(xw, w1))
+    lw = torch.mm(lora_w, w2).to(sdt) + w0 if cast else torch.addmm(w0, lora_w, w2)
+    decay = torch.exp(torch.sigmoid(lw) * -DECAY_SCALE)  # [B, C] in sdt
+
+    kk = (k * k_k).view(B, H, N)
+    kk = kk / torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize
+    k = k * torch.addcmul(one_minus_ka, a, k_a)  # k * (1 + (a - 1) * k_a)
+    r4, k4, v4 = r.view(B, H, N), k.view(B, H, N), v.view(B, H, N)
+    b = kk * a.view(B, H, N)
+    if cast:
+        kk, b, rs, ks, vs = (t.to(sdt) for t in (kk, b, r4, k4, v4))
+    else:
+        rs, ks, vs = r4, k4, v4
+    # s <- s diag(decay) + (s a) b^T + v k^T with a = -kk ([value][key], as `_wkv_one_step`)
+    sk = torch.matmul(wkv, kk.unsqueeze(-1))  # [B, H, N, 1] = -(s a)
+    s = torch.addcmul(wkv * decay.view(B, H, 1, N), sk, b.unsqueeze(-2), value=-1)
+    s = torch.addcmul(s, vs.unsqueeze(-1), ks.unsqueeze(-2))  # [B, H, N, N]
+    y = torch.matmul(s, rs.unsqueeze(-1)).view(B, C)
+    if cast:
+        y = y.to(sw.dtype)
+    y = F.group_norm(y, H, lnx_w, lnx_b, 64e-5)
+    y = y + ((r4 * k4 * r_k).sum(-1, keepdim=True) * v4).view(B, C)  # bonus
+    x = x + torch.mm(y * g, o_t)
+
+    h2 = F.layer_norm(x, (C,), ln2_w, ln2_b, sw.eps)  # [B, C], also the next token's ffn shift
+    kf = torch.relu(torch.mm(torch.addcmul(h2, ffn_shift - h2, f_xk), f_kt))
+    return x + torch.mm(kf * kf, f_vt), v_first, (h, s, h2)
+
+
 class RWKV7(nn.Module):
     """The RWKV-7 language model. `RWKV7(cfg)` applies the official from-scratch init in __init__
     (`init=False` leaves the tensors uninitialised, for loading a checkpoint)."""
@@ -276,6 +349,48 @@ class RWKV7(nn.Module):
         return [(torch.zeros(batch, C, device=device, dtype=dtype),
                  torch.zeros(batch, H, N, N, device=device, dtype=s_dtype),
                  torch.zeros(batch, C, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+
+    @torch.no_grad()
+    def step_weights(self) -> StepWeights:
+        """Gather what `step` reads (see `StepWeights`): once per model, then reused for every token."""
+        dt = self.emb.weight.dtype
+        sdt = torch.float64 if dt == torch.float64 else torch.float32
+        layers = []
+        for blk in self.blocks:
+            att, ffn = blk.att, blk.ffn
+            p = {name: t.detach() for name, t in att.named_parameters()} | {name: t for name, t in att.named_buffers()}
+            vec = {name: p[name].view(-1) for name in VEC_NAMES}  # [C] each
+            maa = torch.stack([vec[m] for m in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")]).unsqueeze(1)  # [6, 1, C]
+            v_lora = (None, None, None) if blk.first else (vec["v0"], p["v1"], p["v2"])
+            layers.append((
+                blk.ln1.weight.detach(), blk.ln1.bias.detach(), maa,
+                p["receptance.weight"].t(), p["key.weight"].t(), p["value.weight"].t(), p["output.weight"].t(),
+                vec["w0"].to(sdt), p["w1"], p["w2"], vec["a0"], p["a1"], p["a2"], *v_lora, p["g1"], p["g2"],
+                vec["k_k"], 1 - vec["k_a"], vec["k_a"], p["r_k"], p["ln_x.weight"], p["ln_x.bias"],
+                blk.ln2.weight.detach(), blk.ln2.bias.detach(),
+                ffn.x_k.detach().view(-1), ffn.key.weight.detach().t(), ffn.value.weight.detach().t()))
+        ln0 = self.blocks[0].ln0
+        return StepWeights(dtype=dt, state_dtype=sdt, n_head=self.cfg.n_head, head_size=self.cfg.head_size,
+                           eps=ln0.eps, emb=self.emb.weight.detach(), ln0=(ln0.weight.detach(), ln0.bias.detach()),
+                           layers=tuple(layers), ln_out=(self.ln_out.weight.detach(), self.ln_out.bias.detach()),
+                           head_t=self.head.weight.detach().t())
+
+    def step(self, idx: torch.Tensor, state: list | None = None, weights: StepWeights | None = None):
+        """One token per sequence, the RNN-mode decoding path: idx [B] int64 -> (logits [B, V], new state in
+        `forward`'s layout). Equals `forward(idx[:, None], state)` (to rounding) with a fraction of its ops:
+        [B, C] tensors and each parameter read once from `weights` (`self.step_weights()`, made here when
+        None: pass it in when stepping many tokens). Inference only: no gradient reaches the parameters."""
+        w = self.step_weights() if weights is None else weights
+        state = self.zero_state(idx.shape[0], idx.device) if state is None else state
+        x = F.embedding(idx, w.emb)  # [B, C]
+        C = x.shape[1]
+        x = F.layer_norm(x, (C,), *w.ln0, w.eps)
+        v_first = None
+        new_state = []
+        for p, (att_shift, wkv, ffn_shift) in zip(w.layers, state):
+            x, v_first, s = _block_step(x, v_first, att_shift, wkv, ffn_shift, p, w)
+            new_state.append(s)
+        return torch.mm(F.layer_norm(x, (C,), *w.ln_out, w.eps), w.head_t), new_state
 
     @torch.no_grad()
     def init_weights(self):

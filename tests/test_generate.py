@@ -1,4 +1,5 @@
-"""RNN-mode generation: the CLI end to end, sampling rules, and memory that does not grow with tokens."""
+"""RNN-mode generation: the CLI end to end, sampling rules, memory that does not grow with tokens, and the
+one-token `RWKV7.step` that generation runs per token against `forward` at T = 1 and the `rwkv` package."""
 from __future__ import annotations
 
 import gc
@@ -11,8 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.generate import sample_logits, stream
-from trainer.models import PRESETS, RWKV7
+os.environ["RWKV_V7_ON"] = "1"
+os.environ.setdefault("RWKV_JIT_ON", "0")
+os.environ["RWKV_CUDA_ON"] = "0"
+from rwkv.model import RWKV  # noqa: E402
+
+from trainer.generate import sample_logits, stream  # noqa: E402
+from trainer.models import PRESETS, RWKV7  # noqa: E402
+from trainer.models.rwkv7 import RWKV7Config  # noqa: E402
+
+ODD = RWKV7Config(n_layer=3, n_embd=128, vocab_size=300, dim_w=24, dim_a=40, dim_v=16, dim_g=48)
+"""LoRA widths that differ from every preset; three blocks, so v_first crosses more than one block."""
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,3 +110,116 @@ def test_memory_constant_in_generated_tokens(debug_model):
     assert rss_growth < 8 * 2**20, rss_growth
     assert ctl_rss_growth > 8 * 2**20, ctl_rss_growth  # the same bound catches the leak (100 MiB kept)
     del kept
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def random_model(cfg: RWKV7Config, dtype: torch.dtype, seed: int = 1) -> RWKV7:
+    """Every tensor nonzero random (as tests/test_model_parity.py), scaled so activations stay O(1)."""
+    m = RWKV7(cfg, init=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, p in m.state_dict().items():
+            r = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if k.endswith((".x_r", ".x_w", ".x_k", ".x_v", ".x_a", ".x_g")):
+                p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) * 0.9 + 0.05)
+            elif k.endswith("bias"):
+                p.copy_(0.2 * r)
+            elif k.endswith("weight") and p.dim() == 1:
+                p.copy_(1 + 0.2 * r)
+            elif p.dim() == 2 and not k.endswith("r_k"):
+                p.copy_(r / p.shape[-1] ** 0.5)
+            else:
+                p.copy_(r)
+    return m.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 5e-6)])
+def test_step_matches_forward_at_one_token(dtype, tol):
+    """`step` (no T axis, parameters gathered once) = `forward` at T = 1: logits and every state tensor,
+    from the zero state and from a state left by a prompt, batch 2, with the state's dtypes and shapes."""
+    m = random_model(ODD, dtype)
+    idx = torch.tensor([7, 250])
+    weights = m.step_weights()
+    with torch.no_grad():
+        _, prior = m(torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]]))
+        for state in (None, prior):
+            ref, ref_state = m(idx[:, None], state)
+            logits, new_state = m.step(idx, state, weights)
+            assert logits.shape == (2, ODD.vocab_size) and logits.dtype == dtype
+            assert rel(logits, ref[:, 0]) < tol
+            assert len(new_state) == ODD.n_layer
+            for ours, theirs in zip(new_state, ref_state):
+                for a, b in zip(ours, theirs, strict=True):
+                    assert a.shape == b.shape and a.dtype == b.dtype
+                    assert rel(a, b) < tol
+            again, _ = m.step(idx, state)  # weights gathered inside the call: the same numbers
+            assert torch.equal(again, logits)
+        # ten tokens in a row through the carried state stay on forward's trajectory
+        s_ref, s_ours = prior, prior
+        for t in range(10):
+            tok = torch.tensor([t, 299 - t])
+            ref, s_ref = m(tok[:, None], s_ref)
+            logits, s_ours = m.step(tok, s_ours, weights)
+        assert rel(logits, ref[:, 0]) < tol
+        assert all(rel(a, b) < tol for x, y in zip(s_ours, s_ref) for a, b in zip(x, y))
+
+
+def test_step_bf16_as_close_as_forward():
+    """A bf16 model (generation with --dtype bf16): `step` is as close to the float64 model as `forward`
+    at T = 1 is (the WKV state stays fp32 in both)."""
+    m64 = random_model(ODD, torch.float64)
+    mb = random_model(ODD, torch.bfloat16)
+    idx = torch.tensor([7, 250])
+    with torch.no_grad():
+        _, p64 = m64(torch.tensor([[1, 2, 3, 4, 5]] * 2))
+        _, pb = mb(torch.tensor([[1, 2, 3, 4, 5]] * 2))
+        ref, _ = m64(idx[:, None], p64)
+        fwd, _ = mb(idx[:, None], pb)
+        logits, state = mb.step(idx, pb)
+    assert logits.dtype == torch.bfloat16 and [t.dtype for t in state[0]] == [t.dtype for t in pb[0]]
+    assert state[0][1].dtype == torch.float32
+    assert rel(logits, ref[:, 0]) < 2 * rel(fwd[:, 0], ref[:, 0]) + 1e-3, (rel(logits, ref[:, 0]), rel(fwd[:, 0], ref[:, 0]))
+
+
+def test_greedy_tokens_match_forward_path_and_rwkv_package(tmp_path):
+    """Greedy decoding through `stream` (prompt by `forward`, then `step` per token) gives the tokens of
+    the T = 1 `forward` loop it replaced and of the `rwkv` package (fp32, the inference oracle)."""
+    m = random_model(ODD, torch.float32, seed=3)
+    path = tmp_path / "odd.pth"
+    m.save_official(path)
+    prompt, n = [5, 17, 42, 99], 40
+    ours = [t for t, _ in stream(m, prompt, n, temperature=0.0, stop_token=None)]
+    with torch.no_grad():
+        logits, state = m(torch.tensor([prompt]))
+        old = []
+        for _ in range(n):
+            old.append(int(torch.argmax(logits[0, -1])))
+            logits, state = m(torch.tensor([[old[-1]]]), state)
+    ref = RWKV(model=str(path)[: -len(".pth")], strategy="cpu fp32")
+    logits, state = ref.forward(prompt, None)
+    pkg = []
+    for _ in range(n):
+        pkg.append(int(torch.argmax(logits)))
+        logits, state = ref.forward([pkg[-1]], state)
+    assert len(set(ours)) > 5  # not stuck on one token, so the comparison can fail
+    assert ours == old == pkg
+
+
+def test_stream_runs_prompt_through_forward_and_each_token_through_step(debug_model, monkeypatch):
+    calls = {"forward": 0, "step": 0}
+    forward, step = RWKV7.forward, RWKV7.step
+
+    def counting(name, f):
+        def wrapped(self, *a, **k):
+            calls[name] += 1
+            return f(self, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(RWKV7, "forward", counting("forward", forward))
+    monkeypatch.setattr(RWKV7, "step", counting("step", step))
+    toks = [t for t, _ in stream(debug_model, list(range(1, 8)), 10, 1.0, 0.9, seed=0, stop_token=None, prompt_chunk=3)]
+    assert len(toks) == 10 and calls == {"forward": 3, "step": 10}

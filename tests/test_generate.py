@@ -17,7 +17,7 @@ os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ["RWKV_CUDA_ON"] = "0"
 from rwkv.model import RWKV  # noqa: E402
 
-from trainer.generate import sample_logits, stream  # noqa: E402
+from trainer.generate import GraphStep, main, sample_logits, stream  # noqa: E402
 from trainer.models import PRESETS, RWKV7  # noqa: E402
 from trainer.models.rwkv7 import RWKV7Config  # noqa: E402
 
@@ -223,3 +223,39 @@ def test_stream_runs_prompt_through_forward_and_each_token_through_step(debug_mo
     monkeypatch.setattr(RWKV7, "step", counting("step", step))
     toks = [t for t, _ in stream(debug_model, list(range(1, 8)), 10, 1.0, 0.9, seed=0, stop_token=None, prompt_chunk=3)]
     assert len(toks) == 10 and calls == {"forward": 3, "step": 10}
+
+
+def test_cuda_graph_flag_is_skipped_cleanly_on_cpu(debug_model, tmp_path, capsys):
+    """On CPU `cuda_graph=True` steps eagerly (same tokens) and the CLI says it skipped the flag."""
+    prompt = [1, 2, 3]
+    eager = [t for t, _ in stream(debug_model, prompt, 8, 0.8, 0.9, seed=3, stop_token=None)]
+    flagged = [t for t, _ in stream(debug_model, prompt, 8, 0.8, 0.9, seed=3, stop_token=None, cuda_graph=True)]
+    assert flagged == eager
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphStep(debug_model, debug_model.step_weights(), debug_model.zero_state(1))
+    path = tmp_path / "debug.pth"
+    debug_model.save_official(path)
+    rc = main(["--model", str(path), "--prompt", "Hi", "--max-tokens", "3", "--no-stop", "--device", "cpu",
+               "--seed", "0", "--cuda-graph"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "--cuda-graph skipped: device cpu" in err and "3 generated" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_step_matches_eager_step():
+    """`GraphStep` replays give the eager `step`'s logits and state, token after token, and greedy
+    `stream` picks the same tokens with and without the graph."""
+    m = random_model(ODD, torch.float32).cuda()
+    w = m.step_weights()
+    with torch.no_grad():
+        _, state = m(torch.tensor([[1, 2, 3, 4]], device="cuda"))
+        graph = GraphStep(m, w, state)
+        for tok in (5, 77, 0, 299, 5):
+            ref, state = m.step(torch.tensor([tok], device="cuda"), state, w)
+            logits, gstate = graph(tok)
+            assert rel(logits, ref) < 1e-5
+            assert all(rel(a, b) < 1e-5 for x, y in zip(gstate, state) for a, b in zip(x, y))
+    eager = [t for t, _ in stream(m, [1, 2, 3], 30, temperature=0.0, stop_token=None)]
+    graphed = [t for t, _ in stream(m, [1, 2, 3], 30, temperature=0.0, stop_token=None, cuda_graph=True)]
+    assert graphed == eager

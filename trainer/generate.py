@@ -6,6 +6,9 @@ token is one `RWKV7.step` (the T = 1 math on [1, C] tensors, parameters gathered
 [1, H, N, N] WKV state), so nothing grows with the number of tokens generated. Sampling is RWKV's usual
 temperature + nucleus (top-p) rule, as in the `rwkv` package's PIPELINE.sample_logits.
 
+`--cuda-graph` (off by default) replays the step as one captured CUDA graph per token (`GraphStep`);
+it is skipped on CPU and has not been run on a GPU yet: no correctness check or speed is recorded for it.
+
     python -m trainer.generate --model X.pth --prompt "..." --max-tokens N [--temperature T --top-p P --seed S]
 """
 from __future__ import annotations
@@ -47,6 +50,8 @@ class GenerateConfig:
     """stop when the model emits token 0 (end of document)"""
     prompt_chunk: int = 512
     """prompt tokens per forward pass (bounds prompt-time memory)"""
+    cuda_graph: bool = False
+    """replay each token's `RWKV7.step` as a captured CUDA graph (CUDA only; unmeasured, see `GraphStep`)"""
 
 
 def sample_logits(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
@@ -64,10 +69,47 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_p: float, gen: t
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+class GraphStep:
+    """`RWKV7.step` captured once in a CUDA graph (torch.cuda.CUDAGraph), so a token costs one graph
+    replay instead of ~70 kernel launches per block from Python. The token id and the state live in
+    static buffers: each call writes the token, replays, and the graph copies the new state over the old
+    in place, so the returned logits [B, V] and state are overwritten by the next call.
+    Not yet run on a GPU (this session had no device time left): unverified and unmeasured, hence off
+    by default; `tests/test_generate.py::test_graph_step_matches_eager_step` (marked gpu) checks it."""
+
+    def __init__(self, model: RWKV7, weights, state: list):
+        device = model.emb.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"GraphStep needs a CUDA model, got device {device}")
+        self.idx = torch.zeros(state[0][0].shape[0], dtype=torch.long, device=device)  # [B]
+        self.state = [tuple(t.clone() for t in layer) for layer in state]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS workspaces, as torch's docs ask)
+            for _ in range(3):
+                model.step(self.idx, self.state, weights)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, new_state = model.step(self.idx, self.state, weights)
+            for old, new in zip(self.state, new_state):
+                for o, n in zip(old, new):
+                    o.copy_(n)
+
+    def __call__(self, token: int) -> tuple[torch.Tensor, list]:
+        """token (the same for every sequence of the batch) -> (logits [B, V], state), both static."""
+        self.idx.fill_(token)
+        self.graph.replay()
+        return self.logits, self.state
+
+
 @torch.no_grad()
 def stream(model: RWKV7, prompt_ids: list[int], max_tokens: int, temperature: float = 1.0, top_p: float = 0.85,
-           seed: int | None = None, stop_token: int | None = 0, prompt_chunk: int = 512) -> Iterator[tuple[int, list]]:
-    """Yield (token, state) for each generated token; state is the model's fixed-size RNN state."""
+           seed: int | None = None, stop_token: int | None = 0, prompt_chunk: int = 512,
+           cuda_graph: bool = False) -> Iterator[tuple[int, list]]:
+    """Yield (token, state) for each generated token; state is the model's fixed-size RNN state.
+    cuda_graph: step through a `GraphStep` when the model is on CUDA (ignored elsewhere); the yielded
+    state is then one set of buffers, overwritten by the next token."""
     device = model.emb.weight.device
     gen = torch.Generator(device=device)
     if seed is None:
@@ -80,14 +122,18 @@ def stream(model: RWKV7, prompt_ids: list[int], max_tokens: int, temperature: fl
         logits, state = model(torch.tensor([ids[i:i + prompt_chunk]], device=device), state)
     last = logits[0, -1]
     weights = model.step_weights()  # gathered once; each token then costs one `RWKV7.step`
+    graph = GraphStep(model, weights, state) if cuda_graph and device.type == "cuda" else None
     step = torch.empty(1, dtype=torch.long, device=device)  # [B = 1]
     for _ in range(max_tokens):
         tok = sample_logits(last, temperature, top_p, gen)
         yield tok, state
         if stop_token is not None and tok == stop_token:
             return
-        step.fill_(tok)
-        logits, state = model.step(step, state, weights)
+        if graph is None:
+            step.fill_(tok)
+            logits, state = model.step(step, state, weights)
+        else:
+            logits, state = graph(tok)
         last = logits[0]
 
 
@@ -102,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=GenerateConfig.device)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--no-stop", action="store_true", help="keep going past the end-of-document token 0")
+    p.add_argument("--cuda-graph", action="store_true", help="replay each token as a CUDA graph (unmeasured)")
     a = p.parse_args(argv)
     cfg = GenerateConfig(model=a.model, prompt=a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
-                         top_p=a.top_p, seed=a.seed, device=a.device, dtype=a.dtype, stop_at_eod=not a.no_stop)
+                         top_p=a.top_p, seed=a.seed, device=a.device, dtype=a.dtype, stop_at_eod=not a.no_stop,
+                         cuda_graph=a.cuda_graph)
+    if cfg.cuda_graph and not cfg.device.startswith("cuda"):
+        print(f"[--cuda-graph skipped: device {cfg.device} is not CUDA]", file=sys.stderr)
 
     from tokenizer import WorldTokenizer
 
@@ -118,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     t0, n, first = time.perf_counter(), 0, None
     for token, _ in stream(model, prompt_ids, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                           0 if cfg.stop_at_eod else None, cfg.prompt_chunk):
+                           0 if cfg.stop_at_eod else None, cfg.prompt_chunk, cfg.cuda_graph):
         first = first or time.perf_counter()
         n += 1
         if token == 0:

@@ -178,3 +178,22 @@ def test_non_finite_loss_stops_the_run(corpus, tmp_path, capsys):
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) < 6 and all(float(r["loss"]) == float(r["loss"]) for r in rows)
+
+
+def test_deferred_metrics_match_immediate(corpus, tmp_path, monkeypatch):
+    """On the GPU a step's metrics are read after the next step is queued; forced on here, every row
+    (and the checkpoints) must match reading each step at once."""
+    import trainer.fit
+
+    sets = TINY + ["train.max_steps=7", "train.ckpt_every=3", "train.tensorboard=false"]
+    runs = {}
+    for defer in (False, True):
+        monkeypatch.setattr(trainer.fit, "DEFER_METRICS", defer)
+        run = tmp_path / f"defer{int(defer)}"
+        fit(load_config(ROOT / "trainer/configs/debug.yaml", sets), corpus, run)
+        runs[defer] = run
+    a, b = _rows(runs[False]), _rows(runs[True])
+    assert [int(r["step"]) for r in b] == list(range(1, 8))
+    keys = ("step", "loss", "lr", "tokens", "grad_norm", "val_loss")
+    assert [tuple(r[k] for k in keys) for r in a] == [tuple(r[k] for k in keys) for r in b]
+    assert sorted(p.name for p in (runs[True] / "checkpoints").iterdir()) == ["step-00000006", "step-00000007"]

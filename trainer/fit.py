@@ -32,6 +32,7 @@ from trainer.config import ConfigError, TrainConfig, load_config, resolve_model_
 from trainer.data import DataError, Layout, ShardCorpus, make_train_loader, val_batches
 from trainer.infctx import InfctxLM
 
+DEFER_METRICS: bool | None = None  # read step k's metrics after step k + 1 is queued; None: on CUDA only
 METRICS = ["step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "val_loss"]
 
 
@@ -267,12 +268,16 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
     it = iter(loader)
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not rank0, dynamic_ncols=True, desc="train")
     model.train()
-    pending = None  # the last launched step, logged once the next one is queued (the GPU never waits on the host)
-    t_last = time.perf_counter()
+    # On the GPU, step k's numbers are read (a host sync) only once step k + 1 is queued, so the GPU never
+    # waits on the host; on the CPU a step is done when train_step returns, so it is read at once.
+    defer = fabric.device.type == "cuda" if DEFER_METRICS is None else DEFER_METRICS
+    pending = None
+    t_last = time.perf_counter()  # when the last read step finished (validation and checkpoints excluded)
 
-    def log(p: dict, val_loss: float | None = None):
+    def finish(p: dict) -> dict:
+        """Wait for step p, check its loss and norm are finite, and return its metrics row."""
         nonlocal t_last
-        loss_val, grad_norm = float(p["loss"]), float(p["norm"])  # waits for that step's kernels
+        loss_val, grad_norm = float(p["loss"]), float(p["norm"])
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
             last = ckpt.latest(run_dir)
             raise FloatingPointError(f"step {p['step']}: loss {loss_val}, gradient norm {grad_norm}; stopping "
@@ -280,15 +285,18 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
         now = time.perf_counter()
         row = {"step": p["step"], "loss": f"{loss_val:.6f}", "lr": f"{p['lr']:.6g}", "tokens": p["tokens"],
                "tokens_per_s": f"{tokens_per_step / (now - t_last):.1f}", "grad_norm": f"{grad_norm:.4f}",
-               "val_loss": "" if val_loss is None else f"{val_loss:.6f}"}
+               "val_loss": ""}
         t_last = now
         losses.append(loss_val)
-        fabric.log_dict({k: float(v) for k, v in row.items() if v != "" and k != "step"}, step=p["step"])
+        return row
+
+    def write(row: dict):
+        fabric.log_dict({k: float(v) for k, v in row.items() if v != "" and k != "step"}, step=row["step"])
         if rank0:
             writer.writerow(row)
             f.flush()
-        if p["step"] % max(1, cfg.train.log_every) == 0 or p["step"] == cfg.train.max_steps:
-            bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{p['lr']:.2e}", tok_s=row["tokens_per_s"])
+        if row["step"] % max(1, cfg.train.log_every) == 0 or row["step"] == cfg.train.max_steps:
+            bar.set_postfix(loss=f"{float(row['loss']):.3f}", lr=f"{float(row['lr']):.2e}", tok_s=row["tokens_per_s"])
         bar.update(1)
 
     try:
@@ -299,16 +307,21 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
             step += 1
             samples += layout.global_batch
             if pending is not None:
-                log(pending)
+                write(finish(pending))
             pending = {"step": step, "lr": lr, "loss": loss_t, "norm": norm_t, "tokens": samples * cfg.data.data_ctx_len}
             final = step == cfg.train.max_steps
             validate = val and ((cfg.train.val_every and step % cfg.train.val_every == 0) or final)
             save = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or final
-            if validate or save:  # this step's row first: a checkpoint never precedes its metrics
-                log(pending, evaluate(fabric, model, [b for b in val]) if validate else None)
-                pending = None
+            if defer and not (validate or save):
+                continue
+            row, pending = finish(pending), None  # this step's row before its checkpoint
+            if validate:
+                row["val_loss"] = f"{evaluate(fabric, model, [b for b in val]):.6f}"
+            write(row)
             if save:
                 save_checkpoint(step, samples)
+            if validate or save:
+                t_last = time.perf_counter()  # validation and checkpoint time is not training throughput
     finally:
         bar.close()
         if f is not None:

@@ -11,6 +11,7 @@ package's token-by-token forward, same random 0.1B checkpoint; tokens/s over the
 of the generated tokens (constant time per token shows as equal halves).
 
     python bench/model.py --device cpu --plan gen       # generation on this machine
+    python bench/model.py --device cpu --plan step-overhead   # per-token overhead: step vs forward vs rwkv package
     python bench/model.py --device cuda --out $OUT/model_gpu.json [--budget-s 150]
 Prints a table last and writes JSON (results so far are rewritten after every measurement).
 fla's first training step compiles and autotunes its Triton kernels: on the H200 it took over 3 minutes
@@ -207,6 +208,72 @@ def bench_generate(results: dict, write, device: str, n_tokens: int, tmpdir: Pat
             traceback.print_exc()
 
 
+def bench_step_overhead(results: dict, write, device: str, tmpdir: Path, tokens: int = 200, rounds: int = 3):
+    """Per-token latency of RNN decoding where FLOPs are negligible (12 layers, width 128, vocab 1024), so what
+    is timed is the per-op overhead: `RWKV7.step` (what `stream` runs per token), the T = 1 `forward` loop and
+    the rwkv package's TorchScript forward, taking turns round by round on the same checkpoint."""
+    from trainer.models import load_official
+    from trainer.models.rwkv7 import RWKV7Config
+
+    torch.manual_seed(0)
+    model = RWKV7(RWKV7Config(n_layer=12, n_embd=128, vocab_size=1024))
+    perturb_(model, 1e-2)
+    path = tmpdir / "tiny.pth"
+    model.save_official(path)
+    os.environ["RWKV_V7_ON"] = "1"
+    os.environ.setdefault("RWKV_JIT_ON", "1")
+    os.environ["RWKV_CUDA_ON"] = "0"
+    from rwkv.model import RWKV
+
+    ref = RWKV(model=str(path)[:-4], strategy=f"{device} fp32")
+    ours = load_official(path, device=device).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    weights = ours.step_weights()
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        logits, state = ours(torch.tensor([prompt], device=device))
+        s_state, f_state, f_logits = state, state, logits[0, -1]
+        s_tok = torch.argmax(logits[0, -1]).view(1)
+    r_logits, r_state = ref.forward(prompt, None)
+
+    def run_step(n):
+        nonlocal s_state, s_tok
+        for _ in range(n):
+            lg, s_state = ours.step(s_tok, s_state, weights)
+            s_tok = torch.argmax(lg, dim=-1)
+
+    def run_forward(n):
+        nonlocal f_state, f_logits
+        for _ in range(n):
+            lg, f_state = ours(torch.argmax(f_logits).view(1, 1), f_state)
+            f_logits = lg[0, -1]
+
+    def run_ref(n):
+        nonlocal r_logits, r_state
+        for _ in range(n):
+            r_logits, r_state = ref.forward([int(torch.argmax(r_logits))], r_state)
+
+    times = {"ours-step": [], "ours-forward-T1": [], "rwkv-pip": []}
+    with torch.no_grad():
+        for fn in (run_step, run_forward, run_ref):
+            fn(20)  # warm-up (TorchScript profiles its first calls)
+        for _ in range(rounds):
+            for name, fn in zip(times, (run_step, run_forward, run_ref)):
+                sync()
+                t = time.perf_counter()
+                fn(tokens)
+                sync()
+                times[name].append((time.perf_counter() - t) / tokens * 1e3)
+    best = {k: min(v) for k, v in times.items()}
+    row = {"kind": "step_overhead", "device": device, "model": "L12-D128-V1024 fp32", "tokens": tokens,
+           "ms_per_token_rounds": times, "ms_per_token_best": best,
+           "step_vs_rwkv_pip": best["ours-step"] / best["rwkv-pip"],
+           "forward_T1_vs_rwkv_pip": best["ours-forward-T1"] / best["rwkv-pip"]}
+    results["rows"].append(row)
+    write()
+    print(json.dumps(row), flush=True)
+
+
 def table(rows: list[dict]) -> str:
     out = []
     train = [r for r in rows if r["kind"] == "train"]
@@ -228,6 +295,11 @@ def table(rows: list[dict]) -> str:
         for r in gen:
             out.append(f"{r['impl']:9} {r['device']:6} {r['dtype']:5} {r['tokens_per_s_first_half']:>17.1f} "
                        f"{r['tokens_per_s_second_half']:>17.1f} {r['greedy_tokens_equal']:>12}/{r['tokens']}")
+    for r in (r for r in rows if r["kind"] == "step_overhead"):
+        b = r["ms_per_token_best"]
+        out.append(f"per-token overhead ({r['model']}, {r['device']}): step {b['ours-step']:.2f} ms, forward T=1 "
+                   f"{b['ours-forward-T1']:.2f} ms, rwkv package {b['rwkv-pip']:.2f} ms; step / rwkv package "
+                   f"{r['step_vs_rwkv_pip']:.2f}, forward / rwkv package {r['forward_T1_vs_rwkv_pip']:.2f}")
     return "\n".join(out)
 
 
@@ -236,7 +308,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plan", default="0.1b:8:ours-compile,gen,1.5b:4:ours-compile,0.1b:8:fla,1.5b:4:fla,"
                    "0.1b:8:ours-eager,1.5b:4:ours-eager",
-                   help="comma list in priority order: preset:batch:impl (impl: fla, ours-eager, ours-compile) or gen")
+                   help="comma list in priority order: preset:batch:impl (impl: fla, ours-eager, ours-compile), gen or "
+                        "step-overhead")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new item after this many seconds")
     p.add_argument("--ctx", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=2)
@@ -271,6 +344,9 @@ def main() -> int:
         if item == "gen":
             with tempfile.TemporaryDirectory() as tmp:
                 bench_generate(results, write, a.device, a.gen_tokens, Path(tmp))
+        elif item == "step-overhead":
+            with tempfile.TemporaryDirectory() as tmp:
+                bench_step_overhead(results, write, a.device, Path(tmp))
         elif a.device == "cuda":
             preset, batch, impl = item.split(":")
             bench_train_one(results, write, preset, int(batch), impl, a.ctx, a.warmup, a.steps)

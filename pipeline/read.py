@@ -9,7 +9,6 @@ those; nothing raises.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -83,20 +82,78 @@ def _open_binary(path: str):
     return open(path, "rb", buffering=1 << 20)
 
 
+_CHUNK = 1 << 20
+_GZ_OUT = 1 << 24
+"""Most decompressed bytes one zlib call may return (bounds memory on a gzip bomb)."""
+
+
+def _decompressed(f, fmt: str) -> Iterator[bytes]:
+    """The decompressed bytes of a gzip or zstd file in chunks, by hand rather than through
+    ``GzipFile``/``stream_reader``: those drop the decompressed tail when a file breaks off
+    (gzip) or end silently inside an unfinished frame (zstd). Multi-member gzip and multi-frame
+    zstd files continue with a fresh decompressor on ``unused_data``; zero padding between gzip
+    members is skipped as ``gzip`` does. A file that ends inside a member/frame raises
+    ``EOFError`` after everything decoded before the break was yielded."""
+    if fmt == "jsonl.gz":
+        import zlib
+
+        def new():
+            return zlib.decompressobj(31)  # 31 = gzip header and trailer
+    else:
+        import zstandard
+
+        new = zstandard.ZstdDecompressor().decompressobj
+    gz = fmt == "jsonl.gz"
+    d, started = new(), False
+    while data := f.read(_CHUNK):
+        while data:
+            if not started and gz:
+                data = data.lstrip(b"\0")
+                if not data:
+                    break
+            started = True
+            if gz:
+                out = d.decompress(data, _GZ_OUT)
+                tail = d.unconsumed_tail
+            else:
+                out, tail = d.decompress(data), b""
+            if out:
+                yield out
+            if d.eof:
+                data, d, started = d.unused_data, new(), False
+            else:
+                data = tail
+    if started:
+        raise EOFError(f"{fmt} file ended inside a compressed "
+                       f"{'member' if gz else 'frame'} (truncated)")
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Lines ending in ``\\n`` (kept, as file iteration keeps it) out of arbitrary chunks; a last
+    line without ``\\n`` is yielded at the end. An error of ``chunks`` propagates before the
+    unfinished line is yielded, so only complete lines precede it."""
+    pend: list[bytes] = []
+    for chunk in chunks:
+        parts = chunk.split(b"\n")
+        if len(parts) > 1:
+            pend.append(parts[0])
+            yield b"".join(pend) + b"\n"
+            for part in parts[1:-1]:
+                yield part + b"\n"
+            pend = []
+        if parts[-1]:
+            pend.append(parts[-1])
+    if pend:
+        yield b"".join(pend)
+
+
 def _lines(path: str, fmt: str) -> Iterator[bytes]:
     f = _open_binary(path)
     try:
-        if fmt == "jsonl.gz":
-            import gzip
-
-            stream = io.BufferedReader(gzip.GzipFile(fileobj=f), 1 << 20)
-        elif fmt == "jsonl.zst":
-            import zstandard
-
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f), 1 << 20)
+        if fmt in ("jsonl.gz", "jsonl.zst"):
+            yield from _split_lines(_decompressed(f, fmt))
         else:
-            stream = f
-        yield from stream
+            yield from f
     finally:
         f.close()
 

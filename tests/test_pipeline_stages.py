@@ -202,3 +202,58 @@ def test_truncated_and_corrupt_files_are_counted_not_fatal(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 definitely not parquet")
     rows = list(safe_rows(Unit(0, 0, str(tmp_path / "bad.parquet"), "parquet", "bad.parquet"), _comp("parquet")))
     assert [(r.line, r.reason) for r in rows] == [(1, "unreadable")]
+
+
+def _one_shot_prefix(fmt: str, blob: bytes) -> bytes:
+    """Everything a decoder can recover from a truncated single-member/frame ``blob``."""
+    import zlib
+
+    d = zlib.decompressobj(31) if fmt == "jsonl.gz" else zstandard.ZstdDecompressor().decompressobj()
+    return d.decompress(blob)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl.gz", "jsonl.zst"])
+@pytest.mark.parametrize("cut", [0.35, 0.67, 0.999])
+def test_truncated_compressed_file_keeps_every_complete_line(tmp_path, fmt, cut):
+    from pipeline.read import safe_rows
+
+    rng = random.Random(7)
+    lines = [b'{"text": "doc %d %s"}\n' % (i, rng.randbytes(rng.randrange(5, 90)).hex().encode())
+             for i in range(30000)]
+    body = b"".join(lines)
+    blob = gzip.compress(body) if fmt == "jsonl.gz" else zstandard.ZstdCompressor().compress(body)
+    blob = blob[: int(len(blob) * cut)]
+    complete = _one_shot_prefix(fmt, blob).count(b"\n")
+    assert 0 < complete < len(lines)
+    path = tmp_path / f"cut.{fmt}"
+    path.write_bytes(blob)
+    rows = list(safe_rows(Unit(0, 0, str(path), fmt, path.name), _comp(fmt)))
+    docs = [r for r in rows if r.reason is None]
+    assert len(docs) == complete and len(rows) == complete + 1
+    assert [r.line for r in docs] == list(range(1, complete + 1))
+    assert [r.text for r in docs] == [json.loads(x)["text"] for x in lines[:complete]]
+    assert rows[-1].reason == "unreadable" and rows[-1].line == complete + 1
+    assert "EOFError" in rows[-1].raw
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 7])
+def test_multi_member_gzip_and_multi_frame_zstd_read_fully(tmp_path, monkeypatch, chunk):
+    from pipeline import read
+
+    monkeypatch.setattr(read, "_CHUNK", chunk)  # 7: members, frames and lines split across reads
+    lines = [b'{"text": "line %d"}\n' % i for i in range(500)]
+    parts = [b"".join(lines[:123]), b"".join(lines[123:400]), b"".join(lines[400:])[:-1]]  # no final \n
+    z = zstandard.ZstdCompressor(write_content_size=False).compressobj()  # streamed: no size in header
+    cases = {
+        "jsonl.gz": gzip.compress(parts[0]) + b"\0" * 7 + gzip.compress(parts[1]) + gzip.compress(parts[2]),
+        "jsonl.zst": b"".join(zstandard.ZstdCompressor().compress(p) for p in parts[:2])
+        + z.compress(parts[2]) + z.flush(),
+    }
+    for fmt, blob in cases.items():
+        path = tmp_path / f"m.{fmt}"
+        path.write_bytes(blob)
+        rows = list(read_rows(Unit(0, 0, str(path), fmt, path.name), _comp(fmt)))
+        assert [(r.line, r.reason, r.text) for r in rows] == \
+            [(i + 1, None, f"line {i}") for i in range(500)], fmt
+    (tmp_path / "e.jsonl.gz").write_bytes(b"")
+    assert list(read_rows(Unit(0, 0, str(tmp_path / "e.jsonl.gz"), "jsonl.gz", "e"), _comp("jsonl.gz"))) == []

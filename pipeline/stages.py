@@ -198,7 +198,7 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
         clock.lap("ingest_write")
     out.close()
     if nd is not None:
-        sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, 0), np.uint64)
+        sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, nd.cfg.num_perm), np.uint32)  # [n, P]
         tmp = os.path.join(work, "ingest", f"{unit.name}.sig.tmp{os.getpid()}.npy")
         np.save(tmp, sigs)
         fsync_file(tmp)

@@ -211,3 +211,24 @@ def test_cli_bad_input_and_earliest_kept(tmp_path):
     assert report["bad_first_lines"]["not_json"] == [3]
     assert (report["documents"], report["removed"], report["kept"]) == (4, 2, 2)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("empty_sig", [np.zeros((0, 0), np.uint64), np.zeros((0, 16), np.uint32)])
+def test_ray_map_and_reduce_accept_an_empty_block(empty_sig):
+    """A file with no surviving documents is one block of 0 rows (older runs saved its signatures
+    as shape (0, 0)); the pure map/reduce functions of the Ray path must pass it through."""
+    from pipeline.dedup.ray_exec import _map_block, _reduce_bands
+
+    cfg = MinHashConfig(threshold=0.8, num_perm=16)
+    nd = NearDedup(cfg)
+    texts = ["the quick brown fox jumps over the lazy dog again and again"] * 2 + ["something else entirely"]
+    full = (np.array([1, 2, 3], np.int64), np.asarray(nd.signatures(texts)))
+    empty = (np.zeros(0, np.int64), empty_sig)
+    parts = 2
+    maps = [_map_block(empty, cfg, parts), _map_block(full, cfg, parts), _map_block(empty, cfg, parts)]
+    edges = [e for i in range(parts) for e in _reduce_bands(cfg, parts, *[m[i] for m in maps])]
+    pairs = {(int(a), int(b)) for x, y in edges for a, b in zip(x, y)}
+    assert pairs == {(2, 1), (1, 2)}
+    assert nd.duplicates([full])[0].tolist() == [2]
+    only_empty = [_reduce_bands(cfg, parts, *[m[i] for m in maps[::2]]) for i in range(parts)]
+    assert all(len(x) == 0 for red in only_empty for x, _ in red)

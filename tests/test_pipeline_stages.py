@@ -257,3 +257,18 @@ def test_multi_member_gzip_and_multi_frame_zstd_read_fully(tmp_path, monkeypatch
             [(i + 1, None, f"line {i}") for i in range(500)], fmt
     (tmp_path / "e.jsonl.gz").write_bytes(b"")
     assert list(read_rows(Unit(0, 0, str(tmp_path / "e.jsonl.gz"), "jsonl.gz", "e"), _comp("jsonl.gz"))) == []
+
+
+def test_ingest_saves_num_perm_wide_signatures_for_a_file_without_documents(tmp_path):
+    from pipeline.manifest import NearDedupSettings
+
+    (tmp_path / "ingest").mkdir()
+    src = tmp_path / "e.jsonl"
+    src.write_bytes(b'{"id": "a", "body": "no text"}\n\n')
+    near = NearDedupSettings(enabled=True, params={"num_perm": 32})
+    meta = stages.ingest_unit(Unit(0, 0, str(src), "jsonl", "e.jsonl"), _comp("jsonl"), str(tmp_path), near)
+    assert meta["read"]["out"] == 0
+    sig = np.load(tmp_path / "ingest" / "c0000_f00000.sig.npy")
+    assert sig.shape == (0, 32) and sig.dtype == np.uint32
+    keys, sigs = stages.load_signatures(str(tmp_path / "ingest" / "c0000_f00000.arrow"), np.zeros(0, np.int64))
+    assert keys.shape == (0,) and sigs.shape == (0, 32)

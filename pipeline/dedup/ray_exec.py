@@ -34,7 +34,9 @@ def _split(parts: int, part: np.ndarray, *cols: np.ndarray) -> list[tuple[np.nda
 def _map_block(block, cfg: MinHashConfig, parts: int):
     keys, sig = block
     keys = np.asarray(keys, dtype=np.int64)
-    sig = np.ascontiguousarray(sig, dtype=np.uint32)
+    sig = np.ascontiguousarray(sig, dtype=np.uint32)  # [n, P]
+    if len(keys) == 0:  # a file with no surviving documents: any saved shape, e.g. (0, 0)
+        sig = np.zeros((0, cfg.num_perm), np.uint32)
     bk = band_keys(sig, cfg)  # [n, bands]
     rows = np.repeat(np.arange(len(keys)), cfg.bands)
     flat = bk.reshape(-1)

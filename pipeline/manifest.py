@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -169,9 +171,16 @@ def _filters(d: Any, base: FilterConfig, mpath: str, line: int, comp: str | None
     out = dataclasses.replace(base)
     for f in dataclasses.fields(FilterConfig):
         if f.name in d:
-            types = (int, float) if f.type in ("float",) else (int,)
-            setattr(out, f.name, _typed(d[f.name], types, mpath, d.key_lines[f.name], comp,
-                                        f"filters.{f.name}"))
+            frac = f.type in ("float",)
+            where = _where(mpath, d.key_lines[f.name], comp)
+            v = _typed(d[f.name], (int, float) if frac else (int,), mpath, d.key_lines[f.name], comp,
+                       f"filters.{f.name}")
+            if frac and not (math.isfinite(v) and 0 <= v <= 1):
+                raise ManifestError(f"{where}: 'filters.{f.name}' must be within [0, 1], got {v!r}")
+            lowest = 1 if f.name == "max_doc_bytes" else 0
+            if not frac and v < lowest:
+                raise ManifestError(f"{where}: 'filters.{f.name}' must be >= {lowest}, got {v!r}")
+            setattr(out, f.name, v)
     return out
 
 
@@ -182,14 +191,21 @@ def _is_url(p: str) -> bool:
     return "://" in p
 
 
+def _join(root: str, pattern: str) -> str:
+    """``pattern`` as an absolute path or URL: relative patterns hang off ``root`` (a folder or a URL)."""
+    if _is_url(pattern) or os.path.isabs(pattern):
+        return pattern
+    return root.rstrip("/") + "/" + pattern if _is_url(root) else os.path.join(root, pattern)
+
+
 def _expand(pattern: str, root: str) -> list[str]:
-    if _is_url(pattern):
+    full = _join(root, pattern)
+    if _is_url(full):
         import fsspec
 
-        fs, _, paths = fsspec.get_fs_token_paths(pattern)
-        proto = pattern.split("://", 1)[0]
+        fs, _, paths = fsspec.get_fs_token_paths(full)
+        proto = full.split("://", 1)[0]
         return sorted(p if "://" in p else f"{proto}://{p}" for p in paths)
-    full = pattern if os.path.isabs(pattern) else os.path.join(root, pattern)
     if glob.has_magic(full):
         return sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True))
     return [os.path.abspath(full)] if os.path.exists(full) else []
@@ -256,6 +272,9 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
                    doc.key_lines.get("exact_dedup", 0), None, "exact_dedup")
     shard_tokens = _typed(doc.get("shard_tokens", Manifest.shard_tokens), (int,), mpath,
                           doc.key_lines.get("shard_tokens", 0), None, "shard_tokens")
+    if shard_tokens <= 0:
+        raise ManifestError(f"{_where(mpath, doc.key_lines.get('shard_tokens', doc.line))}: "
+                            f"'shard_tokens' must be > 0, got {shard_tokens!r}")
 
     comps_raw = doc["components"]
     if not isinstance(comps_raw, list) or not comps_raw:
@@ -298,6 +317,27 @@ def _check_near_dedup(nd: NearDedupSettings, mpath: str, d: _LineDict, line: int
         raise ManifestError(f"{_where(mpath, line)}: near_dedup: {e}") from None
 
 
+def _check_hf_disk(folder: str, pattern: str, mpath: str, line: int, cname: str) -> None:
+    """An hf_disk path must be one saved ``Dataset`` (state.json or Arrow files), not e.g. a
+    ``DatasetDict`` folder, which would otherwise read as an empty component."""
+    if _is_url(folder) or os.path.exists(os.path.join(folder, "state.json")) or \
+            any(n.endswith(".arrow") for n in os.listdir(folder)):
+        return
+    where = _where(mpath, line, cname)
+    dd = os.path.join(folder, "dataset_dict.json")
+    if os.path.exists(dd):
+        try:
+            with open(dd) as f:
+                splits = [str(s) for s in json.load(f)["splits"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            splits = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
+        hint = "; ".join(f"point at {pattern.rstrip('/')}/{s}" for s in splits) or "point at one split"
+        raise ManifestError(f"{where}: {folder} is a DatasetDict (splits: {', '.join(splits)}), not "
+                            f"one dataset: {hint}")
+    raise ManifestError(f"{where}: {folder} is not a saved dataset (no state.json and no *.arrow "
+                        f"file)")
+
+
 def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: FilterConfig,
                mpath: str, root_dir: str, allow_missing: bool) -> ComponentSpec:
     kl = c.key_lines
@@ -309,7 +349,12 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
                             f"non-empty list of path globs")
     fmt = c.get("format", defaults.get("format"))
     if fmt is None:
-        fmt = infer_format(paths[0])
+        implied = {p: infer_format(p) for p in paths}
+        if len(set(implied.values())) > 1:
+            shown = ", ".join(f"{p!r} -> {f or 'unknown'}" for p, f in implied.items())
+            raise ManifestError(f"{_where(mpath, kl.get('paths', c.line), cname)}: paths imply different "
+                                f"formats ({shown}); split the component or set 'format'")
+        fmt = implied[paths[0]]
     if fmt not in FORMATS:
         raise ManifestError(f"{_where(mpath, kl.get('format', c.line), cname)}: 'format' must be one "
                             f"of {', '.join(FORMATS)}, got {fmt!r}")
@@ -322,8 +367,10 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
         return default
 
     weight = float(get("weight", (int, float), 1.0))
-    if weight < 0:
-        raise ManifestError(f"{_where(mpath, kl.get('weight', c.line), cname)}: 'weight' must be >= 0")
+    if not (math.isfinite(weight) and weight > 0):
+        wline = kl["weight"] if "weight" in c else defaults.key_lines.get("weight", c.line)
+        raise ManifestError(f"{_where(mpath, wline, cname)}: 'weight' must be a finite number > 0, "
+                            f"got {weight!r}")
     spec = ComponentSpec(
         name=cname, paths=paths, format=fmt, text_field=get("text_field", (str,), "text"),
         id_field=get("id_field", (str, type(None)), None),
@@ -345,13 +392,15 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
             raise ManifestError(f"{_where(mpath, line, cname)}: cannot list {p!r}: {e}") from None
         if fmt == "hf_disk":
             matched = [m for m in matched if _is_url(m) or os.path.isdir(m)]
+            for m in matched:
+                _check_hf_disk(m, p, mpath, line, cname)
         elif not any(_is_url(m) for m in matched):
             matched = [m for m in matched if os.path.isfile(m)]
         if not matched:
             if allow_missing:
                 spec.missing.append(p)
                 continue
-            where = p if os.path.isabs(p) or _is_url(p) else os.path.join(root_dir, p)
+            where = _join(root_dir, p)
             raise ManifestError(f"{_where(mpath, line, cname)}: path {p!r} matches no "
                                 f"{'dataset folder' if fmt == 'hf_disk' else 'file'} (looked for {where})")
         files.extend(matched)

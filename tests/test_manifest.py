@@ -170,3 +170,85 @@ def test_cli_unwritable_out_exits_nonzero(tmp_path):
                        timeout=120)
     assert r.returncode == 2
     assert "cannot write to --out" in r.stderr
+
+
+def _comp_body(extra: str, top: str = "") -> str:
+    return f"name: t\n{top}components:\n  - name: c1\n    paths: [d/a.jsonl]\n{extra}"
+
+
+@pytest.mark.parametrize("body, needle, line", [
+    ("name: t\ncomponents:\n  - name: c1\n    paths: [d/a.jsonl, d/b.jsonl.gz]\n",
+     "paths imply different formats", 4),
+    (_comp_body("    weight: .nan\n"), "'weight' must be a finite number > 0", 5),
+    (_comp_body("    weight: .inf\n"), "'weight' must be a finite number > 0", 5),
+    (_comp_body("    weight: 0\n"), "'weight' must be a finite number > 0", 5),
+    (_comp_body("    weight: -1.5\n"), "'weight' must be a finite number > 0", 5),
+    (_comp_body("", "shard_tokens: 0\n"), "'shard_tokens' must be > 0", 2),
+    (_comp_body("", "shard_tokens: -5\n"), "'shard_tokens' must be > 0", 2),
+    (_comp_body("    filters:\n      min_chars: -3\n"), "'filters.min_chars' must be >= 0", 6),
+    (_comp_body("    filters:\n      max_doc_bytes: 0\n"), "'filters.max_doc_bytes' must be >= 1", 6),
+    (_comp_body("    filters:\n      max_dup_line_frac: -1\n"), "'filters.max_dup_line_frac' must be within", 6),
+    (_comp_body("    filters:\n      max_dup_line_frac: 1.5\n"), "'filters.max_dup_line_frac' must be within", 6),
+    (_comp_body("    filters:\n      max_dup_line_frac: .nan\n"), "'filters.max_dup_line_frac' must be within", 6),
+    ("name: t\ndefaults:\n  filters:\n    max_doc_bytes: -1\ncomponents:\n  - name: c1\n    paths: [d/a.jsonl]\n",
+     "'filters.max_doc_bytes' must be >= 1", 4),
+])
+def test_mixed_formats_and_out_of_range_values_are_errors(tmp_path, body, needle, line):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.jsonl.gz").write_bytes(b"")
+    p = _write(tmp_path, body)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(p)
+    assert needle in str(e.value) and f"{p}:{line}" in str(e.value), str(e.value)
+
+
+def test_edge_values_in_range_are_accepted(tmp_path):
+    p = _write(tmp_path, _comp_body("    weight: 0.01\n    filters:\n      min_chars: 0\n"
+                                    "      max_dup_line_frac: 1\n      max_doc_bytes: 1\n", "shard_tokens: 1\n"))
+    m = load_manifest(p)
+    assert m.shard_tokens == 1 and m.components[0].weight == 0.01
+    assert m.components[0].filters.max_dup_line_frac == 1 and m.components[0].filters.min_chars == 0
+
+
+def test_same_format_paths_and_explicit_format_still_load(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.jsonl").write_text('{"text": "y"}\n')
+    p = _write(tmp_path, "name: t\ncomponents:\n  - name: c1\n    paths: [d/a.jsonl, d/b.jsonl]\n")
+    assert load_manifest(p).components[0].format == "jsonl"
+    (tmp_path / "d" / "c.txt").write_text("x")
+    p = _write(tmp_path, "name: t\ncomponents:\n  - name: c1\n    paths: [d/a.jsonl, d/c.txt]\n"
+                         "    format: jsonl\n")
+    assert len(load_manifest(p).components[0].files) == 2
+
+
+def test_hf_disk_folder_without_a_dataset_is_an_error_naming_the_splits(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["one document", "another document"]})
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "nothing").mkdir()
+    body = "name: t\ncomponents:\n  - name: chat\n    format: hf_disk\n    paths: [{}]\n"
+    p = tmp_path / "m.yaml"
+    p.write_text(body.format("dd"))
+    with pytest.raises(ManifestError) as e:
+        load_manifest(str(p))
+    msg = str(e.value)
+    assert f"{p}:5" in msg and "component 'chat'" in msg and "DatasetDict" in msg
+    assert "point at dd/train" in msg and "point at dd/test" in msg
+    p.write_text(body.format("nothing"))
+    with pytest.raises(ManifestError, match="no state.json and no"):
+        load_manifest(str(p))
+    p.write_text(body.format("dd/train"))
+    assert len(load_manifest(str(p)).components[0].files) == 1
+
+
+def test_url_root_with_relative_paths_resolves(tmp_path):
+    (tmp_path / "d").mkdir()
+    for n in ("a", "b"):
+        (tmp_path / "d" / f"{n}.jsonl").write_text('{"text": "x"}\n')
+    p = tmp_path / "m.yaml"
+    p.write_text(f"name: t\nroot: file://{tmp_path}/\ncomponents:\n  - name: c\n    paths: [d/a.jsonl, 'd/*.jsonl']\n")
+    m = load_manifest(str(p))
+    assert m.components[0].files == [f"file://{tmp_path}/d/a.jsonl", f"file://{tmp_path}/d/b.jsonl"]
+    p.write_text(f"name: t\nroot: file://{tmp_path}\ncomponents:\n  - name: c\n    paths: ['d/b*.jsonl']\n")
+    assert load_manifest(str(p)).components[0].files == [f"file://{tmp_path}/d/b.jsonl"]

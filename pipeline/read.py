@@ -199,13 +199,27 @@ def read_jsonl(path: str, fmt: str, text_field: str, id_field: str | None,
                        max_bytes, s[:200])
 
 
+def _plain_text_column(col: pa.Array) -> pa.Array:
+    """Dictionary-encoded and view-typed text/binary columns (``dictionary<string>`` from
+    categorical parquet columns, ``string_view``) as their plain large types, so they are read
+    rather than dropped as ``missing_text``."""
+    t = col.type
+    if pa.types.is_dictionary(t):
+        col, t = col.cast(t.value_type), t.value_type
+    if pa.types.is_string_view(t):
+        return col.cast(pa.large_string())
+    if pa.types.is_binary_view(t):
+        return col.cast(pa.large_binary())
+    return col
+
+
 def _read_batches(batches: Iterator[pa.RecordBatch], text_field: str, id_field: str | None,
                   max_bytes: int, path: str) -> Iterator[Row]:
     n = 0
     for b in batches:
         if text_field not in b.schema.names:
             raise ValueError(f"{path}: no column {text_field!r} (columns: {b.schema.names})")
-        texts = b.column(text_field)
+        texts = _plain_text_column(b.column(text_field))
         if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
             if pa.types.is_binary(texts.type) or pa.types.is_large_binary(texts.type):
                 vals = texts.to_pylist()

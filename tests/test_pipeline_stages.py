@@ -272,3 +272,25 @@ def test_ingest_saves_num_perm_wide_signatures_for_a_file_without_documents(tmp_
     assert sig.shape == (0, 32) and sig.dtype == np.uint32
     keys, sigs = stages.load_signatures(str(tmp_path / "ingest" / "c0000_f00000.arrow"), np.zeros(0, np.int64))
     assert keys.shape == (0,) and sigs.shape == (0, 32)
+
+
+def test_dictionary_and_view_text_columns_are_read(tmp_path):
+    texts = ["first document text", None, "second document", "first document text"]
+    cols = {
+        "dict": pa.array(texts).dictionary_encode(),
+        "view": pa.array(texts, pa.string_view()),
+        "large_dict": pa.array(texts, pa.large_string()).dictionary_encode(),
+        "binary_view": pa.array([None if t is None else t.encode() for t in texts], pa.binary_view()),
+        "binary_dict": pa.array([None if t is None else t.encode() for t in texts], pa.binary()).dictionary_encode(),
+    }
+    for name, col in cols.items():
+        table = pa.table({"text": col, "id": ["a", "b", "c", "d"]})
+        pq.write_table(table, tmp_path / f"{name}.parquet", store_schema=True)
+        with pa.OSFile(str(tmp_path / f"{name}.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        for fmt, ext in (("parquet", "parquet"), ("hf_disk", "arrow")):
+            path = str(tmp_path / f"{name}.{ext}")
+            rows = list(read_rows(Unit(0, 0, path, fmt, name), _comp(fmt)))
+            assert [(r.line, r.reason, r.text, r.id) for r in rows] == [
+                (1, None, texts[0], "a"), (2, "missing_text", None, None), (3, None, texts[2], "c"),
+                (4, None, texts[3], "d")], (name, fmt)

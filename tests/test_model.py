@@ -199,6 +199,13 @@ def test_bad_checkpoints_one_clear_error(tmp_path):
         load_official(tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="no such file"):
         load_official(tmp_path / "absent.pth")
+    # tensors the config is read from, misshaped: the same one error, naming the file and the key
+    for key, shape in (("blocks.0.att.r_k", (64,)), ("blocks.0.att.w1", (64,)), ("emb.weight", (40, 64, 1)),
+                       ("blocks.0.att.r_k", (2, 30))):
+        odd = dict(sd, **{key: torch.zeros(shape)})
+        torch.save(odd, tmp_path / "odd.pth")
+        with pytest.raises(CheckpointError, match=rf"odd\.pth: .*{key.replace('.', chr(92) + '.')}"):
+            load_official(tmp_path / "odd.pth")
 
 
 def test_save_is_atomic_and_keeps_dtype(tmp_path):

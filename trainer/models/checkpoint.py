@@ -75,9 +75,15 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], where: str = "state dict
     if missing:
         hint = " (an RWKV-6 or older checkpoint?)" if any(".time_" in k for k in sd) else ""
         raise CheckpointError(f"{where}: not an RWKV-7 checkpoint{hint}: missing {', '.join(missing)}")
+    bad = [f"{k} {tuple(sd[k].shape)} (expected 2-D)" for k in need if sd[k].dim() != 2]
+    if bad:
+        raise CheckpointError(f"{where}: not an RWKV-7 checkpoint: wrong shape: {', '.join(bad)}")
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     V, C = sd["emb.weight"].shape
     H, N = sd["blocks.0.att.r_k"].shape
+    if H * N != C:
+        raise CheckpointError(f"{where}: blocks.0.att.r_k is {H}x{N} (heads x head size) but emb.weight is "
+                              f"{V}x{C}: heads x head size must equal the width")
     return RWKV7Config(n_layer=max(layers) + 1, n_embd=C, vocab_size=V, head_size=N,
                        dim_w=sd["blocks.0.att.w1"].shape[1], dim_a=sd["blocks.0.att.a1"].shape[1],
                        dim_v=sd["blocks.0.att.v1"].shape[1], dim_g=sd["blocks.0.att.g1"].shape[1],

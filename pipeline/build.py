@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -41,8 +42,12 @@ TOKENIZER_NAME = "rwkv_vocab_v20230424"
 VOCAB_SIZE = 65536
 STAGES = ("read", "filter", "exact_dedup", "near_dedup", "tokenize")
 EXACT_DOCS_PER_TASK = 20_000_000
-NEAR_RAY_MIN_DOCS = 2_000_000  # below this, near dedup runs in the driver even on Ray (start-up outweighs it)
 """Exact dedup splits the content hashes into this many documents per task (~0.5 GB each)."""
+NEAR_RAY_MIN_DOCS = 2_000_000
+"""Below this many documents near dedup runs in the driver even on Ray (start-up outweighs it);
+``near_dedup.ray_min_docs`` in the manifest overrides it."""
+SHARD_NAME = re.compile(r"^\d{5}\.arrow$")
+"""Names of the shard files this build writes; anything else in OUT/shards is left alone."""
 
 
 class BuildError(RuntimeError):
@@ -257,7 +262,8 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
             params = dict(nd.params)
             # Ray only when this build runs on Ray and the input is large; a local build never starts it
             on_ray = getattr(executor, "name", "local") == "ray"
-            params.setdefault("mode", "ray" if on_ray and n_docs >= NEAR_RAY_MIN_DOCS else "local")
+            min_docs = params.get("ray_min_docs", NEAR_RAY_MIN_DOCS)
+            params.setdefault("mode", "ray" if on_ray and n_docs >= min_docs else "local")
             nd_run = type(nd)(enabled=True, threshold=nd.threshold, params=params)
             removed["near_dedup"], dup_of["near_dedup"] = stages.near_duplicates(
                 ingest_paths, removed["exact_dedup"], nd_run)
@@ -316,7 +322,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
             unit_cpu["write"] += m.get("cpu_seconds", 0.0)
     timings["write_wall"] = time.perf_counter() - t0
     for name in os.listdir(os.path.join(out, "shards")):  # shards of an older, larger plan
-        if name.endswith(".arrow") and int(name.split(".")[0]) >= len(plan):
+        if SHARD_NAME.match(name) and int(name[:5]) >= len(plan):
             os.remove(os.path.join(out, "shards", name))
 
     # 5. index (last) and report

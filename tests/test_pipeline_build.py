@@ -191,3 +191,56 @@ def test_sigkill_driver_at_several_points_then_rerun_is_identical(sample_out, tm
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert output_files(out) == expect
+
+
+def _tiny_manifest(tmp_path, near: str) -> str:
+    (tmp_path / "in").mkdir(exist_ok=True)
+    docs = [f"document number {i} talks about rivers, hills and {i * 7} small boats" for i in range(30)]
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    p = tmp_path / "m.yaml"
+    p.write_text(f"name: tiny\nroot: in\nshard_tokens: 200\nnear_dedup: {{{near}}}\n"
+                 f"components:\n  - {{name: a, paths: [a.jsonl]}}\n")
+    return str(p)
+
+
+@pytest.mark.parametrize("near, mode", [("enabled: true, ray_min_docs: 1", "ray"),
+                                        ("enabled: true, ray_min_docs: 31", "local"),
+                                        ("enabled: true", "local")])
+def test_near_dedup_ray_min_docs_from_the_manifest_decides_the_mode(tmp_path, monkeypatch, near, mode):
+    """On a Ray executor the manifest's ``near_dedup.ray_min_docs`` (30 documents here) picks Ray or
+    the driver; the near-dedup call itself is then run locally so that no cluster starts."""
+    from pipeline import build as build_mod
+
+    seen = []
+    orig = stages.near_duplicates
+
+    def spy(paths, removed, nd):
+        seen.append(nd.params["mode"])
+        return orig(paths, removed, type(nd)(enabled=True, threshold=nd.threshold,
+                                             params={**nd.params, "mode": "local"}))
+
+    class RayNamed(LocalExecutor):
+        name = "ray"
+
+    monkeypatch.setattr(build_mod.stages, "near_duplicates", spy)
+    build(load_manifest(_tiny_manifest(tmp_path, near)), str(tmp_path / "out"), RayNamed(), progress=False)
+    assert seen == [mode]
+
+
+def test_foreign_arrow_files_in_shards_are_left_alone(tmp_path):
+    m = _tiny_manifest(tmp_path, "enabled: false")
+    out = tmp_path / "out"
+    build(load_manifest(m), str(out), LocalExecutor(), progress=False)
+    shards = out / "shards"
+    n = len(json.load(open(out / "index.json"))["shards"])
+    assert n >= 2
+    before = output_files(str(out))
+    foreign = ["notes.arrow", "1.arrow", "000001.arrow", "abcde.arrow"]
+    for name in foreign:
+        (shards / name).write_bytes(b"not mine")
+    (shards / f"{n + 3:05d}.arrow").write_bytes(b"left over from a larger plan")
+    build(load_manifest(m), str(out), LocalExecutor(), progress=False)
+    assert not (shards / f"{n + 3:05d}.arrow").exists()
+    assert all((shards / name).read_bytes() == b"not mine" for name in foreign)
+    after = output_files(str(out))
+    assert {k: v for k, v in after.items() if k.removeprefix("shards/") not in foreign} == before

@@ -210,7 +210,34 @@ def test_cli_bad_input_and_earliest_kept(tmp_path):
     assert report["bad"] == {"not_json": 1, "missing_text": 1, "missing_id": 1, "empty_text": 1, "not_object": 1}
     assert report["bad_first_lines"]["not_json"] == [3]
     assert (report["documents"], report["removed"], report["kept"]) == (4, 2, 2)
+    assert report["blank"] == 1
+    assert report["lines"] == len(lines) == report["documents"] + sum(report["bad"].values()) + report["blank"]
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--threshold", "1.5"], "threshold"),
+    (["--num-perm", "0"], "num_perm"),
+    (["--bands", "100", "--rows", "100"], "bands"),
+    (["--threads", "0"], "--threads"),
+    (["--batch", "0"], "--batch"),
+    (["--input", "{tmp}"], "is a folder"),
+    (["--input", "{tmp}/nope.jsonl"], "no such file"),
+    (["--out", "{tmp}/no/dir/removed.jsonl"], "does not exist"),
+    (["--report", "{tmp}/no/report.json"], "does not exist"),
+])
+def test_cli_bad_arguments_are_usage_errors(tmp_path, capsys, args, needle):
+    from pipeline.dedup.__main__ import main
+
+    inp = tmp_path / "docs.jsonl"
+    inp.write_text(json.dumps({"id": 1, "text": "some text here"}) + "\n")
+    argv = ["--input", str(inp), "--out", str(tmp_path / "removed.jsonl")] + [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and needle in err and "Traceback" not in err
+    assert not (tmp_path / "removed.jsonl").exists()
 
 
 @pytest.mark.parametrize("empty_sig", [np.zeros((0, 0), np.uint64), np.zeros((0, 16), np.uint32)])

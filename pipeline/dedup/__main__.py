@@ -3,7 +3,7 @@
 Reads lines with `id` and `text`, writes one line `{"id": ..., "duplicate_of": ...}` per removed
 document (the earliest line of each cluster is kept), by atomic rename. Bad lines (not JSON, not an
 object, missing id or text, empty text) are counted by reason with their first line numbers and
-skipped. The file is streamed in batches: parsing of the next batch overlaps the (GIL-free)
+skipped; blank lines are counted as ``blank`` (lines = documents + bad + blank). The file is streamed in batches: parsing of the next batch overlaps the (GIL-free)
 signature kernel of the previous ones, and only ids and signatures (4 x num_perm bytes per
 document) are kept in memory.
 """
@@ -52,12 +52,13 @@ def run(input_path: str, out_path: str, cfg: MinHashConfig, threads: int, batch:
     bad: Counter = Counter()
     bad_lines: dict[str, list[int]] = {}
     futures = []
-    lines = 0
+    lines = blank = 0
     with ThreadPoolExecutor(max(1, threads)) as ex, open(input_path, "rb") as f:
         texts: list[str] = []
         for lineno, line in enumerate(f, 1):
             lines = lineno
             if not line.strip():
+                blank += 1
                 continue
             doc_id, text, reason = _parse(line)
             if reason:
@@ -91,6 +92,7 @@ def run(input_path: str, out_path: str, cfg: MinHashConfig, threads: int, batch:
         "lines": lines,
         "documents": len(ids),
         "bad": dict(bad),
+        "blank": blank,
         "bad_first_lines": bad_lines,
         "removed": len(removed),
         "kept": len(ids) - len(removed),
@@ -123,19 +125,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8192, help="documents per signature batch")
     p.add_argument("--report", default=None, help="also write the report JSON here")
     a = p.parse_args(argv)
-    cfg = MinHashConfig(
-        threshold=a.threshold,
-        num_perm=a.num_perm,
-        shingle_size=a.shingle_size,
-        shingle_kind=a.shingle_kind,
-        seed=a.seed,
-        bands=a.bands,
-        rows=a.rows,
-        verify=not a.no_verify,
-        mode=a.mode,
-    )
-    if not os.path.exists(a.input):
-        p.error(f"--input {a.input}: no such file")
+    try:
+        cfg = MinHashConfig(
+            threshold=a.threshold,
+            num_perm=a.num_perm,
+            shingle_size=a.shingle_size,
+            shingle_kind=a.shingle_kind,
+            seed=a.seed,
+            bands=a.bands,
+            rows=a.rows,
+            verify=not a.no_verify,
+            mode=a.mode,
+        )
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    if a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    if a.batch < 1:
+        p.error(f"--batch must be >= 1, got {a.batch}")
+    if not os.path.isfile(a.input):
+        p.error(f"--input {a.input}: {'is a folder' if os.path.isdir(a.input) else 'no such file'}")
+    for flag, path in (("--out", a.out), ("--report", a.report)):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            p.error(f"{flag} {path}: folder {folder} does not exist")
+        if os.path.isdir(path):
+            p.error(f"{flag} {path}: is a folder")
     report = run(a.input, a.out, cfg, a.threads, a.batch)
     text = json.dumps(report, indent=1)
     if a.report:

@@ -66,7 +66,30 @@ def dup_line_frac(text: str, min_line_chars: int = 8) -> float:
     return dup_line_frac_reference(text, min_line_chars)
 
 
+def check_reference(text: str, cfg: FilterConfig) -> str | None:
+    """Plain version of ``check``: every rule on the whole text, no shortcuts."""
+    if len(text) < cfg.min_chars:
+        return "too_short"
+    if len(text) > cfg.max_chars:
+        return "too_long"
+    if len(set(text)) < cfg.min_distinct_chars:
+        return "low_diversity"
+    if cfg.max_char_run and has_char_run_reference(text, cfg.max_char_run):
+        return "char_run"
+    if dup_line_frac_reference(text) > cfg.max_dup_line_frac:
+        return "dup_lines"
+    return None
+
+
+def _may_have_4_lines(text: str) -> bool:
+    """Cheap necessary condition for ``len(text.splitlines()) >= 4`` (3 line breaks): every break
+    ``splitlines`` knows besides ``\\n`` (``\\r``, ``\\x0b``, ``\\x0c``, ``\\x1c``-``\\x1e``,
+    ``\\x85``, U+2028, U+2029) is a non-printable character."""
+    return text.count("\n") >= 3 or not text.isprintable()
+
+
 def check(text: str, cfg: FilterConfig) -> str | None:
+    """Fast version of ``check_reference`` (same result for every text)."""
     n = len(text)
     if n < cfg.min_chars:
         return "too_short"
@@ -78,6 +101,6 @@ def check(text: str, cfg: FilterConfig) -> str | None:
         return "low_diversity"
     if cfg.max_char_run and has_char_run(text, cfg.max_char_run):
         return "char_run"
-    if text.count("\n") >= 3 and dup_line_frac(text) > cfg.max_dup_line_frac:
+    if _may_have_4_lines(text) and dup_line_frac(text) > cfg.max_dup_line_frac:
         return "dup_lines"
     return None

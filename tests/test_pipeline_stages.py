@@ -294,3 +294,23 @@ def test_dictionary_and_view_text_columns_are_read(tmp_path):
             assert [(r.line, r.reason, r.text, r.id) for r in rows] == [
                 (1, None, texts[0], "a"), (2, "missing_text", None, None), (3, None, texts[2], "c"),
                 (4, None, texts[3], "d")], (name, fmt)
+
+
+@pytest.mark.parametrize("sep", ["\r", "\r\n", "\u2028", "\x85", "\x0c", "\n"])
+def test_dup_lines_counts_every_line_break_splitlines_knows(sep):
+    cfg = FilterConfig(min_chars=10, max_dup_line_frac=0.3, min_distinct_chars=5)
+    text = sep.join(["spam line here"] * 8 + ["one different line"])
+    assert filters.check_reference(text, cfg) == "dup_lines"
+    assert filters.check(text, cfg) == "dup_lines"
+
+
+def test_check_fast_path_matches_reference():
+    rng = random.Random(5)
+    seps = ["\n", "\r", "\r\n", "\u2028", "\u2029", "\x0b", "\x0c", "\x1c", "\x85", "\t", " "]
+    pool = ["", "  ", "}", "a line of prose here", "another line of text", "zzzzzzzzzzzz", "ab", "日本語の行です"]
+    cfgs = [FilterConfig(min_chars=5, max_chars=300, max_dup_line_frac=f, max_char_run=r, min_distinct_chars=d)
+            for f, r, d in ((0.3, 8, 4), (0.0, 0, 1), (0.5, 11, 9), (1.0, 3, 0))]
+    for _ in range(4000):
+        text = "".join(rng.choice(pool) + rng.choice(seps) for _ in range(rng.randint(0, 10)))
+        for cfg in cfgs:
+            assert filters.check(text, cfg) == filters.check_reference(text, cfg), (repr(text), cfg)

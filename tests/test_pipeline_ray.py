@@ -233,3 +233,35 @@ def test_ray_job_submit_working_dir(cluster, reference, tmp_path):
     gi, ri = json.loads(got["index.json"]), json.loads(ref["index.json"])
     assert gi["components"] == ri["components"] and gi["shards"] == ri["shards"]
     assert gi["manifest"]["path"] == "corpus_manifests/sample.yaml"
+
+
+def test_ray_near_dedup_with_a_file_without_documents(cluster, tmp_path):
+    """A file whose every row is dropped saves no signatures; Ray near dedup (chosen by the
+    manifest's ray_min_docs) must pass its empty block and match the in-process build."""
+    import json
+
+    import ray
+
+    from pipeline.executor import RayExecutor
+
+    (tmp_path / "in").mkdir()
+    doc = "a paragraph about rivers, hills and the small boats that cross them at dawn"
+    docs = [doc + f" number {i}" for i in range(12)] + [doc + " number 3!", "something else entirely, friend"]
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    (tmp_path / "in" / "bad.jsonl").write_text('not json\n{"body": "no text"}\n')
+    m = tmp_path / "m.yaml"
+    m.write_text("name: e\nroot: in\nnear_dedup: {enabled: true, threshold: 0.5, ray_min_docs: 1, partitions: 2}\n"
+                 "components:\n  - {name: a, paths: [a.jsonl]}\n  - {name: bad, paths: [bad.jsonl]}\n")
+    ref = str(tmp_path / "local")
+    build(load_manifest(str(m)), ref, LocalExecutor(), progress=False)
+    init_ray(cluster["address"])
+    try:
+        ex = RayExecutor()
+        out = str(tmp_path / "ray")
+        report = build(load_manifest(str(m)), out, ex, progress=False)
+        ex.close()
+    finally:
+        ray.shutdown()
+    assert report["components"]["a"]["near_dedup"]["dropped"]
+    assert report["components"]["bad"]["read"]["out"] == 0
+    assert _output_files(out) == _output_files(ref)

@@ -197,3 +197,21 @@ def test_deferred_metrics_match_immediate(corpus, tmp_path, monkeypatch):
     keys = ("step", "loss", "lr", "tokens", "grad_norm", "val_loss")
     assert [tuple(r[k] for k in keys) for r in a] == [tuple(r[k] for k in keys) for r in b]
     assert sorted(p.name for p in (runs[True] / "checkpoints").iterdir()) == ["step-00000006", "step-00000007"]
+
+
+def test_resume_keeps_the_schedule_and_checks_the_corpus(corpus, tmp_path):
+    """Stopping with --max-steps 3 and resuming with --max-steps 6 repeats the uninterrupted run (the cosine
+    follows train.max_steps, not the stop); resuming on another corpus is refused."""
+    debug = ROOT / "trainer/configs/debug.yaml"
+    sets = [s for s in TINY if not s.startswith("optim.lr_decay_steps")] + ["train.ckpt_every=1", "train.max_steps=6",
+                                                                            "train.tensorboard=false"]
+    data = ["--data", str(corpus), "--config", str(debug)] + [f"--set={s}" for s in sets]
+    assert main(data + ["--run-dir", str(tmp_path / "full")]) == 0
+    assert main(data + ["--run-dir", str(tmp_path / "part"), "--max-steps", "3"]) == 0
+    assert main(data + ["--run-dir", str(tmp_path / "part"), "--max-steps", "6", "--resume"]) == 0
+    keys = ("step", "loss", "lr", "grad_norm")  # (the stopped run also validates at its last step)
+    assert [tuple(r[k] for k in keys) for r in _rows(tmp_path / "full")] == \
+           [tuple(r[k] for k in keys) for r in _rows(tmp_path / "part")]
+    other = write_corpus(tmp_path / "other", random_docs(60, ["a", "b"], seed=4, max_len=120, vocab=500))
+    with pytest.raises(ConfigError, match="the corpus"):
+        fit(load_config(debug, sets), other, tmp_path / "part", resume=True, stop_at=8)

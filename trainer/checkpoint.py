@@ -61,8 +61,9 @@ def set_rng_states(st: dict) -> None:
     npst["state"] = dict(npst["state"], key=npst["state"]["key"].numpy().astype(np.uint32))
     np.random.set_state(npst)
     torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    if "cuda" in st and torch.cuda.is_available():  # as many GPUs as both machines have
+        for i, state in enumerate(st["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
 
 
 def official_state_dict(fabric, model, lm) -> dict:

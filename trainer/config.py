@@ -71,7 +71,7 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
-    max_steps: int = 100                # optimizer steps to train
+    max_steps: int = 100                # optimizer steps the run plans (the cosine's length; --max-steps only stops)
     seed: int = 42                      # model init, data order, everything
     precision: str = "auto"             # Fabric precision; auto = bf16-mixed on GPU, 32-true on CPU
     bptt_truncate: bool = False         # detach the carried state between segments instead of full BPTT

@@ -138,6 +138,10 @@ class ShardCorpus:
         self.verify_checksums = verify_checksums
         self.index = load_index(self.data_dir)
         self.vocab_size = int(self.index["tokenizer"]["vocab_size"])
+        # what the data order depends on (shard contents, component weights); a resume checks it
+        content = {"shards": [(s["path"], s["sha256"]) for s in self.index["shards"]],
+                   "components": self.index.get("components", {})}
+        self.fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
         self._values: list[np.ndarray] | None = None
         self._maps: list = []
         seg_comp, seg_starts, seg_lens, names = self._open(verify=verify_checksums)

@@ -68,15 +68,18 @@ def train_step(fabric, model, optimizer, micro_batches, lr: float, accumulate: i
     return fabric.all_reduce(acc / accumulate, reduce_op="mean"), grad_norm
 
 
-def check_resumable(saved: dict, cfg: TrainConfig, where: Path) -> None:
+def check_resumable(saved: dict, cfg: TrainConfig, where: Path, saved_corpus: str | None = None,
+                    corpus: str | None = None) -> None:
     """The loader position counts samples of one seeded order: a resume that changes what sample i is
-    would repeat or skip data, so those settings must match the checkpoint's."""
+    (settings, or the corpus: its index.json's sha256) would repeat or skip data, so it is refused."""
     now = cfg.to_dict()
     keys = [("train", "seed"), ("data", "data_ctx_len"), ("data", "mixture"), ("data", "val_fraction")]
     changed = [f"{a}.{b}: {saved[a][b]!r} -> {now[a][b]!r}" for a, b in keys if saved[a][b] != now[a][b]]
+    if saved_corpus is not None and corpus is not None and saved_corpus != corpus:
+        changed.append(f"the corpus (index.json sha256 {saved_corpus[:12]}… -> {corpus[:12]}…)")
     if changed:
-        raise ConfigError(f"--resume from {where}: these settings differ from the checkpoint's and would "
-                          f"change the data order: {'; '.join(changed)}")
+        raise ConfigError(f"--resume from {where}: these differ from the checkpoint's and would change the "
+                          f"data order: {'; '.join(changed)}")
 
 
 def parse_args(argv=None):
@@ -84,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="YAML preset (trainer/configs/*.yaml)")
     p.add_argument("--data", required=True, help="pipeline output folder holding index.json")
     p.add_argument("--run-dir", required=True, help="where metrics, logs and checkpoints go")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides train.max_steps)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this optimizer step (default train.max_steps, which the schedule follows)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr_init=1e-3 (repeatable)")
@@ -178,8 +182,11 @@ def generate_sample(lm, cfg: TrainConfig) -> str | None:
     return cfg.sample.prompt + tok.decode(out)
 
 
-def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -> dict:
-    """Train; returns a summary dict (final step, losses, run paths)."""
+def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, stop_at: int | None = None) -> dict:
+    """Train up to optimizer step `stop_at` (default train.max_steps); returns a summary dict (final step,
+    losses, run paths). The schedule follows train.max_steps whatever `stop_at` is, so a run stopped early
+    and resumed repeats the uninterrupted one."""
+    last = cfg.train.max_steps if stop_at is None else stop_at
     from tqdm import tqdm
 
     model_cfg = resolve_model_config(cfg.model)
@@ -202,9 +209,6 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
     rank0 = fabric.global_rank == 0
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        os.replace(tmp, run_dir / "config.yaml")
 
     from trainer.models.rwkv7 import RWKV7
 
@@ -232,13 +236,17 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
         state = {"model": model, "optimizer": optimizer}
         rest = fabric.load(where / "resume.pt", state)
         step, samples = int(rest["step"]), int(rest["samples"])
-        check_resumable(rest["config"], cfg, where)
+        check_resumable(rest["config"], cfg, where, rest.get("corpus_sha256"), corpus.fingerprint)
         ckpt.set_rng_states(rest["rng"])
         fabric.print(f"resuming from {where} (step {step}, {samples} samples consumed)")
         if rank0:
             write_metrics_upto(metrics_path, step)
     elif rank0 and metrics_path.exists():
         metrics_path.unlink()
+    if rank0:
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
 
     loader = make_train_loader(corpus, cfg.train.seed, layout, samples, cfg.data.num_workers)
     val = val_batches(corpus, layout, cfg.data.val_batches)
@@ -253,7 +261,7 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
 
     def save_checkpoint(at_step: int, at_samples: int):
         state = {"model": model, "optimizer": optimizer, "step": at_step, "samples": at_samples,
-                 "rng": ckpt.rng_states(), "config": cfg.to_dict()}
+                 "rng": ckpt.rng_states(), "config": cfg.to_dict(), "corpus_sha256": corpus.fingerprint}
         return ckpt.save(fabric, run_dir, at_step, state, model, lm, cfg.train.keep_checkpoints)
 
     f = None
@@ -266,7 +274,7 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
             writer.writeheader()
     losses = []
     it = iter(loader)
-    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not rank0, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=last, initial=step, disable=not rank0, dynamic_ncols=True, desc="train")
     model.train()
     # On the GPU, step k's numbers are read (a host sync) only once step k + 1 is queued, so the GPU never
     # waits on the host; on the CPU a step is done when train_step returns, so it is read at once.
@@ -295,12 +303,12 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
         if rank0:
             writer.writerow(row)
             f.flush()
-        if row["step"] % max(1, cfg.train.log_every) == 0 or row["step"] == cfg.train.max_steps:
+        if row["step"] % max(1, cfg.train.log_every) == 0 or row["step"] == last:
             bar.set_postfix(loss=f"{float(row['loss']):.3f}", lr=f"{float(row['lr']):.2e}", tok_s=row["tokens_per_s"])
         bar.update(1)
 
     try:
-        while step < cfg.train.max_steps:
+        while step < last:
             lr = lr_at(step, cfg)
             loss_t, norm_t = train_step(fabric, model, optimizer, (next(it) for _ in range(o.accumulate_grad_batches)),
                                         lr, o.accumulate_grad_batches, o.grad_clip)
@@ -309,7 +317,7 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -
             if pending is not None:
                 write(finish(pending))
             pending = {"step": step, "lr": lr, "loss": loss_t, "norm": norm_t, "tokens": samples * cfg.data.data_ctx_len}
-            final = step == cfg.train.max_steps
+            final = step == last
             validate = val and ((cfg.train.val_every and step % cfg.train.val_every == 0) or final)
             save = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or final
             if defer and not (validate or save):
@@ -348,10 +356,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        if args.max_steps is not None:
-            cfg.train.max_steps = args.max_steps
         resolve_model_config(cfg.model)
-        fit(cfg, Path(args.data), Path(args.run_dir), resume=args.resume)
+        fit(cfg, Path(args.data), Path(args.run_dir), resume=args.resume, stop_at=args.max_steps)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,6 +49,18 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text("optim:\n  lr: 1.0\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: optim: unknown key 'lr'"):
         load_config(bad)
+    with pytest.raises(ConfigError, match="overrides: expected a mapping"):
+        load_config(debug, ["model.overrides=5"])
+    with pytest.raises(ConfigError, match="train.precision: 'bf17'"):
+        load_config(debug, ["train.precision=bf17"])
+    with pytest.raises(ConfigError, match="val_batches and data.num_workers"):
+        load_config(debug, ["data.val_batches=-1"])
+    with pytest.raises(ConfigError, match="n_layer must be at least 1"):
+        resolve_model_config(load_config(debug, ["model.n_layer=0"]).model)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  max_steps: [1\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_config(broken)
     cfg = load_config(debug, ["model.n_embd=256", "optim.betas=[0.9, 0.95]"])
     assert cfg.optim.betas == (0.9, 0.95)
     assert resolve_model_config(cfg.model).dim_ffn == 1024  # derived widths follow the override

@@ -48,6 +48,8 @@ class DataSection:
             raise ConfigError("data.micro_batch_size must be positive")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("data.val_fraction must be in [0, 1)")
+        if self.val_batches < 0 or self.num_workers < 0:
+            raise ConfigError("data.val_batches and data.num_workers must not be negative")
 
 
 @dataclass
@@ -69,6 +71,10 @@ class OptimSection:
             raise ConfigError("optim.warmup_steps, optim.lr_decay_steps and optim.grad_clip must not be negative")
 
 
+PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "transformer-engine",
+              "transformer-engine-float16")  # "auto" and Lightning Fabric's precision names
+
+
 @dataclass
 class TrainSection:
     max_steps: int = 100                # optimizer steps the run plans (the cosine's length; --max-steps only stops)
@@ -87,6 +93,8 @@ class TrainSection:
         if self.max_steps < 0 or self.keep_checkpoints < 1 or self.val_every < 0 or self.ckpt_every < 0:
             raise ConfigError("train.max_steps, val_every and ckpt_every must not be negative, "
                               "train.keep_checkpoints must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -181,7 +189,10 @@ def _model_section(raw: dict, where: str) -> ModelSection:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping")
     raw = dict(raw)
-    overrides = dict(raw.pop("overrides", {}) or {})
+    overrides = raw.pop("overrides", {}) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}.overrides: expected a mapping of RWKV7Config fields, got {overrides!r}")
+    overrides = dict(overrides)
     sec = ModelSection(arch=_coerce(raw.pop("arch", "rwkv7"), str, f"{where}.arch"),
                        preset=_coerce(raw.pop("preset", "debug"), str, f"{where}.preset"))
     overrides.update(raw)
@@ -235,8 +246,11 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Train
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
         where = str(path)
     raw = apply_overrides(raw, list(sets or []))
     return from_dict(raw, where)
@@ -259,6 +273,8 @@ def resolve_model_config(sec: ModelSection):
     ov = {k: _coerce(v, hints[k], f"model.{k}") for k, v in sec.overrides.items()}
     if "n_embd" in ov:  # LoRA and FFN widths follow the new width unless given explicitly
         ov = {**{d: None for d in ("dim_w", "dim_a", "dim_v", "dim_g", "dim_ffn")}, **ov}
+    if ov.get("n_layer", base.n_layer) < 1:
+        raise ConfigError("model.n_layer must be at least 1")
     try:
         return dataclasses.replace(base, **ov)
     except ValueError as e:

@@ -149,7 +149,7 @@ def ddp_check(data: str, steps: int = 20, precision: str = "bf16-mixed") -> dict
     root = Path(__file__).resolve().parent.parent
     run = Path(tempfile.mkdtemp(prefix="ddp"))
     sets = ["train.tensorboard=false", "sample.tokens=0", "train.ckpt_every=0", "train.val_every=10",
-            "data.val_batches=2", f"train.precision={precision}"]
+            "data.val_windows=16", f"train.precision={precision}"]
     common = ["trainer/fit.py", "--config", "trainer/configs/debug.yaml", "--data", data, "--max-steps", str(steps)]
     env = {**os.environ, "PYTHONPATH": str(root)}
     cmds = {"one": [sys.executable, "-c", "from lightning.fabric.cli import _main; _main()", "run", "--devices", "1",

@@ -146,11 +146,15 @@ def test_mixture_override_and_validation_windows(corpus_dir):
     corpus = ShardCorpus(corpus_dir[0], 16, val_fraction=0.05, mixture={"books": 0.0})
     picks = MixtureSampler(corpus, seed=0).locate(np.arange(2000))
     assert "books" not in {c for c, _ in picks}
-    vb = val_batches(corpus, Layout(2, 2, 1), n_batches=3)
-    assert len(vb) == 3 and vb[0].shape == (2, 17)
     items = corpus.val_windows()
-    for c, p in items:
-        assert p >= corpus.components[c].n_train
+    assert len(items) >= 7
+    # the same 7 windows for any micro-batch size and number of ranks; rank r takes every world-th
+    one = torch.cat(val_batches(corpus, Layout(3, 1, 0), n_windows=7))
+    assert one.shape == (7, 17) and [b.shape[0] for b in val_batches(corpus, Layout(3, 1, 0), 7)] == [3, 3, 1]
+    r0, r1 = (torch.cat(val_batches(corpus, Layout(2, 2, r), n_windows=7)) for r in (0, 1))
+    assert torch.equal(r0, one[0::2]) and torch.equal(r1, one[1::2])
+    for c, p in items:  # validation starts one window after training ends: no shared token
+        assert p >= corpus.components[c].n_train + 1
     with pytest.raises(DataError, match="not in the corpus"):
         ShardCorpus(corpus_dir[0], 16, mixture={"nope": 1.0})
 

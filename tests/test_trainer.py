@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "trainer" / "configs").glob("*.yaml"))
 
 TINY = ["model.n_layer=2", "model.n_embd=64", "data.data_ctx_len=32", "data.ctx_len=16",
-        "data.micro_batch_size=2", "data.val_batches=1", "data.val_fraction=0.05",
+        "data.micro_batch_size=2", "data.val_windows=2", "data.val_fraction=0.05",
         "optim.lr_init=3e-3", "optim.lr_final=3e-4", "optim.warmup_steps=2", "optim.lr_decay_steps=6",
         "train.val_every=2", "train.ckpt_every=2", "train.keep_checkpoints=2", "train.tensorboard=true",
         "sample.tokens=0"]
@@ -53,8 +53,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(debug, ["model.overrides=5"])
     with pytest.raises(ConfigError, match="train.precision: 'bf17'"):
         load_config(debug, ["train.precision=bf17"])
-    with pytest.raises(ConfigError, match="val_batches and data.num_workers"):
-        load_config(debug, ["data.val_batches=-1"])
+    with pytest.raises(ConfigError, match="val_windows and data.num_workers"):
+        load_config(debug, ["data.val_windows=-1"])
     with pytest.raises(ConfigError, match="n_layer must be at least 1"):
         resolve_model_config(load_config(debug, ["model.n_layer=0"]).model)
     broken = tmp_path / "broken.yaml"

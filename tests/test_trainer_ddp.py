@@ -11,7 +11,7 @@ import pytest
 from trainer.testing import random_docs, write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.n_layer=2", "model.n_embd=64", "data.data_ctx_len=32", "data.ctx_len=16", "data.val_batches=1", "data.val_fraction=0.1",
+TINY = ["model.n_layer=2", "model.n_embd=64", "data.data_ctx_len=32", "data.ctx_len=16", "data.val_windows=2", "data.val_fraction=0.1",
         "optim.warmup_steps=2", "train.ckpt_every=0", "train.val_every=2", "train.tensorboard=false", "sample.tokens=0"]
 
 

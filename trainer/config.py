@@ -36,7 +36,7 @@ class DataSection:
     micro_batch_size: int = 8           # samples per rank per forward/backward
     mixture: dict[str, float] = field(default_factory=dict)  # component -> weight (times seen); overrides index.json
     val_fraction: float = 0.01          # share of each component's windows held out for validation
-    val_batches: int = 4                # micro-batches per rank per validation pass (0: no validation)
+    val_windows: int = 32               # held-out windows per validation pass, split across ranks (0: none)
     num_workers: int = 0                # torch DataLoader workers per rank (0: in the training process)
     verify_checksums: bool = True       # sha256 of every shard against index.json before training
 
@@ -48,8 +48,8 @@ class DataSection:
             raise ConfigError("data.micro_batch_size must be positive")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("data.val_fraction must be in [0, 1)")
-        if self.val_batches < 0 or self.num_workers < 0:
-            raise ConfigError("data.val_batches and data.num_workers must not be negative")
+        if self.val_windows < 0 or self.num_workers < 0:
+            raise ConfigError("data.val_windows and data.num_workers must not be negative")
 
 
 @dataclass

@@ -124,7 +124,7 @@ class _Component:
     doc_len: np.ndarray     # [n_docs] int64
     cum: np.ndarray         # [n_docs + 1] int64: stream position of each document (len + 1 per doc)
     n_windows: int
-    n_train: int
+    n_train: int            # windows [0, n_train) train; [n_train + 1, n_windows) validate (when any)
 
 
 class ShardCorpus:
@@ -217,10 +217,13 @@ class ShardCorpus:
             cum = np.zeros(len(dl) + 1, dtype=np.int64)
             np.cumsum(dl + 1, out=cum[1:])
             n_windows = max(0, int((cum[-1] - 1) // self.D))
-            n_val = 0
-            if self.val_fraction > 0 and n_windows >= 2:
-                n_val = max(1, int(round(n_windows * self.val_fraction)))
-            out[names[code]] = _Component(names[code], seg[m], starts[m], dl, cum, n_windows, n_windows - n_val)
+            n_train = n_windows
+            if self.val_fraction > 0 and n_windows >= 3:
+                # window n_train is left out: the last training window's final target token would be the
+                # first validation window's first input token
+                n_val = min(max(1, int(round(n_windows * self.val_fraction))), n_windows - 2)
+                n_train = n_windows - n_val - 1
+            out[names[code]] = _Component(names[code], seg[m], starts[m], dl, cum, n_windows, n_train)
         return out
 
     def _mixture(self, override: dict[str, float]) -> dict[str, float]:
@@ -293,7 +296,8 @@ class ShardCorpus:
 
     def val_windows(self) -> list[tuple[str, int]]:
         """Every held-out window, interleaved across components by a fixed shuffle."""
-        items = [(name, p) for name, c in self.components.items() for p in range(c.n_train, c.n_windows)]
+        items = [(name, p) for name, c in self.components.items()
+                 if c.n_train < c.n_windows for p in range(c.n_train + 1, c.n_windows)]
         order = np.random.default_rng(0).permutation(len(items))
         return [items[i] for i in order]
 
@@ -451,12 +455,11 @@ def make_train_loader(corpus: ShardCorpus, seed: int, layout: Layout, start_samp
                                        prefetch_factor=4 if num_workers > 0 else None)
 
 
-def val_batches(corpus: ShardCorpus, layout: Layout, n_batches: int) -> list[torch.Tensor]:
-    """This rank's share of the validation windows: the first n_batches × B × world held-out windows
-    (same set every time), rank r taking every world-th one."""
-    items = corpus.val_windows()
-    per = layout.micro_batch_size * layout.world_size
-    n = min(len(items) // per, n_batches) * per
-    mine = items[layout.rank:n:layout.world_size]
+def val_batches(corpus: ShardCorpus, layout: Layout, n_windows: int) -> list[torch.Tensor]:
+    """This rank's share of the validation set: the first n_windows held-out windows (the same set for any
+    micro-batch size and number of ranks), rank r taking every world-th one, in micro-batches (the last
+    may be smaller; a rank may get none)."""
+    items = corpus.val_windows()[:n_windows]
+    mine = items[layout.rank::layout.world_size]
     B = layout.micro_batch_size
     return [corpus.read_windows(mine[s:s + B]) for s in range(0, len(mine), B)]

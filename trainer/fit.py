@@ -155,15 +155,16 @@ def plot_loss(run_dir: Path) -> Path | None:
 
 
 @torch.no_grad()
-def evaluate(fabric, model, batches) -> float | None:
-    if not batches:
-        return None
+def evaluate(fabric, model, batches) -> float:
+    """Mean loss over every rank's validation windows (all windows have the same length, so the mean of
+    per-window means); every rank takes part, also one whose share is empty."""
     model.eval()
-    total = torch.zeros((), device=fabric.device, dtype=torch.float64)
+    acc = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # [sum of window losses, windows]
     for b in batches:
-        total += model(fabric.to_device(b)).double()
+        acc += torch.stack([model(fabric.to_device(b)).double() * len(b), acc.new_tensor(len(b))])
     model.train()
-    return float(fabric.all_reduce(total / len(batches), reduce_op="mean"))
+    acc = fabric.all_reduce(acc, reduce_op="sum")
+    return float(acc[0] / acc[1])
 
 
 def generate_sample(lm, cfg: TrainConfig) -> str | None:
@@ -249,13 +250,16 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
         os.replace(tmp, run_dir / "config.yaml")
 
     loader = make_train_loader(corpus, cfg.train.seed, layout, samples, cfg.data.num_workers)
-    val = val_batches(corpus, layout, cfg.data.val_batches)
+    val = val_batches(corpus, layout, cfg.data.val_windows)
+    n_val = min(cfg.data.val_windows, len(corpus.val_windows()))  # the same on every rank
+    if cfg.data.val_windows and not n_val:
+        fabric.print("no validation windows in this corpus (data.val_fraction): validation is skipped")
     tokens_per_step = layout.global_batch * cfg.data.data_ctx_len
     n_params = sum(p.numel() for p in lm.parameters())
     fabric.print(f"model {cfg.model.arch}/{cfg.model.preset}: {n_params / 1e6:.2f}M parameters, "
                  f"L{model_cfg.n_layer}-D{model_cfg.n_embd}; corpus {data_dir}: "
                  f"{', '.join(f'{c}={corpus.components[c].n_train}' for c in corpus.train_components)} "
-                 f"train windows; {len(val) * layout.micro_batch_size} val windows/rank; "
+                 f"train windows; {n_val} val windows; "
                  f"{tokens_per_step} tokens/step; precision {getattr(fabric.strategy.precision, 'precision', '?')}; "
                  f"{fabric.world_size} process(es) on {fabric.device.type}")
 
@@ -318,7 +322,7 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
                 write(finish(pending))
             pending = {"step": step, "lr": lr, "loss": loss_t, "norm": norm_t, "tokens": samples * cfg.data.data_ctx_len}
             final = step == last
-            validate = val and ((cfg.train.val_every and step % cfg.train.val_every == 0) or final)
+            validate = n_val > 0 and ((cfg.train.val_every and step % cfg.train.val_every == 0) or final)
             save = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or final
             if defer and not (validate or save):
                 continue

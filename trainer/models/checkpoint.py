@@ -116,7 +116,7 @@ def load_official(path: str | os.PathLike, dtype: torch.dtype = torch.float32, d
 
 
 def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write contiguous CPU tensors to .pth (torch.save) or .safetensors, via a temp file + os.replace."""
+    """Write contiguous CPU tensors to .pth (torch.save) or .safetensors: a temp file, fsynced, then os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
@@ -129,6 +129,11 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Non
             save_file(sd, tmp)
         else:
             torch.save(sd, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would make it (mkstemp makes 0600)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

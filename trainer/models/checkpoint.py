@@ -129,9 +129,7 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Non
             save_file(sd, tmp)
         else:
             torch.save(sd, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would make it (mkstemp makes 0600)
+        os.chmod(tmp, 0o644)  # readable like the run's other files (mkstemp makes 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

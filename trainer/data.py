@@ -27,6 +27,8 @@ import functools
 import hashlib
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,15 +164,19 @@ class ShardCorpus:
         seg_comp, seg_starts, seg_lens = [], [], []
         names: dict[str, int] = {}
         values = []
-        for i, s in enumerate(self.index["shards"]):
-            path = self.data_dir / s["path"]
-            where = f"{path} (listed at {idx_path} shards[{i}])"
+        shards = self.index["shards"]
+        paths = [self.data_dir / s["path"] for s in shards]
+        wheres = [f"{path} (listed at {idx_path} shards[{i}])" for i, path in enumerate(paths)]
+        for path, where in zip(paths, wheres):
             if not path.exists():
                 raise DataError(f"{where}: shard file is missing")
-            if verify:
-                digest = sha256_file(path)
+        if verify:  # hashlib releases the GIL on large reads: threads hash several shards at once
+            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1, len(paths) or 1)) as pool:
+                digests = list(pool.map(sha256_file, paths))
+            for s, digest, where in zip(shards, digests, wheres):
                 if digest != s["sha256"]:
                     raise DataError(f"{where}: sha256 {digest} does not match the index ({s['sha256']})")
+        for path, where, s in zip(paths, wheres, shards):
             try:
                 mm = pa.memory_map(str(path), "r")
                 schema, batches = open_batches(mm)

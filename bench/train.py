@@ -107,7 +107,7 @@ def throughput(preset: str, ctx: int, steps: int, fused_loss: bool = True, compi
                   for e in prof.key_averages()),
                  key=lambda x: -x[1])[:12]
     trainer.loss.USE_FUSED = None
-    res = {"preset": preset, "loss_path": "fused triton" if fused_loss else "pytorch reference", "compiled": compile,
+    res = {"preset": preset, "loss_path": "fused triton" if fused_loss and ACCEL == "cuda" else "pytorch reference", "compiled": compile,
            "setup_and_warmup_s": round(warm_s, 1), "params": n_params, "non_embedding_params": non_emb, "batch": B, "ctx": ctx,
            "step_ms": round(dt * 1e3, 1), "tokens_per_s": round(tok_s), "mfu": round(6 * non_emb * tok_s / PEAK_BF16, 4),
            "peak_mem_gb": round(peak / 1e9, 2), "loss": round(float(loss), 4), "grad_norm": round(float(norm), 4),

@@ -11,7 +11,7 @@ RUN     ?= runs/debug
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py tokenizer/_lists.c
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "$(TORCH_CPU)"; fi
@@ -51,5 +51,5 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf .venv .venv-peers data runs build *.egg-info .pytest_cache .ruff_cache
+	rm -rf .venv .venv-peers data runs build *.egg-info .pytest_cache .ruff_cache tokenizer/_lists*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,7 +1,9 @@
-"""The list-building paths of WorldTokenizer (shared-int windows, groups built while others encode).
+"""The list-building paths of WorldTokenizer: the C builder (tokenizer/_lists.c) and its plain numpy
+path (shared-int windows), and groups built while others encode.
 
-Every document's list is checked against the `rwkv` package's TRIE_TOKENIZER and against the
-uint16 array path, with windows and groups small enough that documents straddle their edges.
+Every test runs on both paths. Every document's list is checked against the `rwkv` package's
+TRIE_TOKENIZER and against the uint16 array path, with windows and groups small enough that documents
+straddle their edges.
 """
 
 from __future__ import annotations
@@ -15,6 +17,37 @@ import pytest
 from tokenizer import TokenizerConfig, WorldTokenizer, world
 
 SAMPLE = Path(__file__).resolve().parents[1] / "tokenizer" / "data" / "multilingual_sample.txt"
+
+
+@pytest.fixture(autouse=True, params=["c", "numpy"])
+def list_path(request, monkeypatch):
+    """Run each test with the C list builder and again with the numpy path it must equal."""
+    if request.param == "numpy":
+        monkeypatch.setattr(world, "_lists", None)
+    return request.param
+
+
+def test_c_list_builder_is_built(list_path):
+    """`pip install -e .` (make install) compiles tokenizer/_lists.c; CI has a compiler, so a missing
+    module means a broken build, not a missing feature."""
+    if list_path == "numpy":
+        pytest.skip("checked once, on the C run")
+    assert world._lists is not None, "tokenizer._lists was not built: run `pip install -e .` with a C compiler"
+
+
+def test_c_list_builder_rejects_bad_input(tok, list_path):
+    if list_path == "numpy":
+        pytest.skip("the numpy path has no C builder")
+    ids = np.array([1, 2, 3], np.uint16)
+    with pytest.raises(ValueError, match="not a range"):
+        world._lists.lists(tok._ints, ids, np.array([0, 4], np.int64))
+    with pytest.raises(ValueError, match="not a range"):
+        world._lists.lists(tok._ints, ids, np.array([2, 1], np.int64))
+    with pytest.raises(ValueError, match="uint16"):
+        world._lists.lists(tok._ints, ids.astype(np.int32)[:1].view(np.uint8)[:3], np.array([0, 1], np.int64))
+    with pytest.raises(ValueError, match="id 9 at position 1"):
+        world._lists.lists([0, 1, 2], np.array([1, 9], np.uint16), np.array([0, 2], np.int64))
+    assert world._lists.lists(tok._ints, ids, np.array([0], np.int64)) == []
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,11 @@ from tokenizer import trie
 from tokenizer.tables import load_tables
 from tokenizer.vocab import VOCAB_SHA256, read_vocab
 
+try:  # the C list builder (tokenizer/_lists.c, built by `pip install`); without it, the numpy path below
+    from tokenizer import _lists
+except ImportError:
+    _lists = None
+
 
 @dataclass(frozen=True)
 class TokenizerConfig:
@@ -87,7 +92,8 @@ class WorldTokenizer:
         tables = load_tables(raw, sha, path, use_cache=self.config.use_cache)
         self._table, self._value = tables.table, tables.value  # [slots] uint32, [slots] uint16
         self._tokens: list[bytes] = tables.tokens()  # [n_entries + 1], id -> bytes, [0] = b""
-        self._ids = np.array(range(len(self._tokens)), dtype=object)  # [n_entries + 1] shared int objects
+        self._ints = list(range(len(self._tokens)))  # [n_entries + 1] the shared int objects lists hold
+        self._ids = np.array(self._ints, dtype=object)  # the same objects, for the numpy path
         self.encode(" ")  # loads the compiled loop now rather than at the first encode
 
     def __reduce__(self):
@@ -123,7 +129,19 @@ class WorldTokenizer:
         return self.encode_bytes_to_array(text.encode("utf-8"))
 
     def _to_lists(self, ids: np.ndarray, bounds: list[int]) -> list[list[int]]:
-        """[ids[bounds[d]:bounds[d+1]].tolist() for each d], built from the vocab's shared int objects.
+        """[ids[bounds[d]:bounds[d+1]].tolist() for each d] [uint16 ids], built from shared int objects:
+        in one C pass when tokenizer/_lists.c is built, else by `_to_lists_numpy`."""
+        if _lists is not None:
+            return _lists.lists(self._ints, ids, np.asarray(bounds, np.int64))
+        return self._to_lists_numpy(ids, bounds)
+
+    def _to_list(self, ids: np.ndarray) -> list[int]:
+        if _lists is not None:
+            return _lists.lists(self._ints, ids, np.array([0, ids.shape[0]], np.int64))[0]
+        return self._to_list_numpy(ids)
+
+    def _to_lists_numpy(self, ids: np.ndarray, bounds: list[int]) -> list[list[int]]:
+        """The plain path of `_to_lists`.
 
         Taking shared ints is ~2x faster than ndarray.tolist(), which makes a new int per id. The
         take runs over windows of at least `_WINDOW` ids that hold whole documents, and each
@@ -139,7 +157,7 @@ class WorldTokenizer:
             out.append(window[a - w0 : b - w0].tolist())
         return out
 
-    def _to_list(self, ids: np.ndarray) -> list[int]:
+    def _to_list_numpy(self, ids: np.ndarray) -> list[int]:
         # For a few ids the take costs more than it saves.
         return ids.tolist() if ids.shape[0] <= 256 else self._ids.take(ids).tolist()
 

@@ -13,17 +13,13 @@ which owns one core) it runs in the caller.
 `encode_batch_flat` returns one id array plus document offsets: the layout of an Arrow
 list column, so a shard writer needs no per-document Python objects.
 
-Lists of ids cost more than finding the ids. Measured on the benchmark's 12 MB (this shared
-2-core AMD EPYC, CPU ns per token, bench/results/tokenizer.json `ns_per_token_all`): trie walk
-12.9 (13.7 before its uint64 indices), then `take` of shared int objects 6.9 and `tolist` 3.9,
-against 2.3 for the least any list of shared ints costs (copying a tuple of them);
-ndarray.tolist() of the uint16 ids makes a new int per id, 25. Tried and slower end to end: `marshal.loads` of a stream built by a
-compiled loop (first occurrence of an id flagged as a reference, repeats as back-references;
-85 vs 111 MB/s, and slower still below ~1 MB because each first occurrence is a new int),
-`pickle.loads` with memo gets (16 ns per token for the load alone), `list(map(...))` over a
-table (47), windows of 32k ids for a single document (within noise of one take). A ~20-line
-C extension gathering from a tuple reached 146 vs 125 MB/s (Rust 62): even that is 2.3x
-Rust, so the list API is held below 3x by the walk plus any list, not by the conversion.
+Lists of ids cost more than finding the ids. Measured on the benchmark's 12 MB (this shared 2-core
+AMD EPYC, CPU ns per token, bench/results/tokenizer.json `ns_per_token_all`): trie walk 12.9, then
+with numpy `take` of shared int objects 7.1 and `tolist` 4.3 (each id's object touched three times);
+ndarray.tolist() of the uint16 ids makes a new int per id, 24. The C builder tokenizer/_lists.c
+makes the lists from the shared ints in one pass: encode() 16.9 ns per token in all, 3.1-3.2x Rust
+(the numpy path: 2.0x). Tried and slower: `marshal.loads` of a stream with back-references, `pickle.loads`
+with memo gets, `list(map(...))` over a table, windows of 32k ids for a single document.
 
 `decode` replaces invalid UTF-8 byte by byte (errors="replace"); the reference instead
 returns a single U+FFFD for the whole text when any byte is invalid. On valid UTF-8 the two

@@ -149,10 +149,15 @@ def test_mixture_override_and_validation_windows(corpus_dir):
     items = corpus.val_windows()
     assert len(items) >= 7
     # the same 7 windows for any micro-batch size and number of ranks; rank r takes every world-th
-    one = torch.cat(val_batches(corpus, Layout(3, 1, 0), n_windows=7))
-    assert one.shape == (7, 17) and [b.shape[0] for b in val_batches(corpus, Layout(3, 1, 0), 7)] == [3, 3, 1]
-    r0, r1 = (torch.cat(val_batches(corpus, Layout(2, 2, r), n_windows=7)) for r in (0, 1))
+    one = torch.cat([b for b, _ in val_batches(corpus, Layout(3, 1, 0), n_windows=7)])
+    assert one.shape == (7, 17) and [n for _, n in val_batches(corpus, Layout(3, 1, 0), 7)] == [3, 3, 1]
+    r0, r1 = (torch.cat([b for b, _ in val_batches(corpus, Layout(2, 2, r), n_windows=7)]) for r in (0, 1))
     assert torch.equal(r0, one[0::2]) and torch.equal(r1, one[1::2])
+    # every rank gets as many micro-batches (forwards are collectives); a short rank pads with ones counting 0
+    for n_windows, world, B in ((1, 2, 1), (3, 2, 1), (5, 4, 2), (7, 3, 3)):
+        shares = [val_batches(corpus, Layout(B, world, r), n_windows) for r in range(world)]
+        assert len({len(s) for s in shares}) == 1
+        assert sum(n for s in shares for _, n in s) == n_windows
     for c, p in items:  # validation starts one window after training ends: no shared token
         assert p >= corpus.components[c].n_train + 1
     with pytest.raises(DataError, match="not in the corpus"):

@@ -58,3 +58,19 @@ def test_corrupt_shard_stops_every_process(tmp_path):
     assert r.returncode != 0
     assert f"{shard}" in r.stderr and "sha256" in r.stderr and "does not match the index" in r.stderr
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_validation_with_an_empty_rank_share(tmp_path):
+    """One validation window and two ranks: rank 1's share is empty, yet it must run as many forwards as rank 0
+    (each is a collective under DDP) or validation hangs; the run finishes with rank 0's window's loss."""
+    data = write_corpus(tmp_path / "data", random_docs(60, ["a", "b"], seed=3, max_len=120, vocab=500))
+    fabric = str(Path(sys.executable).parent / "fabric")
+    sets = TINY + ["data.micro_batch_size=1", "data.val_windows=1", "train.val_every=2"]
+    cmd = [fabric, "run", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--precision", "32-true",
+           "trainer/fit.py", "--config", "trainer/configs/debug.yaml", "--data", str(data), "--max-steps", "2",
+           "--run-dir", str(tmp_path / "run"), *sum((["--set", s] for s in sets), [])]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _losses(tmp_path / "run")
+    assert len(rows) == 2 and rows[1][1] and float(rows[1][1]) > 0

@@ -461,11 +461,17 @@ def make_train_loader(corpus: ShardCorpus, seed: int, layout: Layout, start_samp
                                        prefetch_factor=4 if num_workers > 0 else None)
 
 
-def val_batches(corpus: ShardCorpus, layout: Layout, n_windows: int) -> list[torch.Tensor]:
-    """This rank's share of the validation set: the first n_windows held-out windows (the same set for any
-    micro-batch size and number of ranks), rank r taking every world-th one, in micro-batches (the last
-    may be smaller; a rank may get none)."""
+def val_batches(corpus: ShardCorpus, layout: Layout, n_windows: int) -> list[tuple[torch.Tensor, int]]:
+    """This rank's share of the validation set as (micro-batch [b, D + 1], windows that count): the first
+    n_windows held-out windows (the same set for any micro-batch size and number of ranks), rank r taking
+    every world-th one. Every rank gets the same number of micro-batches, since under DDP/FSDP each forward
+    is a collective: a rank with fewer windows pads with batches that count 0."""
     items = corpus.val_windows()[:n_windows]
     mine = items[layout.rank::layout.world_size]
     B = layout.micro_batch_size
-    return [corpus.read_windows(mine[s:s + B]) for s in range(0, len(mine), B)]
+    out = [(corpus.read_windows(mine[s:s + B]), len(mine[s:s + B])) for s in range(0, len(mine), B)]
+    per_rank = math.ceil(len(items) / layout.world_size)  # the most windows any rank has
+    n_batches = math.ceil(per_rank / B)  # the same on every rank
+    if items:
+        out += [(corpus.read_windows(items[:1]), 0)] * (n_batches - len(out))
+    return out

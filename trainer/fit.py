@@ -157,11 +157,12 @@ def plot_loss(run_dir: Path) -> Path | None:
 @torch.no_grad()
 def evaluate(fabric, model, batches) -> float:
     """Mean loss over every rank's validation windows (all windows have the same length, so the mean of
-    per-window means); every rank takes part, also one whose share is empty."""
+    per-window means). batches: (micro-batch, windows that count) from `val_batches`, as many on every
+    rank (each forward is a collective under DDP/FSDP); padding batches count 0."""
     model.eval()
     acc = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # [sum of window losses, windows]
-    for b in batches:
-        acc += torch.stack([model(fabric.to_device(b)).double() * len(b), acc.new_tensor(len(b))])
+    for b, n in batches:
+        acc += torch.stack([model(fabric.to_device(b)).double() * n, acc.new_tensor(n)])
     model.train()
     acc = fabric.all_reduce(acc, reduce_op="sum")
     return float(acc[0] / acc[1])

@@ -43,8 +43,15 @@ def test_c_list_builder_rejects_bad_input(tok, list_path):
         world._lists.lists(tok._ints, ids, np.array([0, 4], np.int64))
     with pytest.raises(ValueError, match="not a range"):
         world._lists.lists(tok._ints, ids, np.array([2, 1], np.int64))
-    with pytest.raises(ValueError, match="uint16"):
-        world._lists.lists(tok._ints, ids.astype(np.int32)[:1].view(np.uint8)[:3], np.array([0, 1], np.int64))
+    bad = (ids.astype(np.int64), ids.astype(np.int32), ids.astype(">u2"), ids.view(np.int16), ids.view(np.uint8))
+    for wrong in bad:  # the element type is checked, not only the byte length
+        with pytest.raises(ValueError, match="uint16"):
+            world._lists.lists(tok._ints, wrong, np.array([0, 1], np.int64))
+    for wrong in (np.array([0, 1], np.int32), np.array([0, 1], np.uint64), np.array([0.0, 1.0])):
+        with pytest.raises(ValueError, match="int64"):
+            world._lists.lists(tok._ints, ids, wrong)
+    with pytest.raises((BufferError, ValueError), match="contiguous"):
+        world._lists.lists(tok._ints, np.array([1, 0, 2, 0], np.uint16)[::2], np.array([0, 2], np.int64))
     with pytest.raises(ValueError, match="id 9 at position 1"):
         world._lists.lists([0, 1, 2], np.array([1, 9], np.uint16), np.array([0, 2], np.int64))
     assert world._lists.lists(tok._ints, ids, np.array([0], np.int64)) == []

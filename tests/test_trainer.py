@@ -142,6 +142,8 @@ def test_bad_input_fails_before_training(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["--config", debug, "--data", str(corpus), "--run-dir", str(run), "--set", "optim.bogus=1"]) == 2
     assert "unknown key 'bogus'" in capsys.readouterr().err
+    assert main(["--config", debug, "--data", str(corpus), "--run-dir", str(run), "--max-steps", "0"]) == 2
+    assert "--max-steps must be at least 1" in capsys.readouterr().err
     import shutil
 
     bad = Path(shutil.copytree(corpus, tmp_path / "bad"))

@@ -11,15 +11,30 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
+
+/* One of the format codes numpy and array.array give a native integer of `size` bytes (unsigned: "H"). */
+static int is_int_format(const Py_buffer *b, Py_ssize_t size, const char *codes) {
+    const char *f = b->format ? b->format : "B";
+    if (*f == '=' || *f == '@')
+        f++;
+    return b->itemsize == size && f[0] != 0 && f[1] == 0 && strchr(codes, f[0]) != NULL;
+}
 
 static PyObject *lists(PyObject *self, PyObject *args) {
-    PyObject *table;
-    Py_buffer ids, bounds;
-    if (!PyArg_ParseTuple(args, "O!y*y*", &PyList_Type, &table, &ids, &bounds))
-        return NULL;
+    PyObject *table, *ids_obj, *bounds_obj;
+    Py_buffer ids = {0}, bounds = {0};
     PyObject *out = NULL;
-    if (ids.len % 2 || bounds.len % 8 || bounds.len < 8) {
-        PyErr_SetString(PyExc_ValueError, "ids must be uint16 and bounds int64 with at least one entry");
+    if (!PyArg_ParseTuple(args, "O!OO", &PyList_Type, &table, &ids_obj, &bounds_obj))
+        return NULL;
+    if (PyObject_GetBuffer(ids_obj, &ids, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(bounds_obj, &bounds, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&ids);
+        return NULL;
+    }
+    if (!is_int_format(&ids, 2, "H") || !is_int_format(&bounds, 8, "ql") || bounds.len < 8) {
+        PyErr_SetString(PyExc_ValueError, "ids must be a uint16 buffer and bounds an int64 buffer with at least one entry");
         goto done;
     }
     const uint16_t *id = (const uint16_t *)ids.buf;

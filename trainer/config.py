@@ -72,7 +72,7 @@ class OptimSection:
 
 
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "transformer-engine",
-              "transformer-engine-float16")  # "auto" and Lightning Fabric's precision names
+              "transformer-engine-float16", "64", "32", "16", "bf16")  # "auto" and Lightning Fabric's names and aliases
 
 
 @dataclass

@@ -361,6 +361,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if args.max_steps is not None and args.max_steps < 1:
+            raise ConfigError(f"--max-steps must be at least 1, got {args.max_steps}")
         resolve_model_config(cfg.model)
         fit(cfg, Path(args.data), Path(args.run_dir), resume=args.resume, stop_at=args.max_steps)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, FloatingPointError) as e:

@@ -83,23 +83,25 @@ class GraphStep:
             raise ValueError(f"GraphStep needs a CUDA model, got device {device}")
         self.idx = torch.zeros(state[0][0].shape[0], dtype=torch.long, device=device)  # [B]
         self.state = [tuple(t.clone() for t in layer) for layer in state]
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS workspaces, as torch's docs ask)
-            for _ in range(3):
-                model.step(self.idx, self.state, weights)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits, new_state = model.step(self.idx, self.state, weights)
-            for old, new in zip(self.state, new_state):
-                for o, n in zip(old, new):
-                    o.copy_(n)
+        with torch.cuda.device(device):  # the capture stream must be on the model's GPU, not on GPU 0
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS workspaces, as torch's docs ask)
+                for _ in range(3):
+                    model.step(self.idx, self.state, weights)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits, new_state = model.step(self.idx, self.state, weights)
+                for old, new in zip(self.state, new_state):
+                    for o, n in zip(old, new):
+                        o.copy_(n)
 
     def __call__(self, token: int) -> tuple[torch.Tensor, list]:
         """token (the same for every sequence of the batch) -> (logits [B, V], state), both static."""
         self.idx.fill_(token)
-        self.graph.replay()
+        with torch.cuda.device(self.idx.device):
+            self.graph.replay()
         return self.logits, self.state
 
 

@@ -245,7 +245,8 @@ class Block(nn.Module):
 class StepWeights:
     """What `RWKV7.step` reads, gathered once per model (`RWKV7.step_weights()`): detached views of the
     parameters (matrices transposed for `x @ W.T`), the six token-shift vectors stacked [6, 1, C] and the
-    decay bias w0 in the state dtype. A snapshot: build it again after moving or replacing parameters."""
+    decay bias w0 in the state dtype. Valid only until a parameter changes (in place, moved or replaced):
+    most fields are views of the parameters but some are copies, so a stale one mixes old and new numbers."""
 
     dtype: torch.dtype
     """the model's dtype: activations run in it (no autocast in RNN mode)"""

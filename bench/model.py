@@ -153,6 +153,16 @@ def bench_train_one(results: dict, write, preset: str, batch: int, variant: str,
     print(json.dumps({k: v for k, v in row.items() if k != "step_s_all"}), flush=True)
 
 
+def rwkv_package_model():
+    """The `rwkv` package's RWKV class set up as the oracle: RWKV-7 on, TorchScript on, its CUDA kernel off."""
+    os.environ["RWKV_V7_ON"] = "1"
+    os.environ.setdefault("RWKV_JIT_ON", "1")
+    os.environ["RWKV_CUDA_ON"] = "0"
+    from rwkv.model import RWKV
+
+    return RWKV
+
+
 def bench_generate(results: dict, write, device: str, n_tokens: int, tmpdir: Path):
     """Greedy decoding of n_tokens, ours vs the rwkv package, on the same random 0.1B checkpoint.
     The two decoders take turns token by token, so both see the same load on a shared machine."""
@@ -164,10 +174,7 @@ def bench_generate(results: dict, write, device: str, n_tokens: int, tmpdir: Pat
     del model
     from trainer.models import load_official
 
-    os.environ["RWKV_V7_ON"] = "1"
-    os.environ.setdefault("RWKV_JIT_ON", "1")
-    os.environ["RWKV_CUDA_ON"] = "0"
-    from rwkv.model import RWKV
+    RWKV = rwkv_package_model()
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     dtypes = {"cpu": [("fp32", torch.float32, "cpu fp32")],
@@ -220,10 +227,7 @@ def bench_step_overhead(results: dict, write, device: str, tmpdir: Path, tokens:
     perturb_(model, 1e-2)
     path = tmpdir / "tiny.pth"
     model.save_official(path)
-    os.environ["RWKV_V7_ON"] = "1"
-    os.environ.setdefault("RWKV_JIT_ON", "1")
-    os.environ["RWKV_CUDA_ON"] = "0"
-    from rwkv.model import RWKV
+    RWKV = rwkv_package_model()
 
     ref = RWKV(model=str(path)[:-4], strategy=f"{device} fp32")
     ours = load_official(path, device=device).eval()

@@ -20,6 +20,7 @@ from rwkv.model import RWKV  # noqa: E402
 from trainer.generate import GraphStep, main, sample_logits, stream  # noqa: E402
 from trainer.models import PRESETS, RWKV7  # noqa: E402
 from trainer.models.rwkv7 import RWKV7Config  # noqa: E402
+from trainer.testing import randomize_weights  # noqa: E402
 
 ODD = RWKV7Config(n_layer=3, n_embd=128, vocab_size=300, dim_w=24, dim_a=40, dim_v=16, dim_g=48)
 """LoRA widths that differ from every preset; three blocks, so v_first crosses more than one block."""
@@ -118,23 +119,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def random_model(cfg: RWKV7Config, dtype: torch.dtype, seed: int = 1) -> RWKV7:
-    """Every tensor nonzero random (as tests/test_model_parity.py), scaled so activations stay O(1)."""
-    m = RWKV7(cfg, init=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, p in m.state_dict().items():
-            r = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if k.endswith((".x_r", ".x_w", ".x_k", ".x_v", ".x_a", ".x_g")):
-                p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) * 0.9 + 0.05)
-            elif k.endswith("bias"):
-                p.copy_(0.2 * r)
-            elif k.endswith("weight") and p.dim() == 1:
-                p.copy_(1 + 0.2 * r)
-            elif p.dim() == 2 and not k.endswith("r_k"):
-                p.copy_(r / p.shape[-1] ** 0.5)
-            else:
-                p.copy_(r)
-    return m.to(dtype).eval()
+    return randomize_weights(RWKV7(cfg, init=False), seed).to(dtype).eval()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 5e-6)])

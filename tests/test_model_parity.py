@@ -17,6 +17,7 @@ from rwkv.model import RWKV  # noqa: E402
 
 from trainer.models import RWKV7, load_official  # noqa: E402
 from trainer.models.rwkv7 import RWKV7Config  # noqa: E402
+from trainer.testing import randomize_weights  # noqa: E402
 
 CFG = RWKV7Config(n_layer=2, n_embd=128, vocab_size=300, dim_w=24, dim_a=40, dim_v=16, dim_g=48)
 TOL = 1e-4
@@ -27,29 +28,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def randomize(model: RWKV7, seed: int) -> RWKV7:
-    """Nonzero random values for every tensor, scaled so activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, p in model.state_dict().items():
-            r = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if k.endswith((".x_r", ".x_w", ".x_k", ".x_v", ".x_a", ".x_g")):
-                p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) * 0.9 + 0.05)
-            elif k.endswith("bias"):
-                p.copy_(0.2 * r)
-            elif k.endswith("weight") and p.dim() == 1:  # LayerNorm / GroupNorm scales
-                p.copy_(1 + 0.2 * r)
-            elif p.dim() == 2 and not k.endswith("r_k"):
-                p.copy_(r / p.shape[-1] ** 0.5)
-            else:
-                p.copy_(r)
-    return model
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    model = randomize(RWKV7(CFG, init=False), seed=1)
+    model = randomize_weights(RWKV7(CFG, init=False), seed=1)
     path = tmp_path_factory.mktemp("ckpt") / "rand.pth"
     model.save_official(path)
     return model, path

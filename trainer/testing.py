@@ -1,4 +1,4 @@
-"""Write small corpora in the pipeline's exact output format, for tests and benchmarks.
+"""Test and benchmark helpers: small corpora in the pipeline's exact output format, and random model weights.
 
 `write_corpus(out, docs)` produces `out/index.json` + `out/shards/NNNNN.arrow` as pipeline/build.py
 does: Arrow IPC stream format (what `datasets` reads; `fmt="file"` for the IPC file format), uncompressed, columns id (string), component (dictionary<string>),
@@ -63,3 +63,25 @@ def random_docs(n: int, components: list[str], seed: int = 0, min_len: int = 1, 
     rng = np.random.default_rng(seed)
     return [(f"doc{i}", components[i % len(components)],
              rng.integers(1, vocab + 1, rng.integers(min_len, max_len + 1)).astype(np.uint16)) for i in range(n)]
+
+
+def randomize_weights(model, seed: int):
+    """Nonzero random values for every tensor of an RWKV7 (in place; returns it), scaled so activations stay
+    O(1): token-shift mixes in (0.05, 0.95), norm scales near 1, matrices / sqrt(fan-in)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            r = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if k.endswith((".x_r", ".x_w", ".x_k", ".x_v", ".x_a", ".x_g")):
+                p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) * 0.9 + 0.05)
+            elif k.endswith("bias"):
+                p.copy_(0.2 * r)
+            elif k.endswith("weight") and p.dim() == 1:  # LayerNorm / GroupNorm scales
+                p.copy_(1 + 0.2 * r)
+            elif p.dim() == 2 and not k.endswith("r_k"):
+                p.copy_(r / p.shape[-1] ** 0.5)
+            else:
+                p.copy_(r)
+    return model

@@ -28,6 +28,12 @@ ODD = RWKV7Config(n_layer=3, n_embd=128, vocab_size=300, dim_w=24, dim_a=40, dim
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_rwkv_package_tf32_switch_does_not_leak():
+    """Importing rwkv.model (above, at collection) turns TF32 matmuls on process-wide; conftest puts the flag
+    back for every test (with it left on, the fp32 GPU model tests that ran after it failed: 3.3e-2 gradients)."""
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -141,6 +141,21 @@ def kernel_times(fn, iters=5):
     return out
 
 
+def host_ms(fn, calls=20):
+    """Host time per call of fn (ms): the calls are timed without waiting for the GPU. Where this nears the
+    do_bench time, the launches (Python, autograd, allocations) rather than the kernels set the pace."""
+    import time as _time
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = _time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = _time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e3 / calls
+
+
 def ours_fwd(x):
     return ours.chunk_wkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"])[0]
 
@@ -179,6 +194,7 @@ def main():
     ap.add_argument("--acc-shapes", type=int, default=2, help="how many accuracy shapes to check (<= 2)")
     ap.add_argument("--peers", default="fla,official_v1,official_v3")
     ap.add_argument("--parts", action="store_true", help="also time each kernel of ours (torch.profiler)")
+    ap.add_argument("--host", action="store_true", help="also time the host side of each fwd+bwd call")
     ap.add_argument("--build-only", choices=["v1", "v3"], help="build one official extension and exit")
     args = ap.parse_args()
     if args.build_only:
@@ -289,6 +305,8 @@ def main():
                 row[tag]["fwd_bwd"] = do_bench(run)
                 if args.parts:
                     row[tag]["kernels_ms"] = kernel_times(run)
+                if args.host:
+                    row[tag]["host_fwd_bwd"] = host_ms(run)
             except Exception:  # noqa: BLE001
                 res["failures"][f"{tag}_{row['shape']}"] = traceback.format_exc()[-2000:]
             print(row["shape"], tag, row.get(tag), flush=True)
@@ -296,9 +314,12 @@ def main():
             try:
                 row[nm] = {"fwd": do_bench(lambda f=f, x=x: f(x))}
                 if nm == "fla":
-                    row[nm]["fwd_bwd"] = do_bench(fla_fwd_bwd_fn(None, x, dy))
+                    run = fla_fwd_bwd_fn(None, x, dy)
                 else:
-                    row[nm]["fwd_bwd"] = do_bench(lambda fb=fb, x=x, dy=dy: fb(x, dy))
+                    run = lambda fb=fb, x=x, dy=dy: fb(x, dy)  # noqa: E731
+                row[nm]["fwd_bwd"] = do_bench(run)
+                if args.host:
+                    row[nm]["host_fwd_bwd"] = host_ms(run)
             except Exception:  # noqa: BLE001
                 res["failures"][f"{nm}_{row['shape']}"] = traceback.format_exc()[-2000:]
             print(row["shape"], nm, row.get(nm), flush=True)

@@ -2,9 +2,13 @@
 
 Every format yields ``Row``s in file order with a 1-based ``line`` (jsonl line, parquet/arrow
 row number, 1 for a txt file). A row that cannot become a document carries a drop ``reason``
-instead of text: ``bad_json``, ``missing_text``, ``not_utf8``, ``empty``, ``oversized``, and
-``unreadable`` where a file breaks off (``safe_rows``). The caller counts and quarantines
-those; nothing raises.
+instead of text: ``bad_json``, ``missing_text``, ``not_utf8``, ``empty``, ``oversized`` (the text
+is over ``max_doc_bytes``), ``line_oversized`` (a jsonl line over the memory guard
+``max_line_bytes``, skipped without being held whole), and ``unreadable`` where a file breaks
+off (``safe_rows``). The caller counts and quarantines those. The one error raised is a
+``ManifestError`` for a parquet/Arrow file whose schema lacks the component's ``text_field``: a
+wrong setting for every row, not bad input. A UTF-8 byte-order mark at the start of a jsonl or
+txt file is dropped.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.manifest import ComponentSpec
+from pipeline.manifest import ComponentSpec, ManifestError
 
 
 @dataclass
@@ -128,32 +132,99 @@ def _decompressed(f, fmt: str) -> Iterator[bytes]:
                        f"{'member' if gz else 'frame'} (truncated)")
 
 
-def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+LINE_BYTES_FLOOR = 64 << 20
+"""Smallest memory guard for one raw jsonl line (see ``max_line_bytes``)."""
+_HEAD = 200
+"""Bytes of a dropped row kept as its quarantine sample."""
+_BOM = b"\xef\xbb\xbf"
+
+
+def max_line_bytes(max_doc_bytes: int) -> int:
+    """The memory guard for one raw jsonl line: longer lines are dropped as ``line_oversized``
+    after reading at most this many bytes of them. ``max_doc_bytes`` judges the text alone
+    (``oversized``); the line also holds JSON escapes and other fields (metadata, HTML), so the
+    guard is generous: 4x the text limit (JSON escapes of non-ASCII text are at most 3x its UTF-8
+    size, ``\\n``-style escapes 2x; only ``\\u00XX`` escapes of ASCII control characters are
+    larger) + 64 bytes of keys, and never below ``LINE_BYTES_FLOOR`` (64 MiB) so that rows with
+    a small text limit can still carry large metadata. Parsing a line takes about 3x its size
+    (bytes, str, parsed object), so this also bounds a reader's memory."""
+    return max(4 * max_doc_bytes + 64, LINE_BYTES_FLOOR)
+
+
+class _Cut(bytes):
+    """The first ``_HEAD`` bytes of a line longer than the guard (the rest was skipped)."""
+
+
+def _head(pend: list[bytes], part: bytes) -> bytes:
+    """The first ``_HEAD`` bytes of ``pend`` + ``part`` without joining them whole."""
+    return b"".join([p[:_HEAD] for p in pend] + [part[:_HEAD]])[:_HEAD]
+
+
+def _split_lines(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
     """Lines ending in ``\\n`` (kept, as file iteration keeps it) out of arbitrary chunks; a last
-    line without ``\\n`` is yielded at the end. An error of ``chunks`` propagates before the
-    unfinished line is yielded, so only complete lines precede it."""
+    line without ``\\n`` is yielded at the end. A line of more than ``limit`` bytes (not counting
+    its ``\\n``) is not assembled: its first ``_HEAD`` bytes are yielded as a ``_Cut`` once its end
+    is found, and at most ``limit`` bytes of it plus one chunk are held at a time. An error of
+    ``chunks`` propagates before the unfinished line is yielded, so only complete lines precede
+    it."""
     pend: list[bytes] = []
+    plen = 0
+    cut: bytes | None = None  # head of the current line once it went over the limit
     for chunk in chunks:
         parts = chunk.split(b"\n")
-        if len(parts) > 1:
-            pend.append(parts[0])
-            yield b"".join(pend) + b"\n"
-            for part in parts[1:-1]:
-                yield part + b"\n"
-            pend = []
-        if parts[-1]:
-            pend.append(parts[-1])
-    if pend:
+        last = parts.pop()
+        if parts:
+            first = parts[0]
+            if cut is not None:
+                yield _Cut(cut)
+                cut = None
+            elif plen + len(first) > limit:
+                yield _Cut(_head(pend, first))
+            elif pend:
+                yield b"".join(pend) + first + b"\n"
+            else:
+                yield first + b"\n"
+            pend, plen = [], 0
+            for part in parts[1:]:
+                yield _Cut(part[:_HEAD]) if len(part) > limit else part + b"\n"
+        if last and cut is None:
+            if plen + len(last) > limit:
+                cut = _head(pend, last)
+                pend, plen = [], 0
+            else:
+                pend.append(last)
+                plen += len(last)
+    if cut is not None:
+        yield _Cut(cut)
+    elif pend:
         yield b"".join(pend)
 
 
-def _lines(path: str, fmt: str) -> Iterator[bytes]:
+def _without_bom(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """``chunks`` with a UTF-8 byte-order mark at the very start removed."""
+    it = iter(chunks)
+    head = b""
+    try:
+        for chunk in it:
+            head += chunk
+            if len(head) >= len(_BOM):
+                break
+    except Exception:
+        if head:  # shorter than a BOM: the bytes before the error still count
+            yield head
+        raise
+    yield head[len(_BOM):] if head.startswith(_BOM) else head
+    yield from it
+
+
+def _lines(path: str, fmt: str, limit: int) -> Iterator[bytes]:
     f = _open_binary(path)
     try:
         if fmt in ("jsonl.gz", "jsonl.zst"):
-            yield from _split_lines(_decompressed(f, fmt))
+            chunks = _decompressed(f, fmt)
         else:
-            yield from f
+            chunks = iter(lambda: f.read(_CHUNK), b"")
+        yield from _split_lines(_without_bom(chunks), limit)
     finally:
         f.close()
 
@@ -173,11 +244,14 @@ def _doc_row(line: int, text, doc_id, max_bytes: int, raw) -> Row:
 
 
 def read_jsonl(path: str, fmt: str, text_field: str, id_field: str | None,
-               max_bytes: int) -> Iterator[Row]:
+               max_bytes: int, line_bytes: int | None = None) -> Iterator[Row]:
+    """Rows of a jsonl file; ``max_bytes`` limits the text, ``line_bytes`` (default
+    ``max_line_bytes(max_bytes)``) the raw line."""
     loads = json.loads
-    for n, raw in enumerate(_lines(path, fmt), 1):
-        if len(raw) > 4 * max_bytes + 64:
-            yield Row(n, None, None, "oversized", raw[:200])
+    limit = max_line_bytes(max_bytes) if line_bytes is None else line_bytes
+    for n, raw in enumerate(_lines(path, fmt, limit), 1):
+        if raw.__class__ is _Cut:
+            yield Row(n, None, None, "line_oversized", bytes(raw))
             continue
         try:
             s = raw.decode("utf-8")
@@ -213,12 +287,17 @@ def _plain_text_column(col: pa.Array) -> pa.Array:
     return col
 
 
+def _check_text_column(names: list[str], unit: Unit, comp: ComponentSpec) -> None:
+    """A parquet/Arrow file without the text column is a wrong ``text_field`` for all its rows."""
+    if comp.text_field not in names:
+        raise ManifestError(f"{unit.path}: component {comp.name!r}: text_field {comp.text_field!r} is "
+                            f"not a column of this {unit.format} file (columns: {names})")
+
+
 def _read_batches(batches: Iterator[pa.RecordBatch], text_field: str, id_field: str | None,
-                  max_bytes: int, path: str) -> Iterator[Row]:
+                  max_bytes: int) -> Iterator[Row]:
     n = 0
     for b in batches:
-        if text_field not in b.schema.names:
-            raise ValueError(f"{path}: no column {text_field!r} (columns: {b.schema.names})")
         texts = _plain_text_column(b.column(text_field))
         if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
             if pa.types.is_binary(texts.type) or pa.types.is_large_binary(texts.type):
@@ -244,7 +323,8 @@ def _read_batches(batches: Iterator[pa.RecordBatch], text_field: str, id_field: 
 
 
 def read_rows(unit: Unit, comp: ComponentSpec) -> Iterator[Row]:
-    """All rows of ``unit`` in order (raises only if the file itself cannot be opened)."""
+    """All rows of ``unit`` in order (raises if the file cannot be opened or read, and
+    ``ManifestError`` if a parquet/Arrow file lacks the ``text_field`` column)."""
     max_bytes = comp.filters.max_doc_bytes
     if unit.format in ("jsonl", "jsonl.gz", "jsonl.zst"):
         yield from read_jsonl(unit.path, unit.format, comp.text_field, comp.id_field, max_bytes)
@@ -252,16 +332,21 @@ def read_rows(unit: Unit, comp: ComponentSpec) -> Iterator[Row]:
         cols = [comp.text_field] + ([comp.id_field] if comp.id_field else [])
         with _open_binary(unit.path) as f:
             pf = pq.ParquetFile(f)
-            cols = [c for c in cols if c in pf.schema_arrow.names] or [comp.text_field]
+            names = pf.schema_arrow.names
+            _check_text_column(names, unit, comp)
+            cols = [c for c in cols if c in names]
             yield from _read_batches(pf.iter_batches(batch_size=1024, columns=cols), comp.text_field,
-                                     comp.id_field, max_bytes, unit.path)
+                                     comp.id_field, max_bytes)
     elif unit.format == "hf_disk":
         with pa.memory_map(unit.path) as src:
             reader = pa.ipc.open_stream(src)
-            yield from _read_batches(iter(reader), comp.text_field, comp.id_field, max_bytes, unit.path)
+            _check_text_column(reader.schema.names, unit, comp)
+            yield from _read_batches(iter(reader), comp.text_field, comp.id_field, max_bytes)
     elif unit.format == "txt":
         with _open_binary(unit.path) as f:
-            data = f.read(max_bytes + 1)
+            data = f.read(max_bytes + 1 + len(_BOM))
+        if data.startswith(_BOM):
+            data = data[len(_BOM):]
         if len(data) > max_bytes:
             yield Row(1, None, None, "oversized", data[:200])
             return
@@ -278,11 +363,15 @@ def read_rows(unit: Unit, comp: ComponentSpec) -> Iterator[Row]:
 def safe_rows(unit: Unit, comp: ComponentSpec) -> Iterator[Row]:
     """``read_rows``, but a file that cannot be opened or breaks off (truncated gzip, corrupt
     zstd or parquet, vanished URL) ends with one ``unreadable`` row naming the error at the
-    line where reading stopped; the rows before it are kept. The job never crashes on input."""
+    line where reading stopped; the rows before it are kept. The job never crashes on input; a
+    ``ManifestError`` (wrong ``text_field`` for a parquet/Arrow schema) is a setting, not input,
+    and propagates so the build fails with it."""
     line = 0
     try:
         for row in read_rows(unit, comp):
             line = row.line
             yield row
+    except ManifestError:
+        raise
     except Exception as e:  # any reader error is bad input, not a bug of this stage
         yield Row(line + 1, None, None, "unreadable", f"{type(e).__name__}: {e}"[:200])

@@ -1,10 +1,14 @@
 """Corpus manifests: a typed YAML schema for "which components, where, how much, which filters".
 
 A manifest names the corpus and lists components; each component is a set of files (globs
-relative to the manifest's ``root``, or URLs fsspec can open) in one format. Validation is
-strict: unknown keys, wrong types, missing files and bad globs raise ``ManifestError`` naming
-the manifest file, the component and the YAML line (from the yaml node marks), so a typo
-never silently turns into an empty component.
+relative to the manifest's ``root``, or URLs fsspec can open) in one format. A path that names an
+existing file (for ``hf_disk``: folder) is taken as is, even when it holds glob characters
+(``vol[1].txt``); only otherwise is it expanded as a glob. Validation is strict: unknown keys,
+wrong types, missing files, bad globs, a broken ``hf_disk`` folder (``state.json`` not JSON, an
+Arrow file it lists missing) and a file that belongs to two components (compared after
+``os.path.realpath``, URLs after normalisation) raise ``ManifestError`` naming the manifest file,
+the component and the YAML line (from the yaml node marks), so a typo never silently turns into
+an empty component or a component read twice.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import hashlib
 import json
 import math
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -83,7 +89,7 @@ class ComponentSpec:
     line: int = 0
     """Manifest line where the component starts (1-based), for error messages."""
     files: list[str] = field(default_factory=list)
-    """Resolved, sorted file list (absolute paths or URLs); filled by ``resolve``."""
+    """Resolved, sorted file list (absolute paths or URLs), each file once (by ``file_identity``)."""
     missing: list[str] = field(default_factory=list)
     """Path patterns that matched nothing (only kept when resolving with allow_missing)."""
 
@@ -198,17 +204,51 @@ def _join(root: str, pattern: str) -> str:
     return root.rstrip("/") + "/" + pattern if _is_url(root) else os.path.join(root, pattern)
 
 
-def _expand(pattern: str, root: str) -> list[str]:
+class _BadGlob(ValueError):
+    pass
+
+
+def _expand(pattern: str, root: str, want_dir: bool = False) -> list[str]:
+    """The files (folders if ``want_dir``) ``pattern`` names. A pattern with glob characters that
+    names an existing file (folder) literally is that file, not a glob: ``vol[1].txt`` must not
+    read ``vol1.txt`` instead. Raises ``_BadGlob`` for a malformed glob."""
     full = _join(root, pattern)
+    magic = glob.has_magic(full)
     if _is_url(full):
         import fsspec
 
+        if magic:
+            fs, path = fsspec.core.url_to_fs(full)
+            if fs.isdir(path) if want_dir else fs.isfile(path):
+                return [full]
+        if _BAD_GLOB.search(pattern):
+            raise _BadGlob(pattern)
         fs, _, paths = fsspec.get_fs_token_paths(full)
         proto = full.split("://", 1)[0]
         return sorted(p if "://" in p else f"{proto}://{p}" for p in paths)
-    if glob.has_magic(full):
+    if magic:
+        if os.path.isdir(full) if want_dir else os.path.isfile(full):
+            return [os.path.abspath(full)]
+        if _BAD_GLOB.search(pattern):
+            raise _BadGlob(pattern)
         return sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True))
     return [os.path.abspath(full)] if os.path.exists(full) else []
+
+
+def file_identity(path: str) -> str:
+    """What makes two resolved files the same file: ``os.path.realpath`` for local paths and
+    ``file://`` URLs; for other URLs the URL with the scheme lower-cased (and the host, for
+    http/https), repeated slashes and ``.``/``..`` segments removed from the path."""
+    if not _is_url(path):
+        return os.path.realpath(path)
+    u = urlsplit(path)
+    scheme = u.scheme.lower()
+    if scheme in ("file", "local"):
+        return os.path.realpath(u.path)
+    netloc = u.netloc.lower() if scheme in ("http", "https") else u.netloc
+    norm = re.sub("/+", "/", u.path)
+    norm = posixpath.normpath(norm) if norm else ""
+    return f"{scheme}://{netloc}{norm}" + (f"?{u.query}" if u.query else "")
 
 
 def infer_format(path: str) -> str | None:
@@ -282,6 +322,7 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
                             f"a non-empty list")
     comps: list[ComponentSpec] = []
     seen: set[str] = set()
+    owner: dict[str, tuple[ComponentSpec, str, str, int]] = {}  # identity -> (comp, file, pattern, line)
     for i, c in enumerate(comps_raw):
         if not isinstance(c, _LineDict):
             raise ManifestError(f"{mpath}: components[{i}] must be a mapping")
@@ -292,12 +333,29 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
             raise ManifestError(f"{_where(mpath, c.line, cname)}: duplicate component name")
         seen.add(cname)
         _check_keys(c, _COMPONENT_KEYS, mpath, cname, "component")
-        comps.append(_component(c, cname, defaults, base_filters, mpath, root_dir, allow_missing))
+        spec, origin = _component(c, cname, defaults, base_filters, mpath, root_dir, allow_missing)
+        _check_disjoint(spec, origin, owner, mpath)
+        comps.append(spec)
     if len(comps) >= 2**15:
         raise ManifestError(f"{mpath}: at most {2**15 - 1} components")
     return Manifest(name=name, path=path, sha256=hashlib.sha256(raw).hexdigest(), root=root_dir,
                     components=comps, near_dedup=nd, exact_dedup=exact, shard_tokens=shard_tokens,
                     description=doc.get("description"), total_tokens=doc.get("total_tokens"))
+
+
+def _check_disjoint(spec: ComponentSpec, origin: dict[str, tuple[str, str, int]],
+                    owner: dict[str, tuple[ComponentSpec, str, str, int]], mpath: str) -> None:
+    """A file in two components would be read twice (every document twice without exact dedup)
+    under two names; ``owner`` collects identity -> (component, file, pattern, line) so far."""
+    for ident, (f, pattern, line) in origin.items():
+        if ident in owner:
+            other, f0, pattern0, line0 = owner[ident]
+            alias = f" as {f0}" if f0 != f else ""
+            raise ManifestError(f"{_where(mpath, line, spec.name)}: file {f} belongs to both component "
+                                f"{other.name!r} ({mpath}:{line0}, path {pattern0!r}{alias}) and component "
+                                f"{spec.name!r} ({mpath}:{line}, path {pattern!r}); a file may be in one "
+                                f"component only")
+        owner[ident] = (spec, f, pattern, line)
 
 
 def _check_near_dedup(nd: NearDedupSettings, mpath: str, d: _LineDict, line: int) -> None:
@@ -319,11 +377,18 @@ def _check_near_dedup(nd: NearDedupSettings, mpath: str, d: _LineDict, line: int
 
 def _check_hf_disk(folder: str, pattern: str, mpath: str, line: int, cname: str) -> None:
     """An hf_disk path must be one saved ``Dataset`` (state.json or Arrow files), not e.g. a
-    ``DatasetDict`` folder, which would otherwise read as an empty component."""
-    if _is_url(folder) or os.path.exists(os.path.join(folder, "state.json")) or \
-            any(n.endswith(".arrow") for n in os.listdir(folder)):
+    ``DatasetDict`` folder, which would otherwise read as an empty component. A state.json must
+    be JSON with a ``_data_files`` list of ``{"filename": ...}`` whose files all exist (what
+    ``pipeline.read.hf_disk_files`` reads), so a broken folder fails here, naming the file."""
+    if _is_url(folder):
         return
     where = _where(mpath, line, cname)
+    state = os.path.join(folder, "state.json")
+    if os.path.exists(state):
+        _check_state_json(state, folder, where)
+        return
+    if any(n.endswith(".arrow") for n in os.listdir(folder)):
+        return
     dd = os.path.join(folder, "dataset_dict.json")
     if os.path.exists(dd):
         try:
@@ -338,8 +403,31 @@ def _check_hf_disk(folder: str, pattern: str, mpath: str, line: int, cname: str)
                         f"file)")
 
 
+def _check_state_json(state: str, folder: str, where: str) -> None:
+    try:
+        with open(state, "rb") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise ManifestError(f"{where}: cannot read {state}: {e.strerror}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ManifestError(f"{where}: {state} is not valid JSON ({e})") from None
+    entries = doc.get("_data_files") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise ManifestError(f"{where}: {state} has no '_data_files' list (not written by "
+                            f"datasets' save_to_disk?)")
+    for i, d in enumerate(entries):
+        name = d.get("filename") if isinstance(d, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ManifestError(f"{where}: {state}: _data_files[{i}] has no 'filename' string")
+        arrow = os.path.join(folder, name)
+        if not os.path.isfile(arrow):
+            raise ManifestError(f"{where}: {arrow} is missing (listed in {state})")
+
+
 def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: FilterConfig,
-               mpath: str, root_dir: str, allow_missing: bool) -> ComponentSpec:
+               mpath: str, root_dir: str, allow_missing: bool
+               ) -> tuple[ComponentSpec, dict[str, tuple[str, str, int]]]:
+    """The component, and for each of its files identity -> (file, path pattern, manifest line)."""
     kl = c.key_lines
     paths = c.get("paths")
     if isinstance(paths, str):
@@ -380,14 +468,14 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
         source=get("source", (str, type(None)), None), license=get("license", (str, type(None)), None),
         published_tokens=get("published_tokens", (int, type(None)), None),
         notes=get("notes", (str, type(None)), None), line=c.line)
-    files: list[str] = []
+    files: dict[str, str] = {}  # file -> the path pattern that first matched it
+    line = kl.get("paths", c.line)
     for p in paths:
-        line = kl.get("paths", c.line)
-        if _BAD_GLOB.search(p):
-            raise ManifestError(f"{_where(mpath, line, cname)}: bad glob {p!r} (unclosed '[' or '**' "
-                                f"not a whole path segment)")
         try:
-            matched = _expand(p, root_dir)
+            matched = _expand(p, root_dir, want_dir=fmt == "hf_disk")
+        except _BadGlob:
+            raise ManifestError(f"{_where(mpath, line, cname)}: bad glob {p!r} (unclosed '[' or '**' "
+                                f"not a whole path segment)") from None
         except Exception as e:  # fsspec raises many kinds for unreachable URLs
             raise ManifestError(f"{_where(mpath, line, cname)}: cannot list {p!r}: {e}") from None
         if fmt == "hf_disk":
@@ -403,8 +491,12 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
             where = _join(root_dir, p)
             raise ManifestError(f"{_where(mpath, line, cname)}: path {p!r} matches no "
                                 f"{'dataset folder' if fmt == 'hf_disk' else 'file'} (looked for {where})")
-        files.extend(matched)
-    spec.files = sorted(dict.fromkeys(files))
+        for m in matched:
+            files.setdefault(m, p)
+    origin: dict[str, tuple[str, str, int]] = {}
+    for f in sorted(files):  # a symlink and its target in one component: the file is read once
+        origin.setdefault(file_identity(f), (f, files[f], line))
+    spec.files = [f for f, _, _ in origin.values()]
     if len(spec.files) >= 2**16:
         raise ManifestError(f"{_where(mpath, c.line, cname)}: at most 65535 files per component")
-    return spec
+    return spec, origin

@@ -252,3 +252,96 @@ def test_url_root_with_relative_paths_resolves(tmp_path):
     assert m.components[0].files == [f"file://{tmp_path}/d/a.jsonl", f"file://{tmp_path}/d/b.jsonl"]
     p.write_text(f"name: t\nroot: file://{tmp_path}\ncomponents:\n  - name: c\n    paths: ['d/b*.jsonl']\n")
     assert load_manifest(str(p)).components[0].files == [f"file://{tmp_path}/d/b.jsonl"]
+
+
+def _two_components(tmp_path, first: str, second: str) -> str:
+    p = tmp_path / "m.yaml"
+    p.write_text(f"name: t\nexact_dedup: false\ncomponents:\n  - name: web\n    paths: [{first}]\n"
+                 f"  - name: web_mirror\n    paths: [{second}]\n")
+    return str(p)
+
+
+@pytest.mark.parametrize("second", ["'d/*.jsonl'", "d/link.jsonl", "'file://{tmp}/d//a.jsonl'",
+                                    "'file://{tmp}/d/./link.jsonl'"])
+def test_a_file_in_two_components_is_an_error_naming_both(tmp_path, second):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "x"}\n')
+    os.symlink("a.jsonl", tmp_path / "d" / "link.jsonl")
+    p = _two_components(tmp_path, "d/a.jsonl", second.format(tmp=tmp_path))
+    with pytest.raises(ManifestError) as e:
+        load_manifest(p)
+    msg = str(e.value)
+    assert f"{p}:7: component 'web_mirror'" in msg and f"component 'web' ({p}:5, path 'd/a.jsonl'" in msg, msg
+    assert "a.jsonl" in msg and "belongs to both" in msg
+
+
+def test_components_with_distinct_files_and_aliases_within_one_component_load(tmp_path):
+    (tmp_path / "d").mkdir()
+    for n in ("a", "b"):
+        (tmp_path / "d" / f"{n}.jsonl").write_text('{"text": "x"}\n')
+    os.symlink("a.jsonl", tmp_path / "d" / "link.jsonl")
+    m = load_manifest(_two_components(tmp_path, "d/a.jsonl", "d/b.jsonl"))
+    assert [c.files for c in m.components] == [[str(tmp_path / "d" / "a.jsonl")], [str(tmp_path / "d" / "b.jsonl")]]
+    # one file reached twice within a component (a symlink and its target) is read once
+    m = load_manifest(_two_components(tmp_path, "'d/[al]*.jsonl'", "d/b.jsonl"))
+    assert m.components[0].files == [str(tmp_path / "d" / "a.jsonl")]
+
+
+def _hf_dataset(tmp_path) -> tuple[str, str]:
+    import datasets
+
+    folder = tmp_path / "chat"
+    datasets.Dataset.from_dict({"text": ["one document", "another document"]}).save_to_disk(str(folder))
+    p = tmp_path / "m.yaml"
+    p.write_text("name: t\ncomponents:\n  - name: chat\n    format: hf_disk\n    paths: [chat]\n")
+    return str(p), str(folder)
+
+
+@pytest.mark.parametrize("state, needle", [
+    ('{"_data_files": [', "is not valid JSON"),
+    ('{"_fingerprint": "x"}', "has no '_data_files' list"),
+    ('{"_data_files": {"filename": "a.arrow"}}', "has no '_data_files' list"),
+    ('[1, 2]', "has no '_data_files' list"),
+    ('{"_data_files": [{"name": "a.arrow"}]}', "'filename'"),
+])
+def test_hf_disk_corrupt_state_json_is_an_error_naming_it(tmp_path, state, needle):
+    p, folder = _hf_dataset(tmp_path)
+    with open(os.path.join(folder, "state.json"), "w") as f:
+        f.write(state)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(p)
+    msg = str(e.value)
+    assert needle in msg and f"{p}:5: component 'chat'" in msg and os.path.join(folder, "state.json") in msg, msg
+
+
+def test_hf_disk_missing_arrow_file_is_an_error_naming_it(tmp_path):
+    p, folder = _hf_dataset(tmp_path)
+    assert len(load_manifest(p).components[0].files) == 1
+    arrow = next(n for n in os.listdir(folder) if n.endswith(".arrow"))
+    os.rename(os.path.join(folder, arrow), os.path.join(folder, "moved.bin"))
+    with pytest.raises(ManifestError) as e:
+        load_manifest(p)
+    msg = str(e.value)
+    assert f"{p}:5: component 'chat'" in msg and os.path.join(folder, arrow) in msg and "missing" in msg, msg
+    r = subprocess.run([sys.executable, os.path.join(REPO, "pipeline", "build.py"), "--manifest", p,
+                        "--root", str(tmp_path), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and arrow in r.stderr, r.stderr
+
+
+def test_a_literal_file_name_with_glob_characters_is_read_as_is(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "vol[1].txt").write_text("volume one")
+    (tmp_path / "d" / "notes[draft.txt").write_text("draft")
+    p = tmp_path / "m.yaml"
+    body = "name: t\ncomponents:\n  - name: books\n    paths: ['{}']\n"
+    p.write_text(body.format("d/vol[1].txt"))
+    assert load_manifest(str(p)).components[0].files == [str(tmp_path / "d" / "vol[1].txt")]
+    (tmp_path / "d" / "vol1.txt").write_text("a file nobody listed")
+    assert load_manifest(str(p)).components[0].files == [str(tmp_path / "d" / "vol[1].txt")]
+    p.write_text(body.format("d/notes[draft.txt"))
+    assert load_manifest(str(p)).components[0].files == [str(tmp_path / "d" / "notes[draft.txt")]
+    # without a file of that literal name the pattern is still a glob
+    p.write_text(body.format("d/vol[12].txt"))
+    assert load_manifest(str(p)).components[0].files == [str(tmp_path / "d" / "vol1.txt")]
+    p.write_text(body.format(f"file://{tmp_path}/d/vol[1].txt"))
+    assert load_manifest(str(p)).components[0].files == [f"file://{tmp_path}/d/vol[1].txt"]

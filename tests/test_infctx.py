@@ -77,3 +77,13 @@ def test_truncated_bptt_differs_and_matches_detached_reference():
     assert diff > 1e-6  # truncation drops the cross-segment gradient
     for n, p in m.named_parameters():
         assert ((trunc[n] - p.grad).norm() / p.grad.norm()) <= 1e-10, n
+
+
+def test_bad_ctx_len_and_too_short_tokens_are_errors():
+    """Used to return None (no segment ran) or divide by zero: now a clear error."""
+    m = _model()
+    for ctx_len in (0, -4):
+        with pytest.raises(ValueError, match="ctx_len"):
+            InfctxLM(m, ctx_len)
+    with pytest.raises(ValueError, match=r"\[B, D \+ 1\]"):
+        InfctxLM(m, 8)(torch.zeros(2, 1, dtype=torch.long))

@@ -236,3 +236,17 @@ def test_apply_compile_matches_eager():
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
     for n, g in outs[0][1].items():  # fp32 reassociation only
         assert ((outs[1][1][n] - g).norm() / g.norm()).item() < 1e-4, n
+
+
+def test_one_token_wkv_step_stays_in_state_precision_under_autocast():
+    """The T = 1 WKV step (generation, infctx length-1 segments) computes in the state's dtype also under
+    torch.autocast (its einsums used to run in bf16: 1.5e-4 from the fp32 result)."""
+    from trainer.models.rwkv7 import _wkv_one_step
+    g = torch.Generator().manual_seed(0)
+    r, w, k, v, a, b = (torch.randn(2, 3, 64, generator=g) for _ in range(6))
+    w = -0.6 * torch.sigmoid(w)
+    s = torch.randn(2, 3, 64, 64, generator=g)
+    y0, s0 = _wkv_one_step(r, w, k, v, a, b, s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, s1 = _wkv_one_step(r, w, k, v, a, b, s)
+    assert s1.dtype == torch.float32 and torch.equal(s1, s0) and torch.equal(y1, y0)

@@ -189,3 +189,54 @@ def test_gpu_bf16_matches_float64(T):
     assert rel(y1, y0) < 2.5e-3 and rel(s_1, s_0) < 2e-3
     for a, b in zip(g1, g0):
         assert rel(a, b) < 1e-2
+
+
+def test_cpu_path_gives_clear_errors():
+    """The CPU path checks arguments as the Triton path does (it used to fail inside view/stack)."""
+    xs, s0, _, _ = make_inputs(2, 16, 2)
+    with pytest.raises(ValueError, match="T must be >= 1"):
+        wkv7(*(x[:, :0] for x in xs))
+    with pytest.raises(ValueError, match="k has shape"):
+        wkv7(xs[0], xs[1], xs[2][:, :15], *xs[3:])
+    with pytest.raises(ValueError, match="initial_state has shape"):
+        wkv7(*xs, s0[:, :, :32])
+
+
+def test_cpu_path_stays_fp32_under_autocast():
+    """Under torch.autocast the chunked PyTorch path used to run its products in bf16 (state error 2.7e-3)."""
+    xs, s0, _, _ = make_inputs(1, 64, 2, dtype=torch.float32)
+    _, ref = naive_wkv7(*(x.double() for x in xs), s0.double(), True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, s = wkv7(*xs, s0.float(), True)
+    assert s.dtype == torch.float32 and rel(s, ref) < 1e-5
+
+
+def test_naive_returns_y_in_the_input_dtype():
+    xs, _, _, _ = make_inputs(1, 5, 1, dtype=torch.float32)
+    y, _ = naive_wkv7(*(x.bfloat16() for x in xs))
+    assert y.dtype == torch.bfloat16
+
+
+def test_triton_second_backward_is_an_error():
+    """The kernels' backward is first order: create_graph used to drop second-order terms silently."""
+    chunk = _triton_modules()
+    xs, _, _, _ = make_inputs(1, 20, 1, dtype=torch.float32)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    y, _ = chunk.chunk_wkv7(*leaves)
+    (g,) = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.square().sum().backward()
+
+
+def test_int32_guard_and_decay_check(monkeypatch):
+    """The offset guard covers the [C, C] buffer (larger than the states when 4 C^2 > N^2), and
+    check_decay rejects a w the chunked form cannot take (below -80 / chunk_size it overflows float32)."""
+    chunk = _triton_modules()
+    huge = torch.zeros(1, 1, 1, 16).expand(16, 65536, 64, 16)   # states 2^30 elements, [C, C] buffer 2^32
+    with pytest.raises(ValueError, match="int32"):
+        chunk.chunk_wkv7(*(huge,) * 6)
+    xs, _, _, _ = make_inputs(1, 20, 1, dtype=torch.float32)
+    w = torch.full_like(xs[1], -6.0)
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, check_decay=True))
+    with pytest.raises(ValueError, match="overflow float32"):
+        chunk.chunk_wkv7(xs[0], w, *xs[2:])

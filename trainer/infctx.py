@@ -49,12 +49,17 @@ class InfctxLM(nn.Module):
 
     def __init__(self, lm: nn.Module, ctx_len: int, bptt_truncate: bool = False, recompute: bool = True):
         super().__init__()
+        if int(ctx_len) < 1:
+            raise ValueError(f"InfctxLM: ctx_len must be >= 1, got {ctx_len}")
         self.lm = lm
         self.ctx_len = int(ctx_len)
         self.bptt_truncate = bptt_truncate
         self.recompute = recompute
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"InfctxLM: tokens must be [B, D + 1] with D >= 1 (an input and its next token), "
+                             f"got shape {tuple(tokens.shape)}")
         idx, targets = tokens[:, :-1], tokens[:, 1:]       # [B, D] each
         T = idx.shape[1]
         n_seg = math.ceil(T / self.ctx_len)

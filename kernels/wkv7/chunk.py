@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import triton_kernels as K
+from .checks import check_inputs
 
 
 @dataclass
@@ -43,11 +44,17 @@ class WKV7KernelConfig:
     (4 KiB per chunk and head, kept for the backward) so the sequential kernels load them instead of
     recomputing them in their serial steps (H200, 8-4096-32: forward 1.14 + 0.34 ms vs 1.66). H200,
     8-4096-32: 0.34 ms with 1 warp, 0.42 with 2, 0.78 with 4."""
+    check_decay: bool = False
+    """Raise ValueError when some w < -DECAY_LIMIT / chunk_size (-5 at chunk 16), where the chunked form's
+    e^{-cumsum(w)} overflows float32 and y turns NaN/inf. Off by default: it costs one GPU sync per call, and
+    the model's w (-0.6065 sigmoid(.)) is always inside the bound."""
     poison_outputs: bool = False
     """Fill outputs with NaN before the kernels run (tests: an unwritten element then fails)."""
 
 
 CONFIG = WKV7KernelConfig()
+DECAY_LIMIT = 80.0
+"""Largest |sum of w over one chunk| the kernels take: e^{80} is well inside float32 (overflow at e^{88.7})."""
 
 
 def _alloc(shape, dtype, device):
@@ -57,20 +64,21 @@ def _alloc(shape, dtype, device):
 
 
 def _check(r, w, k, v, a, b, initial_state):
-    B, T, H, N = r.shape
-    for name, x in zip("rwkvab", (r, w, k, v, a, b)):
-        if x.shape != (B, T, H, N):
-            raise ValueError(f"wkv7: {name} has shape {tuple(x.shape)}, expected {(B, T, H, N)} like r")
-    if T < 1:
-        raise ValueError("wkv7: T must be >= 1")
+    B, T, H, N = check_inputs(r, w, k, v, a, b, initial_state)
     if N < 16 or N & (N - 1):
         raise ValueError(f"wkv7: head size N={N} must be a power of two >= 16")
-    if initial_state is not None and initial_state.shape != (B, H, N, N):
-        raise ValueError(f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected {(B, H, N, N)}")
-    chunks = -(-T // CONFIG.chunk_size)  # saved chunk-start states, indexed with int32 offsets in the kernels
-    if B * H * chunks * N * N >= 2**31:
-        raise ValueError(f"wkv7: B*H*ceil(T/chunk)*N*N = {B * H * chunks * N * N:,} overflows the kernels' int32 "
-                         f"offsets: split the batch or the sequence (infctx segments)")
+    C = CONFIG.chunk_size
+    chunks = -(-T // C)
+    # the largest buffers the kernels index with int32 offsets: inputs, chunk-start states, [C, C] matrices
+    largest = max(B * T * H * N, B * H * chunks * N * N, B * H * chunks * 4 * C * C)
+    if largest >= 2**31:
+        raise ValueError(f"wkv7: a buffer of {largest:,} elements (B={B}, T={T}, H={H}, N={N}, chunk {C}) overflows "
+                         f"the kernels' int32 offsets: split the batch or the sequence (infctx segments)")
+    if CONFIG.check_decay:
+        lowest = float(w.min())
+        if lowest < -DECAY_LIMIT / C:
+            raise ValueError(f"wkv7: w has {lowest:.3g} < -{DECAY_LIMIT:g} / chunk_size = {-DECAY_LIMIT / C:.3g}: the "
+                             f"chunked form would overflow float32 (the model's w is >= -0.6065)")
 
 
 def _block_v(B, H, N):
@@ -135,6 +143,7 @@ class ChunkWKV7(torch.autograd.Function):
         return y, sT
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dsT):
         r, w, k, v, a, b, st, cc = ctx.saved_tensors
         dsT = None if dsT is None else dsT.float().contiguous()
@@ -160,6 +169,7 @@ class RecurrentWKV7(torch.autograd.Function):
         return y, sT
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dsT):
         r, w, k, v, a, b, s0 = ctx.saved_tensors
         _, _, st, cc = _fwd(r, w, k, v, a, b, s0, False, True)
@@ -173,10 +183,12 @@ class RecurrentWKV7(torch.autograd.Function):
 def chunk_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
     """Chunked Triton WKV7 (training path), forward and backward.
 
-    r, w, k, v, a, b: [B, T, H, N] bf16/fp16/fp32, any T >= 1; w is the log decay (w <= 0, and
-    w >= -0.6065 as the model produces it). initial_state: [B, H, N, N] fp32 ([value][key]) or None.
-    Returns (y [B, T, H, N] in r's dtype, final_state [B, H, N, N] fp32 or None). Gradients flow to all
-    six inputs and initial_state, from y and from final_state.
+    r, w, k, v, a, b: [B, T, H, N] bf16/fp16/fp32, any T >= 1; w is the log decay, -80 / chunk_size <= w <= 0
+    (>= -5 at the default chunk of 16; the model's w is >= -0.6065): below that the chunked form overflows
+    float32 and y is NaN/inf (CONFIG.check_decay raises instead). initial_state: [B, H, N, N] fp32
+    ([value][key]) or None. Returns (y [B, T, H, N] in r's dtype, final_state [B, H, N, N] fp32 or None).
+    Gradients flow to all six inputs and initial_state, from y and from final_state (first order only: a
+    second backward through them raises).
     """
     _check(r, w, k, v, a, b, initial_state)
     return ChunkWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_inputs
+
 # Largest chunk decay magnitude (-sum of w over a chunk) for which the factorised form e^{x - y} = e^x e^{-y}
 # is used: e^{40} is far from float32 overflow and leaves ample range. Beyond it, the exact [C, C, K] form.
 _FACTOR_SAFE = 40.0
@@ -28,8 +30,15 @@ def chunk_wkv7_torch(r, w, k, v, a, b, initial_state=None, output_final_state=Fa
     """r, w, k, v, a, b: [B, T, H, N]; initial_state [B, H, N, N] ([value][key]) or None.
 
     Returns (y [B, T, H, N] in the input dtype, final_state [B, H, N, N] or None). Computes in float64 for
-    float64 inputs, else float32; the final state is float32 (float64 for float64 inputs).
+    float64 inputs, else float32, also under torch.autocast (which would otherwise run the products in
+    bf16); the final state is float32 (float64 for float64 inputs).
     """
+    check_inputs(r, w, k, v, a, b, initial_state)
+    with torch.autocast(r.device.type, enabled=False):
+        return _chunk_wkv7_torch(r, w, k, v, a, b, initial_state, output_final_state, chunk_size)
+
+
+def _chunk_wkv7_torch(r, w, k, v, a, b, initial_state, output_final_state, chunk_size):
     B, T, H, N = r.shape
     in_dtype = r.dtype
     dt = torch.float64 if in_dtype == torch.float64 else torch.float32

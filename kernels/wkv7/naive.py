@@ -17,6 +17,7 @@ def naive_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
     final_state [B, H, N, N] fp32 or None). Computes in fp32, or fp64 when the inputs are fp64.
     """
     B, T, H, N = r.shape
+    in_dtype = r.dtype
     dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
     r, w, k, v, a, b = (x.to(dtype) for x in (r, w, k, v, a, b))
     S = r.new_zeros(B, H, N, N) if initial_state is None else initial_state.to(dtype)
@@ -28,6 +29,6 @@ def naive_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
              + sa[..., :, None] * b[:, t, :, None, :]
              + v[:, t, :, :, None] * k[:, t, :, None, :])
         ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
-    y = torch.stack(ys, dim=1) if T else r.new_zeros(B, 0, H, N)
+    y = (torch.stack(ys, dim=1) if T else r.new_zeros(B, 0, H, N)).to(in_dtype)
     final = S.float() if dtype == torch.float32 else S
     return y, (final if output_final_state else None)

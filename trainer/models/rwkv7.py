@@ -109,11 +109,13 @@ def _wkv(r, w, k, v, a, b, state):
 
 def _wkv_one_step(r, w, k, v, a, b, s):
     """One token of the WKV recurrence (the T = 1 path used in RNN-mode generation).
-    r..b [B, H, N], s [B, H, N, N] [value][key] -> (y [B, H, N], new s). Same math as kernels.wkv7.naive."""
-    r, w, k, v, a, b = (t.to(s.dtype) for t in (r, w, k, v, a, b))
-    sa = torch.einsum("bhij,bhj->bhi", s, a)  # [B, H, N]
-    s = s * torch.exp(w).unsqueeze(-2) + sa.unsqueeze(-1) * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
-    return torch.einsum("bhij,bhj->bhi", s, r), s
+    r..b [B, H, N], s [B, H, N, N] [value][key] -> (y [B, H, N], new s). Same math as kernels.wkv7.naive;
+    in the state's precision also under torch.autocast."""
+    with torch.autocast(s.device.type, enabled=False):
+        r, w, k, v, a, b = (t.to(s.dtype) for t in (r, w, k, v, a, b))
+        sa = torch.einsum("bhij,bhj->bhi", s, a)  # [B, H, N]
+        s = s * torch.exp(w).unsqueeze(-2) + sa.unsqueeze(-1) * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
+        return torch.einsum("bhij,bhj->bhi", s, r), s
 
 
 VEC_NAMES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")

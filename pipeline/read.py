@@ -176,7 +176,7 @@ def _split_lines(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
         if parts:
             first = parts[0]
             if cut is not None:
-                yield _Cut(cut)
+                yield _Cut((cut + first[:_HEAD])[:_HEAD])
                 cut = None
             elif plen + len(first) > limit:
                 yield _Cut(_head(pend, first))
@@ -187,7 +187,10 @@ def _split_lines(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
             pend, plen = [], 0
             for part in parts[1:]:
                 yield _Cut(part[:_HEAD]) if len(part) > limit else part + b"\n"
-        if last and cut is None:
+        if cut is not None:
+            if len(cut) < _HEAD:  # a limit below _HEAD: the sample still gets _HEAD bytes
+                cut = (cut + last[:_HEAD])[:_HEAD]
+        elif last:
             if plen + len(last) > limit:
                 cut = _head(pend, last)
                 pend, plen = [], 0

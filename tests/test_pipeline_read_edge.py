@@ -1,0 +1,180 @@
+"""Reader edge cases: a huge jsonl line is skipped in bounded memory (``line_oversized``), ``oversized``
+is judged on the text and not on the line, a UTF-8 BOM at the start of a file is dropped, and a wrong
+``text_field`` for a parquet/Arrow schema fails the build with the file's real columns."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import tracemalloc
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from pipeline import read, stages
+from pipeline.manifest import ComponentSpec, FilterConfig, ManifestError
+from pipeline.read import Unit, read_rows, safe_rows
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _comp(fmt: str, max_doc_bytes: int = 1000, **kw) -> ComponentSpec:
+    return ComponentSpec(name="t", paths=["x"], format=fmt, filters=FilterConfig(max_doc_bytes=max_doc_bytes), **kw)
+
+
+def _write(path, data: bytes, fmt: str) -> str:
+    if fmt == "jsonl.gz":
+        data = gzip.compress(data, compresslevel=1)
+    elif fmt == "jsonl.zst":
+        data = zstandard.ZstdCompressor(level=1).compress(data)
+    path.write_bytes(data)
+    return str(path)
+
+
+def _rows(path: str, fmt: str, comp: ComponentSpec) -> list[read.Row]:
+    return list(safe_rows(Unit(0, 0, path, fmt, os.path.basename(path)), comp))
+
+
+def _split_reference(data: bytes, limit: int) -> list[tuple[bool, bytes]]:
+    """(cut, bytes) per line of the whole ``data``: the line with its ``\\n``, or its first 200 bytes
+    when it is longer than ``limit`` without the ``\\n``."""
+    parts = data.split(b"\n")
+    out = []
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if last and not p:
+            break
+        out.append((True, p[:200]) if len(p) > limit else (False, p if last else p + b"\n"))
+    return out
+
+
+def test_split_lines_matches_plain_reference():
+    rng = random.Random(3)
+    for _ in range(300):
+        lens = [rng.choice([0, 1, 5, 199, 200, 201, 300, 1000]) for _ in range(rng.randint(0, 8))]
+        data = b"\n".join(bytes(rng.choice(b"ab{}") for _ in range(n)) for n in lens)
+        if rng.random() < 0.5:
+            data += b"\n"
+        limit = rng.choice([0, 1, 3, 199, 200, 250, 5000])
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 12)))) if len(data) > 1 else []
+        chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+        got = [(type(x) is read._Cut, bytes(x)) for x in read._split_lines(iter(chunks), limit)]
+        assert got == _split_reference(data, limit), (lens, limit, cuts)
+
+
+@pytest.mark.parametrize("last", [False, True])
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "jsonl.zst"])
+def test_huge_line_is_skipped_without_holding_it(tmp_path, monkeypatch, fmt, last):
+    monkeypatch.setattr(read, "_CHUNK", 1 << 18)  # small reads and zlib outputs: the peak is a few of them
+    monkeypatch.setattr(read, "_GZ_OUT", 1 << 18)
+    monkeypatch.setattr(read, "LINE_BYTES_FLOOR", 0)  # guard 4 * 1000 + 64 bytes
+    size = 16 << 20
+    huge = b'{"text": "' + random.Random(1).randbytes(size // 2).hex().encode() + b'"}'
+    lines = [b'{"text": "first document"}', huge, b'{"text": "third document"}']
+    if last:
+        lines = lines[:2]
+    path = _write(tmp_path / f"f.{fmt}", b"\n".join(lines) + (b"" if last else b"\n"), fmt)
+    head = huge[:200]
+    del huge, lines
+    tracemalloc.start()
+    try:
+        rows = _rows(path, fmt, _comp(fmt))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    want = [(1, None, "first document"), (2, "line_oversized", None)] + ([] if last else [(3, None, "third document")])
+    assert [(r.line, r.reason, r.text) for r in rows] == want
+    assert rows[1].raw == head
+    assert peak < size // 4, f"reader peak {peak / 2**20:.1f} MiB for an {size / 2**20:.0f} MiB line"
+
+
+def test_oversized_is_judged_on_the_text_not_the_line(tmp_path, monkeypatch):
+    text = "A forum post about bicycles, gears and chains, with some details. " * 45  # ~3 KB
+    big = "A long post about tricycles and their many wheels, in great detail. " * 300  # ~20 KB
+    recs = [{"text": text, "html": "<div>" + "x" * 70000 + "</div>"}, {"text": big}, {"text": text + " again"}]
+    path = _write(tmp_path / "f.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in recs), "jsonl")
+    comp = _comp("jsonl", max_doc_bytes=16384)
+    rows = _rows(path, "jsonl", comp)
+    assert [(r.line, r.reason) for r in rows] == [(1, None), (2, "oversized"), (3, None)]
+    assert rows[0].text == text
+    # past the memory guard the line gets its own reason, counted and quarantined with its start
+    monkeypatch.setattr(read, "LINE_BYTES_FLOOR", 0)
+    assert read.max_line_bytes(16384) == 4 * 16384 + 64
+    (tmp_path / "ingest").mkdir()
+    meta = stages.ingest_unit(Unit(0, 0, path, "jsonl", "f.jsonl"), comp, str(tmp_path), None)
+    assert meta["read"] == {"in": 3, "out": 1, "dropped": {"line_oversized": 1, "oversized": 1}}
+    q = {x["reason"]: x for x in meta["quarantine"]}
+    assert q["line_oversized"]["line"] == 1 and q["line_oversized"]["sample"] == json.dumps(recs[0])[:200]
+    assert q["oversized"]["line"] == 2
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "jsonl.zst"])
+def test_bom_at_file_start_is_dropped_for_jsonl(tmp_path, fmt):
+    docs = [{"text": "First document about rivers."}, {"text": "Second document about compilers."}]
+    body = BOM + b"\r\n".join(json.dumps(d).encode() for d in docs) + b"\r\n" + BOM + b'{"text": "x"}\r\n'
+    rows = _rows(_write(tmp_path / f"a.{fmt}", body, fmt), fmt, _comp(fmt))
+    # only the file's first line: a BOM later in the file is not a byte-order mark but bad input
+    assert [(r.line, r.reason, r.text) for r in rows] == [(1, None, docs[0]["text"]), (2, None, docs[1]["text"]),
+                                                          (3, "bad_json", None)]
+
+
+def test_bom_split_across_chunks_and_bom_only_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(read, "_CHUNK", 1)  # the BOM arrives one byte per chunk
+    p = _write(tmp_path / "a.jsonl", BOM + b'{"text": "one"}\n{"text": "two"}', "jsonl")
+    assert [(r.line, r.text) for r in _rows(p, "jsonl", _comp("jsonl"))] == [(1, "one"), (2, "two")]
+    p = _write(tmp_path / "b.jsonl", BOM, "jsonl")
+    assert _rows(p, "jsonl", _comp("jsonl")) == []
+    p = _write(tmp_path / "c.jsonl", b"\n\n", "jsonl")  # shorter than a BOM: lines still counted
+    assert [(r.line, r.reason) for r in _rows(p, "jsonl", _comp("jsonl"))] == [(1, "empty"), (2, "empty")]
+
+
+def test_bom_at_file_start_is_dropped_for_txt(tmp_path):
+    text = "A plain text book with a byte order mark.\r\n"
+    p = _write(tmp_path / "b.txt", BOM + text.encode(), "txt")
+    assert [(r.line, r.reason, r.text) for r in _rows(p, "txt", _comp("txt"))] == [(1, None, text)]
+    p = _write(tmp_path / "e.txt", BOM, "txt")
+    assert [(r.line, r.reason) for r in _rows(p, "txt", _comp("txt"))] == [(1, "empty")]
+    # the BOM does not count against max_doc_bytes
+    p = _write(tmp_path / "m.txt", BOM + b"x" * 1000, "txt")
+    assert [(r.line, r.reason) for r in _rows(p, "txt", _comp("txt"))] == [(1, None)]
+
+
+def test_missing_text_column_in_parquet_or_arrow_schema_is_a_config_error(tmp_path):
+    import datasets
+
+    texts = [f"Source file number {i} with enough characters." for i in range(50)]
+    pq.write_table(pa.table({"content": texts, "path": [str(i) for i in range(50)]}), tmp_path / "c.parquet")
+    pq.write_table(pa.table({"content": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    datasets.Dataset.from_dict({"content": texts}).save_to_disk(str(tmp_path / "ds"))
+    arrow = read.hf_disk_files(str(tmp_path / "ds"))[0]
+    for path, fmt in ((str(tmp_path / "c.parquet"), "parquet"), (str(tmp_path / "empty.parquet"), "parquet"),
+                      (arrow, "hf_disk")):
+        with pytest.raises(ManifestError) as e:
+            _rows(path, fmt, _comp(fmt, text_field="contents"))
+        msg = str(e.value)
+        assert path in msg and "'contents'" in msg and "'content'" in msg and "component 't'" in msg
+    rows = list(read_rows(Unit(0, 0, str(tmp_path / "c.parquet"), "parquet", "c"),
+                          _comp("parquet", text_field="content", id_field="path")))
+    assert [r.id for r in rows] == [str(i) for i in range(50)] and rows[0].text == texts[0]
+
+
+def test_wrong_text_field_fails_the_build_with_one_message(tmp_path, capsys):
+    from pipeline.build import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    texts = [f"Source file number {i} with enough characters to pass the filters." for i in range(20)]
+    pq.write_table(pa.table({"content": texts}), data / "code.parquet")
+    m = tmp_path / "m.yaml"
+    m.write_text("name: pq\nroot: data\ncomponents:\n  - name: code\n    paths: [code.parquet]\n"
+                 "    text_field: contents\n")
+    rc = main(["--manifest", str(m), "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and err.startswith("error:") and str(data / "code.parquet") in err
+    assert "columns: ['content']" in err
+    assert not (tmp_path / "out" / "index.json").exists()

@@ -61,6 +61,31 @@ def _progress(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True, leave=True)
 
 
+def _changed_files(old: list, new: list, show: int = 3) -> str:
+    """The first few inputs whose [rel, size, mtime] differ between two fingerprints, for the error."""
+    a, b = {f[0]: f[1:] for f in old}, {f[0]: f[1:] for f in new}
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(diff[:show]) + (f" and {len(diff) - show} more" if len(diff) > show else "")
+
+
+def _input_stamp(path: str) -> list:
+    """[size, modification time] of an input (local: os.stat, ns; URL: what fsspec reports, ETag preferred),
+    so a re-run into the same --out notices an input edited in place, not only a changed manifest."""
+    if "://" not in path:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    import fsspec
+
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        info = fs.info(p)
+    except (OSError, ValueError) as e:
+        raise BuildError(f"cannot stat input {path}: {e}") from None
+    version = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created")
+                    if info.get(k) is not None), None)
+    return [info.get("size"), None if version is None else str(version)]
+
+
 def _prepare_out(out: str, fingerprint: dict, force: bool) -> str:
     work = os.path.join(out, "work")
     try:
@@ -79,8 +104,10 @@ def _prepare_out(out: str, fingerprint: dict, force: bool) -> str:
         if old != fingerprint:
             if not force:
                 changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-                raise BuildError(f"--out {out!r} holds a build with different settings ({', '.join(changed)}); "
-                                 f"use another --out or pass --force to discard it")
+                files = _changed_files(old.get("files") or [], fingerprint["files"])
+                raise BuildError(f"--out {out!r} holds a build with different settings ({', '.join(changed)})"
+                                 + (f"; inputs added, removed or modified since: {files}" if files else "")
+                                 + "; use another --out or pass --force to discard it")
             shutil.rmtree(work)
             shutil.rmtree(os.path.join(out, "shards"))
             for name in ("index.json", "report.json", "quarantine.jsonl", "duplicates.jsonl"):
@@ -167,16 +194,19 @@ def _shard_plan(tok_paths: list[str], shard_tokens: int) -> list[list[tuple[str,
     return plan
 
 
-def _ids_for(keys: np.ndarray, ingest_paths: list[str]) -> dict[int, str]:
+def _ids_for(keys: np.ndarray, ingest_paths: list[str]) -> dict[int, tuple[str, str | None]]:
+    """key -> (id, source_id) for the given document keys."""
     want = np.unique(keys)
-    out: dict[int, str] = {}
+    out: dict[int, tuple[str, str | None]] = {}
     for p in ingest_paths:
-        t = stages.read_arrow(p).select(["key", "id"])
+        t = stages.read_arrow(p).select(["key", "id", "source_id"])
         k = t.column("key").to_numpy()
         hit = np.isin(k, want)
         if hit.any():
-            for key, i in zip(k[hit].tolist(), t.column("id").filter(pa.array(hit)).to_pylist()):
-                out[key] = i
+            mask = pa.array(hit)
+            for key, i, si in zip(k[hit].tolist(), t.column("id").filter(mask).to_pylist(),
+                                  t.column("source_id").filter(mask).to_pylist()):
+                out[key] = (i, si)
     return out
 
 
@@ -199,7 +229,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     comps = manifest.components
     units: list[Unit] = [u for ci, c in enumerate(comps) for u in units_for(ci, c, manifest.root)]
     fingerprint = {"manifest_sha256": manifest.sha256,
-                   "files": [[u.rel, os.path.getsize(u.path) if "://" not in u.path else None] for u in units],
+                   "files": [[u.rel, *_input_stamp(u.path)] for u in units],
                    "near_dedup": {"enabled": nd.enabled, "threshold": nd.threshold, **nd.params}
                    if nd.enabled else False,
                    "exact_dedup": manifest.exact_dedup, "tokenizer_sha256": tok.vocab_sha256,
@@ -268,6 +298,14 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
             removed["near_dedup"], dup_of["near_dedup"] = stages.near_duplicates(
                 ingest_paths, removed["exact_dedup"], nd_run)
             timings["near_dedup_wall"] = time.perf_counter() - t1
+        if len(removed["near_dedup"]) and len(dup_of["exact_dedup"]):
+            # an exact duplicate's kept twin may itself be a near duplicate: point it at what was kept
+            # (near dedup ran on exact dedup's survivors, so its targets are never removed: one hop)
+            order_n = np.argsort(removed["near_dedup"], kind="stable")
+            rn, on = removed["near_dedup"][order_n], dup_of["near_dedup"][order_n]
+            pos = np.clip(np.searchsorted(rn, dup_of["exact_dedup"]), 0, len(rn) - 1)
+            hop = rn[pos] == dup_of["exact_dedup"]
+            dup_of["exact_dedup"] = np.where(hop, on[pos], dup_of["exact_dedup"])
         keys = np.concatenate([removed["exact_dedup"], removed["near_dedup"]])
         ofs = np.concatenate([dup_of["exact_dedup"], dup_of["near_dedup"]])
         names = ["exact_dedup"] * len(removed["exact_dedup"]) + ["near_dedup"] * len(removed["near_dedup"])
@@ -278,8 +316,11 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
             w.write_table(table)
         dup_ids = _ids_for(np.concatenate([keys, ofs]), ingest_paths)
-        lines = [json.dumps({"id": dup_ids[int(k)], "duplicate_of": dup_ids[int(o)], "stage": names[i],
-                             "component": comps[int(k) >> 48].name}, ensure_ascii=False)
+        lines = [json.dumps({"id": dup_ids[int(k)][0], "duplicate_of": dup_ids[int(o)][0], "stage": names[i],
+                             "component": comps[int(k) >> 48].name,
+                             **({"source_id": dup_ids[int(k)][1], "duplicate_of_source_id": dup_ids[int(o)][1]}
+                                if dup_ids[int(k)][1] is not None or dup_ids[int(o)][1] is not None else {})},
+                            ensure_ascii=False)
                  for i, k, o in ((i, keys[i], ofs[i]) for i in order)]
         stages.atomic_write_bytes(os.path.join(out, "duplicates.jsonl"),
                                   ("\n".join(lines) + "\n" if lines else "").encode())

@@ -36,10 +36,12 @@ QUARANTINE_PER_REASON = 5
 """Bad rows kept as samples per (unit, reason); the totals are always exact."""
 BATCH_ROWS = 2048
 
-INGEST_SCHEMA = pa.schema([("key", pa.int64()), ("id", pa.string()), ("text", pa.large_string()),
-                           ("hash", pa.binary(16))])
+INGEST_SCHEMA = pa.schema([("key", pa.int64()), ("id", pa.string()), ("source_id", pa.string()),
+                           ("text", pa.large_string()), ("hash", pa.binary(16))])
 SHARD_SCHEMA = pa.schema([("id", pa.string()), ("component", pa.string()),
-                          ("input_ids", pa.list_(pa.uint16()))])
+                          ("input_ids", pa.list_(pa.uint16())), ("source_id", pa.string())])
+"""`id` is ``component/file:line``, unique in the corpus by construction; `source_id` is the input's own id
+(the component's ``id_field``, null without one), which inputs may repeat across files."""
 TOK_SCHEMA = pa.schema([("key", pa.int64())] + list(SHARD_SCHEMA))
 
 
@@ -145,7 +147,7 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
     done = False
     while not done:
         clock.lap(None)
-        keys, ids, texts, datas = [], [], [], []
+        keys, ids, source_ids, texts, datas = [], [], [], [], []
         for row in rows:
             read.docs_in += 1
             if row.reason is not None:
@@ -157,7 +159,8 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
                                        "stage": "read", "reason": row.reason, "sample": (raw or "")[:200]})
                 continue
             keys.append(key_base | row.line)
-            ids.append(row.id if row.id is not None else f"{comp.name}/{unit.rel}:{row.line}")
+            ids.append(f"{comp.name}/{unit.rel}:{row.line}")
+            source_ids.append(row.id)
             texts.append(row.text)
             datas.append(row.data)
             if len(texts) >= BATCH_ROWS:
@@ -182,6 +185,7 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
         filt.docs_out += len(keep)
         keys = [keys[j] for j in keep]
         ids = [ids[j] for j in keep]
+        source_ids = [source_ids[j] for j in keep]
         texts = [texts[j] for j in keep]
         encoded = [datas[j] for j in keep]
         clock.lap("filter")
@@ -193,8 +197,8 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
             sig_parts.append(np.asarray(nd.signatures(texts)))
             clock.lap("near_dedup")
         out.write(pa.record_batch([pa.array(keys, pa.int64()), pa.array(ids, pa.string()),
-                                   pa.array(texts, pa.large_string()), pa.array(hashes, pa.binary(16))],
-                                  schema=INGEST_SCHEMA))
+                                   pa.array(source_ids, pa.string()), pa.array(texts, pa.large_string()),
+                                   pa.array(hashes, pa.binary(16))], schema=INGEST_SCHEMA))
         clock.lap("ingest_write")
     out.close()
     if nd is not None:
@@ -328,7 +332,8 @@ def tokenize_unit(unit_name: str, work: str, removed: np.ndarray, tokenizer) -> 
         nbytes += int(pc.sum(pc.binary_length(texts)).as_py() or 0)
         ids = pa.ListArray.from_arrays(pa.array(offs.astype(np.int32)), pa.array(flat, pa.uint16()))
         out.write(pa.record_batch([batch.column("key"), batch.column("id"),
-                                   pa.array([comp] * batch.num_rows, pa.string()), ids], schema=TOK_SCHEMA))
+                                   pa.array([comp] * batch.num_rows, pa.string()), ids, batch.column("source_id")],
+                                  schema=TOK_SCHEMA))
         docs_out += batch.num_rows
         tokens += int(lengths.sum())
     out.close()

@@ -54,7 +54,7 @@ def test_index_and_shards_are_consistent(sample_out):
         data = open(path, "rb").read()
         assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
         table = pa.ipc.open_stream(pa.memory_map(path)).read_all()
-        assert table.schema.names == ["id", "component", "input_ids"]
+        assert table.schema.names == ["id", "component", "input_ids", "source_id"]
         assert table.schema.field("input_ids").type == pa.list_(pa.uint16())
         ds = datasets.Dataset.from_file(path)
         assert len(ds) == table.num_rows == s["documents"]
@@ -101,13 +101,15 @@ def test_quarantine_and_duplicates_files(sample_out):
         bad_json["line"] - 1]
     assert b"unterminated" in line
     dups = [json.loads(ln) for ln in open(os.path.join(out, "duplicates.jsonl"))]
-    ex = next(d for d in dups if d["id"] == "wiki-dup-exact")
-    assert ex["stage"] == "exact_dedup" and ex["duplicate_of"].startswith("wiki-")
-    assert any(d["stage"] == "near_dedup" and d["id"] in ("wiki-dup-near", "wiki-near-src") for d in dups)
-    shard_ids = set()
+    ex = next(d for d in dups if d.get("source_id") == "wiki-dup-exact")
+    assert ex["stage"] == "exact_dedup" and ex["duplicate_of_source_id"].startswith("wiki-")
+    assert ex["id"].startswith("wiki/wiki/part-") and ex["duplicate_of"].startswith("wiki/wiki/part-")
+    assert any(d["stage"] == "near_dedup" and d.get("source_id") in ("wiki-dup-near", "wiki-near-src") for d in dups)
+    shard_ids = []
     for s in json.load(open(os.path.join(out, "index.json")))["shards"]:
-        shard_ids |= set(pa.ipc.open_stream(pa.memory_map(os.path.join(out, s["path"]))).read_all()
-                         .column("id").to_pylist())
+        shard_ids += pa.ipc.open_stream(pa.memory_map(os.path.join(out, s["path"]))).read_all().column("id").to_pylist()
+    assert len(set(shard_ids)) == len(shard_ids)
+    shard_ids = set(shard_ids)
     assert not shard_ids & {d["id"] for d in dups}
     assert {d["duplicate_of"] for d in dups} <= shard_ids
     assert report["duplicates"]["exact"] + report["duplicates"]["near"] == len(dups)
@@ -244,3 +246,73 @@ def test_foreign_arrow_files_in_shards_are_left_alone(tmp_path):
     assert all((shards / name).read_bytes() == b"not mine" for name in foreign)
     after = output_files(str(out))
     assert {k: v for k, v in after.items() if k.removeprefix("shards/") not in foreign} == before
+
+
+def _tiny_build(tmp_path, files: dict[str, list[dict]], manifest_body: str, **kw):
+    data = tmp_path / "data"
+    for rel, docs in files.items():
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "m.yaml").write_text("name: t\nroot: data\n" + manifest_body)
+    out = str(tmp_path / "out")
+    return out, build(load_manifest(str(tmp_path / "m.yaml")), out, LocalExecutor(), progress=False, **kw)
+
+
+def _shard_rows(out: str) -> list[dict]:
+    rows = []
+    for s in json.load(open(os.path.join(out, "index.json")))["shards"]:
+        rows += pa.ipc.open_stream(pa.memory_map(os.path.join(out, s["path"]))).read_all().to_pylist()
+    return rows
+
+
+def test_an_input_edited_in_place_is_not_resumed_silently(tmp_path):
+    """The resume fingerprint used to be path + size: an edited file of the same size was skipped and the
+    old text published. Now the re-run is refused naming the file; --force rebuilds with the new text."""
+    from pipeline.build import BuildError
+    from tokenizer import WorldTokenizer
+
+    body = "components:\n  - name: a\n    paths: [a.jsonl]\n"
+    old, new = "The committee approved the budget on Monday morning.", "The committee REJECTED the budget on Monday evening."
+    out, _ = _tiny_build(tmp_path, {"a.jsonl": [{"text": old}]}, body)
+    path = tmp_path / "data" / "a.jsonl"
+    st = os.stat(path)
+    path.write_text(json.dumps({"text": new}) + "\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert os.path.getsize(path) == st.st_size
+    with pytest.raises(BuildError, match="a.jsonl"):
+        _tiny_build(tmp_path, {}, body)
+    out, _ = _tiny_build(tmp_path, {}, body, force=True)
+    assert WorldTokenizer().decode(_shard_rows(out)[0]["input_ids"]) == new
+
+
+def test_ids_are_unique_when_inputs_repeat_their_own_ids(tmp_path):
+    """Source ids 1, 2 in two files used to become duplicate shard ids, and duplicates.jsonl named an id
+    still in the output. Shard ids are component/file:line; the input's id is kept as source_id."""
+    a = "Alpha document about rivers, mountains and the weather in spring."
+    b = "Bravo document describing compilers, linkers and loaders in detail."
+    files = {"wiki/part-0.jsonl": [{"id": 1, "text": a}, {"id": 2, "text": b}],
+             "wiki/part-1.jsonl": [{"id": 1, "text": b + " Extra."}, {"id": 2, "text": a}]}
+    out, _ = _tiny_build(tmp_path, files, "components:\n  - name: wiki\n    paths: ['wiki/*.jsonl']\n"
+                                          "    id_field: id\n")
+    rows = _shard_rows(out)
+    assert [(r["id"], r["source_id"]) for r in rows] == [
+        ("wiki/wiki/part-0.jsonl:1", "1"), ("wiki/wiki/part-0.jsonl:2", "2"), ("wiki/wiki/part-1.jsonl:1", "1")]
+    (dup,) = [json.loads(ln) for ln in open(os.path.join(out, "duplicates.jsonl"))]
+    assert dup["id"] == "wiki/wiki/part-1.jsonl:2" and dup["duplicate_of"] == "wiki/wiki/part-0.jsonl:1"
+    assert dup["source_id"] == "2" and dup["duplicate_of_source_id"] == "1"
+
+
+def test_duplicate_of_names_a_kept_document(tmp_path):
+    """An exact duplicate whose twin is then removed by near dedup used to point at that removed twin."""
+    base = ("The river Thames flows through southern England, passing Oxford, Reading, Windsor and London "
+            "before it reaches the North Sea at the estuary near Southend. Its length is about 346 km.")
+    near = base.replace("346 km", "346 kilometres")
+    other = "Completely unrelated text about compilers, linkers, loaders and the shape of object files in ELF."
+    files = {"a1.jsonl": [{"text": base}, {"text": other}], "a2.jsonl": [{"text": near}],
+             "b.jsonl": [{"text": near}]}
+    out, _ = _tiny_build(tmp_path, files, "near_dedup: {enabled: true, threshold: 0.7}\ncomponents:\n"
+                                          "  - name: a\n    paths: ['a*.jsonl']\n  - name: b\n    paths: [b.jsonl]\n")
+    kept = {r["id"] for r in _shard_rows(out)}
+    dups = [json.loads(ln) for ln in open(os.path.join(out, "duplicates.jsonl"))]
+    assert {d["stage"] for d in dups} == {"exact_dedup", "near_dedup"}
+    assert all(d["duplicate_of"] in kept and d["id"] not in kept for d in dups), (dups, kept)

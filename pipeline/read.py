@@ -128,7 +128,7 @@ def _decompressed(f, fmt: str) -> Iterator[bytes]:
             if out:
                 yield out
             if d.eof:
-                data, d, started = d.unused_data, new(), False
+                data, d, started = d.unused_data + tail, new(), False  # tail: the slice not yet fed (zstd)
             else:
                 data = tail
     if started:

@@ -502,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{report['totals']['tokens']:,} tokens)")
         return 0
     except (ManifestError, BuildError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # raised in a Ray task, the error is a RayTaskError subclassing it; its text is the remote traceback
+        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return 2
 
 

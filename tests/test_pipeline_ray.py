@@ -265,3 +265,24 @@ def test_ray_near_dedup_with_a_file_without_documents(cluster, tmp_path):
     assert report["components"]["a"]["near_dedup"]["dropped"]
     assert report["components"]["bad"]["read"]["out"] == 0
     assert _output_files(out) == _output_files(ref)
+
+
+def test_config_error_in_a_ray_task_prints_one_line(cluster, tmp_path, capsys):
+    """A parquet file without the text column is a ManifestError raised inside a Ray task: the build
+    exits 2 with the one-line message, not Ray's remote traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.build import main
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"content": ["some text here, long enough"]}), str(tmp_path / "in" / "c.parquet"))
+    m = tmp_path / "m.yaml"
+    m.write_text("name: e\nroot: in\ncomponents:\n  - {name: code, paths: [c.parquet], format: parquet, "
+                 "text_field: contents}\n")
+    rc = main(["--manifest", str(m), "--out", str(tmp_path / "out"), "--executor", "ray", "--address",
+               cluster["address"], "--no-progress"])
+    err = capsys.readouterr().err   # Ray's own INFO lines come first
+    tail = err[err.index("error: "):].strip()
+    assert rc == 2 and len(tail.splitlines()) == 1 and "Traceback" not in err, err
+    assert "c.parquet" in tail and "'content'" in tail

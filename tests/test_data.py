@@ -216,3 +216,27 @@ def test_bad_corpora_give_one_clear_error(corpus_dir, tmp_path):
 
     with pytest.raises(DataError, match="fewer than"):
         ShardCorpus(src, 100000)
+
+
+def test_a_shard_listed_twice_or_wrong_totals_are_errors(corpus_dir, tmp_path):
+    """A shard listed twice in index.json used to be read twice without a word (the totals disagreed)."""
+    import json
+    import shutil
+
+    from trainer.data import DataError
+
+    for case in ("twice", "totals"):
+        d = tmp_path / case
+        shutil.copytree(corpus_dir[0], d)
+        idx = json.loads((d / "index.json").read_text())
+        if case == "twice":
+            idx["shards"].append(dict(idx["shards"][0]))
+            idx["totals"]["documents"] += idx["shards"][0]["documents"]
+            idx["totals"]["tokens"] += idx["shards"][0]["tokens"]
+            match = r"shards\[3\].*same file as shards\[0\]"
+        else:
+            idx["totals"]["documents"] += 1
+            match = "totals say"
+        (d / "index.json").write_text(json.dumps(idx))
+        with pytest.raises(DataError, match=match):
+            ShardCorpus(d, 64, 0.1)

@@ -2,6 +2,7 @@
 one-token `RWKV7.step` that generation runs per token against `forward` at T = 1 and the `rwkv` package."""
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import subprocess
@@ -64,10 +65,11 @@ def test_cli_generates_text_deterministically(debug_model, tmp_path):
 
     tok = WorldTokenizer()
     prompt = tok.encode("The quick brown fox")
-    ids = [t for t, _ in stream(debug_model, prompt, 12, 0.8, 0.9, seed=7, stop_token=None)]
+    n_ids = tok.n_entries + 1   # the CLI samples the tokenizer's ids only
+    ids = [t for t, _ in stream(debug_model, prompt, 12, 0.8, 0.9, seed=7, stop_token=None, n_ids=n_ids)]
     assert r.stdout.rstrip("\n") == "The quick brown fox" + tok.decode_bytes(ids).decode("utf-8", "replace")
-    again = [t for t, _ in stream(debug_model, prompt, 12, 0.8, 0.9, seed=7, stop_token=None)]
-    other = [t for t, _ in stream(debug_model, prompt, 12, 0.8, 0.9, seed=8, stop_token=None)]
+    again = [t for t, _ in stream(debug_model, prompt, 12, 0.8, 0.9, seed=7, stop_token=None, n_ids=n_ids)]
+    other = [t for t, _ in stream(debug_model, prompt, 12, 0.8, 0.9, seed=8, stop_token=None, n_ids=n_ids)]
     assert again == ids and other != ids
 
 
@@ -79,6 +81,33 @@ def test_sample_logits_rules():
     assert draws == {1}  # top-p 0.5 keeps only the top token here (p = 0.51)
     draws = {sample_logits(logits, 1.0, 0.99, gen) for _ in range(400)}
     assert {1, 2} <= draws and 3 not in draws
+
+
+def test_sample_logits_low_temperature_and_bad_values():
+    """p ** (1/T) underflowed every kept probability to 0 at T = 0.05 when the top one was below ~0.13
+    (multinomial then raised); the log-space form keeps sampling, close to greedy."""
+    logits = torch.log(torch.tensor([0.10, 0.09] + [0.81 / 98] * 98))
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample_logits(logits, 0.02, 1.0, gen) for _ in range(50)]
+    assert set(draws) <= {0, 1} and draws.count(0) >= 45   # P(1) = 1 / (1 + (10/9)^50) = 0.5%
+    assert set(sample_logits(logits, 0.05, 0.15, gen) for _ in range(50)) <= {0, 1}
+    for t, p in ((-1.0, 0.9), (1.0, 0.0), (1.0, 1.5)):
+        with pytest.raises(ValueError, match="temperature"):
+            sample_logits(logits, t, p, gen)
+
+
+@pytest.mark.parametrize("args, needle", [(["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"),
+                                          (["--top-p", "1.5"], "--top-p"), (["--max-tokens", "-2"], "--max-tokens")])
+def test_cli_bad_sampling_options_are_usage_errors(args, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "unused.pth"] + args)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_cli_missing_model_is_one_error_line(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope.pth"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope.pth" in err and "Traceback" not in err
 
 
 def test_memory_constant_in_generated_tokens(debug_model):
@@ -250,3 +279,20 @@ def test_graph_step_matches_eager_step():
     eager = [t for t, _ in stream(m, [1, 2, 3], 30, temperature=0.0, stop_token=None)]
     graphed = [t for t, _ in stream(m, [1, 2, 3], 30, temperature=0.0, stop_token=None, cuda_graph=True)]
     assert graphed == eager
+
+
+def test_generation_never_samples_ids_past_the_vocab(debug_model):
+    """The model has 65,536 output rows, the World vocab ids 0..65529: an id past them used to reach
+    decode and raise. With n_ids the sampler never picks one, even when the model prefers them."""
+    from tokenizer import WorldTokenizer
+
+    tok = WorldTokenizer()
+    model = copy.deepcopy(debug_model)
+    with torch.no_grad():
+        model.head.weight[tok.n_entries + 1:] = 50 * model.head.weight[:1].sign()   # rows past the vocab win
+    ids = [t for t, _ in stream(model, [1, 2, 3], 8, 0.0, 1.0, stop_token=None)]
+    assert max(ids) > tok.n_entries   # without the cap the model does pick them
+    capped = [t for t, _ in stream(model, [1, 2, 3], 8, 0.0, 1.0, stop_token=None, n_ids=tok.n_entries + 1)]
+    capped += [t for t, _ in stream(model, [1, 2, 3], 8, 1.0, 1.0, seed=0, stop_token=None, n_ids=tok.n_entries + 1)]
+    assert max(capped) <= tok.n_entries
+    tok.decode(capped)

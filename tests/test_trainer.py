@@ -229,3 +229,43 @@ def test_resume_keeps_the_schedule_and_checks_the_corpus(corpus, tmp_path):
     other = write_corpus(tmp_path / "other", random_docs(60, ["a", "b"], seed=4, max_len=120, vocab=500))
     with pytest.raises(ConfigError, match="the corpus"):
         fit(load_config(debug, sets), other, tmp_path / "part", resume=True, stop_at=8)
+
+
+def test_config_value_checks():
+    """Values the optimizer, schedule or sampler cannot use are config errors naming the key (a negative
+    lr_final used to train with a negative rate; sample.temperature < 0 crashed after the last checkpoint;
+    train.max_steps 0 ran nothing; YAML `precision: 32` was refused though Lightning takes it)."""
+    debug = ROOT / "trainer/configs/debug.yaml"
+    for bad, key in [("optim.lr_final=-3e-3", "lr_final"), ("optim.lr_init=0", "lr_init"),
+                     ("optim.lr_init=.nan", "lr_init"), ("optim.betas=[1.5, 0.9]", "betas"),
+                     ("optim.eps=-1", "eps"), ("optim.weight_decay=-0.1", "weight_decay"),
+                     ("train.max_steps=0", "max_steps"), ("sample.temperature=-1", "sample.temperature"),
+                     ("sample.temperature=.nan", "sample.temperature")]:
+        with pytest.raises(ConfigError, match=key):
+            load_config(debug, [bad])
+    assert load_config(debug, ["train.precision=32"]).train.precision == "32"
+
+
+def test_resume_uses_the_config_optimizer_settings_and_names_a_damaged_file(corpus, tmp_path):
+    """A resume used to keep the checkpoint's betas/eps/weight_decay while config.yaml showed the new ones;
+    TensorBoard kept the abandoned steps beside the resumed ones; a damaged resume.pt gave a bare zip error."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    debug = ROOT / "trainer/configs/debug.yaml"
+    run = tmp_path / "run"
+    fit(load_config(debug, TINY + ["train.max_steps=3", "train.ckpt_every=1"]), corpus, run)
+    shutil.rmtree(run / "checkpoints" / "step-00000003")          # crashed after logging step 3
+    fit(load_config(debug, TINY + ["train.max_steps=4", "train.ckpt_every=1", "optim.eps=1e-6",
+                                   "optim.betas=[0.8, 0.95]", "optim.weight_decay=0.3"]), corpus, run, resume=True)
+    groups = torch.load(run / "checkpoints/step-00000004/resume.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert {(g["eps"], tuple(g["betas"])) for g in groups} == {(1e-6, (0.8, 0.95))}
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.3}
+    ea = EventAccumulator(str(run / "tb")).Reload()
+    steps = [e.step for e in ea.Scalars("lr")]
+    assert sorted(steps) == [1, 2, 3, 4], steps                    # step 3 once, from the resumed run
+    resume_pt = run / "checkpoints/step-00000004/resume.pt"
+    resume_pt.write_bytes(resume_pt.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="step-00000004/resume.pt"):
+        fit(load_config(debug, TINY + ["train.max_steps=5", "train.ckpt_every=1"]), corpus, run, resume=True)

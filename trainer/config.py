@@ -9,6 +9,7 @@ file (or the `--set` flag) and the key, raised before anything is built. The cod
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,6 +70,14 @@ class OptimSection:
             raise ConfigError("optim.accumulate_grad_batches must be at least 1")
         if self.warmup_steps < 0 or self.lr_decay_steps < 0 or self.grad_clip < 0:
             raise ConfigError("optim.warmup_steps, optim.lr_decay_steps and optim.grad_clip must not be negative")
+        if not (math.isfinite(self.lr_init) and self.lr_init > 0):
+            raise ConfigError(f"optim.lr_init must be a finite number > 0, got {self.lr_init}")
+        if not (math.isfinite(self.lr_final) and 0 <= self.lr_final):
+            raise ConfigError(f"optim.lr_final must be a finite number >= 0, got {self.lr_final} "
+                              f"(a negative rate would ascend the loss)")
+        if not all(0 <= b < 1 for b in self.betas) or not self.eps >= 0 or not self.weight_decay >= 0:
+            raise ConfigError(f"optim.betas must be in [0, 1) and optim.eps, optim.weight_decay >= 0, got betas "
+                              f"{list(self.betas)}, eps {self.eps}, weight_decay {self.weight_decay}")
 
 
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "transformer-engine",
@@ -79,7 +88,7 @@ PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "bf16-true", "16-mixed
 class TrainSection:
     max_steps: int = 100                # optimizer steps the run plans (the cosine's length; --max-steps only stops)
     seed: int = 42                      # model init, data order, everything
-    precision: str = "auto"             # Fabric precision; auto = bf16-mixed on GPU, 32-true on CPU
+    precision: str | int = "auto"       # Fabric precision (or 16, 32, 64); auto = bf16-mixed on GPU, 32-true on CPU
     bptt_truncate: bool = False         # detach the carried state between segments instead of full BPTT
     recompute_segments: bool = True     # recompute each segment in backward when a sample has > 1 segment
     log_every: int = 1                  # progress-bar refresh (metrics.csv gets every step)
@@ -90,9 +99,11 @@ class TrainSection:
     compile: bool = False               # torch.compile each block (trainer.models.rwkv7.apply_compile)
 
     def __post_init__(self):
-        if self.max_steps < 0 or self.keep_checkpoints < 1 or self.val_every < 0 or self.ckpt_every < 0:
-            raise ConfigError("train.max_steps, val_every and ckpt_every must not be negative, "
-                              "train.keep_checkpoints must be at least 1")
+        if self.max_steps < 1 or self.keep_checkpoints < 1 or self.val_every < 0 or self.ckpt_every < 0:
+            raise ConfigError("train.max_steps and train.keep_checkpoints must be at least 1, "
+                              "train.val_every and ckpt_every must not be negative")
+        if isinstance(self.precision, int) and not isinstance(self.precision, bool):
+            self.precision = str(self.precision)   # YAML `precision: 32` (Lightning takes 32, 16, 64 too)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
@@ -102,6 +113,11 @@ class SampleSection:
     prompt: str = "\n"                  # prompt for the generated sample printed at the end
     tokens: int = 48                    # tokens to generate (0: no sample)
     temperature: float = 0.0            # 0 = greedy
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0) or self.tokens < 0:
+            raise ConfigError(f"sample.temperature must be a finite number >= 0 and sample.tokens >= 0, got "
+                              f"{self.temperature} and {self.tokens}")
 
 
 @dataclass

@@ -167,9 +167,13 @@ class ShardCorpus:
         shards = self.index["shards"]
         paths = [self.data_dir / s["path"] for s in shards]
         wheres = [f"{path} (listed at {idx_path} shards[{i}])" for i, path in enumerate(paths)]
-        for path, where in zip(paths, wheres):
+        first: dict[str, int] = {}
+        for i, (path, where) in enumerate(zip(paths, wheres)):
             if not path.exists():
                 raise DataError(f"{where}: shard file is missing")
+            j = first.setdefault(os.path.realpath(path), i)
+            if j != i:
+                raise DataError(f"{where}: the same file as shards[{j}]; its documents would be read twice")
         if verify:  # hashlib releases the GIL on large reads: threads hash several shards at once
             with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1, len(paths) or 1)) as pool:
                 digests = list(pool.map(sha256_file, paths))
@@ -208,6 +212,12 @@ class ShardCorpus:
             if rows != s["documents"] or tokens != s["tokens"]:
                 raise DataError(f"{where}: holds {rows} documents / {tokens} tokens, index says "
                                 f"{s['documents']} / {s['tokens']}")
+        totals = self.index.get("totals")
+        if totals is not None:
+            docs, toks = sum(s["documents"] for s in shards), sum(s["tokens"] for s in shards)
+            if (docs, toks) != (totals.get("documents"), totals.get("tokens")):
+                raise DataError(f"{idx_path}: its shards hold {docs} documents / {toks} tokens, its totals say "
+                                f"{totals.get('documents')} / {totals.get('tokens')}")
         self._values = values
         return seg_comp, seg_starts, seg_lens, {v: k for k, v in names.items()}
 

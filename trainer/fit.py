@@ -95,7 +95,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_fabric(cfg: TrainConfig, run_dir: Path):
+def build_fabric(cfg: TrainConfig, run_dir: Path, purge_step: int | None = None):
     import lightning as L
     from lightning.fabric.loggers import TensorBoardLogger
 
@@ -105,7 +105,9 @@ def build_fabric(cfg: TrainConfig, run_dir: Path):
             precision = None
         else:
             precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    loggers = [TensorBoardLogger(root_dir=str(run_dir), name="tb", version="")] if cfg.train.tensorboard else []
+    # purge_step: on resume, TensorBoard drops the abandoned run's events past the checkpoint (as metrics.csv)
+    loggers = ([TensorBoardLogger(root_dir=str(run_dir), name="tb", version="", purge_step=purge_step)]
+               if cfg.train.tensorboard else [])
     return L.Fabric(precision=precision, loggers=loggers)
 
 
@@ -179,7 +181,7 @@ def generate_sample(lm, cfg: TrainConfig) -> str | None:
     was_training = lm.training
     lm.eval()
     out = [t for t, _ in stream(lm, ids, cfg.sample.tokens, temperature=cfg.sample.temperature, top_p=0.85,
-                                seed=cfg.train.seed, stop_token=None)]
+                                seed=cfg.train.seed, stop_token=None, n_ids=tok.n_entries + 1)]
     lm.train(was_training)
     return cfg.sample.prompt + tok.decode(out)
 
@@ -204,7 +206,7 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
     if not resume and ckpt.latest(run_dir) is not None:  # pruning would keep the old run's newer steps
         raise FileExistsError(f"{run_dir} already holds checkpoints of a run: pass --resume or use a new --run-dir")
 
-    fabric = build_fabric(cfg, run_dir)
+    fabric = build_fabric(cfg, run_dir, ckpt.complete_checkpoints(run_dir)[-1][0] + 1 if resume else None)
     if os.environ.get("LT_CLI_USED") != "1":  # `fabric run` has already started the processes
         fabric.launch()
     fabric.seed_everything(cfg.train.seed)
@@ -236,9 +238,19 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
     if resume:
         where = ckpt.latest(run_dir)
         state = {"model": model, "optimizer": optimizer}
-        rest = fabric.load(where / "resume.pt", state)
+        try:
+            rest = fabric.load(where / "resume.pt", state)
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
+            raise ConfigError(f"--resume: cannot load {where / 'resume.pt'}: {str(e).splitlines()[0][:300]}. The "
+                              f"model settings or optim.weight_decay (zero vs non-zero: other optimizer groups) may "
+                              f"differ from the checkpoint's, or the file is damaged (remove {where} to resume "
+                              f"from the previous checkpoint)") from None
         step, samples = int(rest["step"]), int(rest["samples"])
         check_resumable(rest["config"], cfg, where, rest.get("corpus_sha256"), corpus.fingerprint)
+        for g in optimizer.param_groups:   # the checkpoint restored its own; config.yaml says these
+            g["betas"], g["eps"] = tuple(o.betas), o.eps
+            if g["weight_decay"] > 0:
+                g["weight_decay"] = o.weight_decay
         ckpt.set_rng_states(rest["rng"])
         fabric.print(f"resuming from {where} (step {step}, {samples} samples consumed)")
         if rank0:

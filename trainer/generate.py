@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.models import load_official
+from trainer.models import CheckpointError, load_official
 from trainer.models.rwkv7 import RWKV7
 
 
@@ -55,18 +55,21 @@ class GenerateConfig:
 
 
 def sample_logits(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    """logits [V] -> token id. Top-p cut on the softmax, then temperature on the kept probabilities."""
+    """logits [V] -> token id. Top-p cut on the softmax, then temperature on the kept probabilities:
+    p^(1/T), renormalised, which is softmax(logits / T) over the kept ids, computed that way so a low T
+    cannot underflow every kept probability to 0 (p ** (1/T) did at T = 0.05)."""
     if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float(), dim=-1)
+    if not temperature > 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+    logits = logits.float()
     if top_p < 1.0:
+        probs = torch.softmax(logits, dim=-1)
         sorted_probs, _ = torch.sort(probs, descending=True)
         cum = torch.cumsum(sorted_probs, dim=-1)
         cutoff = sorted_probs[torch.searchsorted(cum, torch.tensor([top_p], device=cum.device)).clamp(max=len(cum) - 1)]
-        probs = torch.where(probs < cutoff, torch.zeros_like(probs), probs)
-    if temperature != 1.0:
-        probs = probs ** (1.0 / temperature)
-    return int(torch.multinomial(probs, 1, generator=gen))
+        logits = torch.where(probs < cutoff, torch.full_like(logits, float("-inf")), logits)
+    return int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen))
 
 
 class GraphStep:
@@ -74,8 +77,8 @@ class GraphStep:
     replay instead of ~70 kernel launches per block from Python. The token id and the state live in
     static buffers: each call writes the token, replays, and the graph copies the new state over the old
     in place, so the returned logits [B, V] and state are overwritten by the next call.
-    Not yet run on a GPU (this session had no device time left): unverified and unmeasured, hence off
-    by default; `tests/test_generate.py::test_graph_step_matches_eager_step` (marked gpu) checks it."""
+    Checked on an H200 (`tests/test_generate.py::test_graph_step_matches_eager_step`, marked gpu: equal to
+    the eager step) but not timed, hence off by default."""
 
     def __init__(self, model: RWKV7, weights, state: list):
         device = model.emb.weight.device
@@ -108,10 +111,12 @@ class GraphStep:
 @torch.no_grad()
 def stream(model: RWKV7, prompt_ids: list[int], max_tokens: int, temperature: float = 1.0, top_p: float = 0.85,
            seed: int | None = None, stop_token: int | None = 0, prompt_chunk: int = 512,
-           cuda_graph: bool = False) -> Iterator[tuple[int, list]]:
+           cuda_graph: bool = False, n_ids: int | None = None) -> Iterator[tuple[int, list]]:
     """Yield (token, state) for each generated token; state is the model's fixed-size RNN state.
     cuda_graph: step through a `GraphStep` when the model is on CUDA (ignored elsewhere); the yielded
-    state is then one set of buffers, overwritten by the next token."""
+    state is then one set of buffers, overwritten by the next token.
+    n_ids: sample only ids below it (the tokenizer's: the World vocab's 65,530 of the model's 65,536 output
+    rows; the rest have no bytes to decode). None: every output row."""
     device = model.emb.weight.device
     gen = torch.Generator(device=device)
     if seed is None:
@@ -127,7 +132,7 @@ def stream(model: RWKV7, prompt_ids: list[int], max_tokens: int, temperature: fl
     graph = GraphStep(model, weights, state) if cuda_graph and device.type == "cuda" else None
     step = torch.empty(1, dtype=torch.long, device=device)  # [B = 1]
     for _ in range(max_tokens):
-        tok = sample_logits(last, temperature, top_p, gen)
+        tok = sample_logits(last if n_ids is None else last[:n_ids], temperature, top_p, gen)
         yield tok, state
         if stop_token is not None and tok == stop_token:
             return
@@ -152,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-stop", action="store_true", help="keep going past the end-of-document token 0")
     p.add_argument("--cuda-graph", action="store_true", help="replay each token as a CUDA graph (unmeasured)")
     a = p.parse_args(argv)
+    if not a.temperature >= 0:
+        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    if not 0 < a.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.max_tokens < 0:
+        p.error(f"--max-tokens must be >= 0, got {a.max_tokens}")
     cfg = GenerateConfig(model=a.model, prompt=a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
                          top_p=a.top_p, seed=a.seed, device=a.device, dtype=a.dtype, stop_at_eod=not a.no_stop,
                          cuda_graph=a.cuda_graph)
@@ -161,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     from tokenizer import WorldTokenizer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
-    model = load_official(cfg.model, dtype=dtype, device=cfg.device).eval()
+    try:
+        model = load_official(cfg.model, dtype=dtype, device=cfg.device).eval()
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tok = WorldTokenizer()
     prompt_ids = tok.encode(cfg.prompt)
     out = sys.stdout
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     t0, n, first = time.perf_counter(), 0, None
     for token, _ in stream(model, prompt_ids, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                           0 if cfg.stop_at_eod else None, cfg.prompt_chunk, cfg.cuda_graph):
+                           0 if cfg.stop_at_eod else None, cfg.prompt_chunk, cfg.cuda_graph, tok.n_entries + 1):
         first = first or time.perf_counter()
         n += 1
         if token == 0:

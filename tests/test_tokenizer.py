@@ -300,3 +300,17 @@ def test_vocab_parser_handles_escapes():
 
     text = "1 '\\n' 1\n2 b'\\xff' 1\n3 \"it's\" 4\n4 '\\u4f60' 3\n5 b'a\"' 2\n"
     assert parse_vocab_text(text, "x") == [b"", b"\n", b"\xff", b"it's", "你".encode(), b'a"']
+
+
+def test_buffers_of_wider_items_are_a_type_error(tok):
+    """An int64 array of byte values used to be encoded as its raw memory (ids with NUL padding, no error)."""
+    import array
+
+    import numpy as np
+
+    assert tok.encode_bytes(np.frombuffer(b"hi", np.uint8)) == tok.encode_bytes(bytearray(b"hi")) == tok.encode("hi")
+    for wide in (np.array([104, 105], np.int64), array.array("H", [104, 105])):
+        with pytest.raises(TypeError, match="buffer of bytes"):
+            tok.encode_bytes(wide)
+        with pytest.raises(TypeError, match="buffer of bytes"):
+            tok.encode_batch([wide])

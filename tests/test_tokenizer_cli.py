@@ -62,3 +62,14 @@ def test_benchmark_corpus_is_real_and_large_enough():
     sample = "".join(comps["multilingual_sample_lines"])
     for word in ("Съешь", "天气", "날씨", "השמש", "आज", "วันนี้", "👨‍👩‍👧‍👦"):
         assert word in sample
+
+
+@pytest.mark.parametrize("args, needle", [(["--mb", "0"], "--mb"), (["--mb", "-1"], "--mb"),
+                                          (["--mb", "0.05", "--repeats", "0"], "--repeats")])
+def test_cli_bench_bad_numbers_are_usage_errors(args, needle, capsys):
+    """--mb 0 or --repeats 0 used to end in a ZeroDivisionError traceback."""
+    from tokenizer.benchmark import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and needle in capsys.readouterr().err

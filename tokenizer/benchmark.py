@@ -360,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help=f"JSON result path (default {DEFAULT_OUT})")
     parser.add_argument("--batch-only", action="store_true", help="only the encode_batch 1 vs 2 workers part")
     args = parser.parse_args(argv)
+    if not args.mb > 0:
+        parser.error(f"--mb must be > 0, got {args.mb}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     cfg = BenchConfig(total_mb=args.mb, repeats=args.repeats)
     if args.batch_only:
         from pyrwkv_tokenizer import RWKVTokenizer

@@ -46,6 +46,19 @@ except ImportError:
     _lists = None
 
 
+def _byte_buffer(data) -> memoryview:
+    """``data`` as a buffer of single bytes; a buffer of wider items (an int64 numpy array, array('H'))
+    would otherwise be encoded as its raw memory, so it is a TypeError (encode its bytes explicitly)."""
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"expected bytes-like input (or str where allowed), got {type(data).__name__}") from None
+    if view.itemsize != 1:
+        raise TypeError(f"expected a buffer of bytes, got items of {view.itemsize} bytes (format {view.format!r}); "
+                        f"pass bytes(...) of the data you mean")
+    return view
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     """Where the vocab comes from and how batches are spread."""
@@ -113,7 +126,7 @@ class WorldTokenizer:
 
     def _encode_view(self, data: bytes | bytearray | memoryview) -> np.ndarray:
         if not isinstance(data, bytes):
-            data = np.frombuffer(data, np.uint8)
+            data = np.frombuffer(_byte_buffer(data), np.uint8)
         return trie.encode_buffer(data, self._table, self._value)
 
     def encode_bytes_to_array(self, data: bytes | bytearray | memoryview) -> np.ndarray:
@@ -167,7 +180,7 @@ class WorldTokenizer:
         return self._to_list(self._encode_view(text.encode("utf-8")))
 
     def _encode_group(self, texts: Sequence[str | bytes]) -> tuple[np.ndarray, np.ndarray]:
-        chunks = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in texts]
+        chunks = [t.encode("utf-8") if isinstance(t, str) else bytes(_byte_buffer(t)) for t in texts]
         doc_offsets = np.zeros(len(chunks) + 1, np.int64)
         np.cumsum([len(c) for c in chunks], out=doc_offsets[1:])
         data = np.frombuffer(b"".join(chunks), np.uint8)

@@ -225,6 +225,10 @@ def test_cli_bad_input_and_earliest_kept(tmp_path):
     (["--input", "{tmp}/nope.jsonl"], "no such file"),
     (["--out", "{tmp}/no/dir/removed.jsonl"], "does not exist"),
     (["--report", "{tmp}/no/report.json"], "does not exist"),
+    (["--bands", "5", "--rows", "0"], "bands and rows must be >= 1"),
+    (["--bands", "-2", "--rows", "-3"], "bands and rows must be >= 1"),
+    (["--out", "{tmp}/docs.jsonl"], "same file as --input"),
+    (["--report", "{tmp}/removed.jsonl"], "same file as --out"),
 ])
 def test_cli_bad_arguments_are_usage_errors(tmp_path, capsys, args, needle):
     from pipeline.dedup.__main__ import main
@@ -237,6 +241,21 @@ def test_cli_bad_arguments_are_usage_errors(tmp_path, capsys, args, needle):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and needle in err and "Traceback" not in err
+    assert not (tmp_path / "removed.jsonl").exists()
+    assert inp.read_text() == json.dumps({"id": 1, "text": "some text here"}) + "\n"
+
+
+def test_cli_repeated_id_is_an_error_naming_both_lines(tmp_path, capsys):
+    """With ids a, b, a the output used to read {"id": "a", "duplicate_of": "a"}: ambiguous."""
+    from pipeline.dedup.__main__ import main
+
+    inp = tmp_path / "docs.jsonl"
+    text = "a paragraph about rivers, hills and the small boats that cross them at dawn"
+    inp.write_text("".join(json.dumps(d) + "\n" for d in [{"id": "a", "text": text}, {"id": "b", "text": "other"},
+                                                         {"id": "a", "text": text + "!"}]))
+    assert main(["--input", str(inp), "--out", str(tmp_path / "removed.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{inp}:3: id 'a' repeats line 1" in err and "Traceback" not in err
     assert not (tmp_path / "removed.jsonl").exists()
 
 

@@ -1,7 +1,8 @@
 """Stand-alone near-dedup of a JSONL file: `python -m pipeline.dedup --input docs.jsonl --out removed.jsonl`.
 
 Reads lines with `id` and `text`, writes one line `{"id": ..., "duplicate_of": ...}` per removed
-document (the earliest line of each cluster is kept), by atomic rename. Bad lines (not JSON, not an
+document (the earliest line of each cluster is kept), by atomic rename. Ids must be unique: a repeated
+id is an error naming both lines (exit 2), since the output could not say which copy was removed. Bad lines (not JSON, not an
 object, missing id or text, empty text) are counted by reason with their first line numbers and
 skipped; blank lines are counted as ``blank`` (lines = documents + bad + blank). The file is streamed in batches: parsing of the next batch overlaps the (GIL-free)
 signature kernel of the previous ones, and only ids and signatures (4 x num_perm bytes per
@@ -24,6 +25,10 @@ import numpy as np
 
 from ..stages import fsync_file
 from . import MinHashConfig, NearDedup
+
+
+class DuplicateIdError(ValueError):
+    """Two input lines carry the same id (the output could not say which one was removed)."""
 
 
 def _parse(line: bytes) -> tuple[object, str | None, str | None]:
@@ -53,6 +58,7 @@ def run(input_path: str, out_path: str, cfg: MinHashConfig, threads: int, batch:
     bad_lines: dict[str, list[int]] = {}
     futures = []
     lines = blank = 0
+    seen: dict = {}  # id -> first line
     with ThreadPoolExecutor(max(1, threads)) as ex, open(input_path, "rb") as f:
         texts: list[str] = []
         for lineno, line in enumerate(f, 1):
@@ -67,6 +73,10 @@ def run(input_path: str, out_path: str, cfg: MinHashConfig, threads: int, batch:
                 if len(bad_lines[reason]) < 5:
                     bad_lines[reason].append(lineno)
                 continue
+            first = seen.setdefault(json.dumps(doc_id), lineno)  # as the output writes it: 1, "1", 1.0 differ
+            if first != lineno:
+                raise DuplicateIdError(f"{input_path}:{lineno}: id {doc_id!r} repeats line {first}; the output "
+                                       f"names documents by id, so ids must be unique")
             ids.append(doc_id)
             texts.append(text)
             if len(texts) == batch:
@@ -145,15 +155,23 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batch must be >= 1, got {a.batch}")
     if not os.path.isfile(a.input):
         p.error(f"--input {a.input}: {'is a folder' if os.path.isdir(a.input) else 'no such file'}")
+    same = {os.path.realpath(a.input): "--input"}
     for flag, path in (("--out", a.out), ("--report", a.report)):
         if path is None:
             continue
+        if os.path.realpath(path) in same:
+            p.error(f"{flag} {path} is the same file as {same[os.path.realpath(path)]}: it would be overwritten")
+        same[os.path.realpath(path)] = flag
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             p.error(f"{flag} {path}: folder {folder} does not exist")
         if os.path.isdir(path):
             p.error(f"{flag} {path}: is a folder")
-    report = run(a.input, a.out, cfg, a.threads, a.batch)
+    try:
+        report = run(a.input, a.out, cfg, a.threads, a.batch)
+    except DuplicateIdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     text = json.dumps(report, indent=1)
     if a.report:
         tmp = f"{a.report}.tmp{os.getpid()}"

@@ -93,6 +93,8 @@ class MinHashConfig:
             raise ValueError(f"mode must be auto, local or ray, got {self.mode!r}")
         if (self.bands is None) != (self.rows is None):
             raise ValueError("give both bands and rows, or neither")
+        if self.bands is not None and (self.bands < 1 or self.rows < 1):
+            raise ValueError(f"bands and rows must be >= 1, got bands={self.bands} rows={self.rows}")
         if self.verify_bits not in (8, 16, 32):
             raise ValueError(f"verify_bits must be 8, 16 or 32, got {self.verify_bits}")
         if self.fp_weight is None:

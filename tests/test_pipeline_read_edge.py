@@ -39,6 +39,16 @@ def _rows(path: str, fmt: str, comp: ComponentSpec) -> list[read.Row]:
     return list(safe_rows(Unit(0, 0, path, fmt, os.path.basename(path)), comp))
 
 
+def _rows_and_peak(path: str, fmt: str) -> tuple[list[read.Row], int]:
+    """The rows of one file and the peak of Python-allocated bytes while reading it (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        rows = _rows(path, fmt, _comp(fmt))
+        return rows, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def _split_reference(data: bytes, limit: int) -> list[tuple[bool, bytes]]:
     """(cut, bytes) per line of the whole ``data``: the line with its ``\\n``, or its first 200 bytes
     when it is longer than ``limit`` without the ``\\n``."""
@@ -80,12 +90,7 @@ def test_huge_line_is_skipped_without_holding_it(tmp_path, monkeypatch, fmt, las
     path = _write(tmp_path / f"f.{fmt}", b"\n".join(lines) + (b"" if last else b"\n"), fmt)
     head = huge[:200]
     del huge, lines
-    tracemalloc.start()
-    try:
-        rows = _rows(path, fmt, _comp(fmt))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    rows, peak = _rows_and_peak(path, fmt)
     want = [(1, None, "first document"), (2, "line_oversized", None)] + ([] if last else [(3, None, "third document")])
     assert [(r.line, r.reason, r.text) for r in rows] == want
     assert rows[1].raw == head
@@ -102,12 +107,7 @@ def test_compression_bomb_line_is_bounded(tmp_path, monkeypatch, fmt):
     data = b'{"text": "first document"}\n{"text": "' + b"a" * size + b'"}\n{"text": "third document"}\n'
     path = _write(tmp_path / f"f.{fmt}", data, fmt)
     del data
-    tracemalloc.start()
-    try:
-        rows = _rows(path, fmt, _comp(fmt))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    rows, peak = _rows_and_peak(path, fmt)
     assert [(r.line, r.reason) for r in rows] == [(1, None), (2, "line_oversized"), (3, None)]
     assert peak < size // 3, f"reader peak {peak / 2**20:.0f} MiB for a {size >> 20} MiB line"
 

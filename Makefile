@@ -1,6 +1,7 @@
 # One-command set-up: every target that needs Python fills .venv first.
 # On a machine without an NVIDIA GPU, torch is pinned to the CPU build (from PyTorch's CPU wheel index,
-# or a local find-links copy of the same wheel) so the
+# or a local find-links copy of the same wheel; only torch itself, its dependencies come from the normal
+# index with the project's) so the
 # install does not download a multi-gigabyte CUDA wheel.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
@@ -16,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py tokenizer/_lists.c
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); fi
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q --no-deps "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

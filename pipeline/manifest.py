@@ -313,9 +313,9 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
                    doc.key_lines.get("exact_dedup", 0), None, "exact_dedup")
     shard_tokens = _typed(doc.get("shard_tokens", Manifest.shard_tokens), (int,), mpath,
                           doc.key_lines.get("shard_tokens", 0), None, "shard_tokens")
-    if shard_tokens <= 0:
+    if not 0 < shard_tokens <= 2**30:  # a shard's input_ids is one list column with int32 offsets
         raise ManifestError(f"{_where(mpath, doc.key_lines.get('shard_tokens', doc.line))}: "
-                            f"'shard_tokens' must be > 0, got {shard_tokens!r}")
+                            f"'shard_tokens' must be in 1..2**30, got {shard_tokens!r}")
 
     comps_raw = doc["components"]
     if not isinstance(comps_raw, list) or not comps_raw:

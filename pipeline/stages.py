@@ -35,6 +35,9 @@ from pipeline.read import Unit, safe_rows
 QUARANTINE_PER_REASON = 5
 """Bad rows kept as samples per (unit, reason); the totals are always exact."""
 BATCH_ROWS = 2048
+LIST_TOKENS = 2**30
+"""Most tokens in one record batch of token lists (their offsets are int32); a batch of documents holding
+more is written as several."""
 
 INGEST_SCHEMA = pa.schema([("key", pa.int64()), ("id", pa.string()), ("source_id", pa.string()),
                            ("text", pa.large_string()), ("hash", pa.binary(16))])
@@ -330,10 +333,16 @@ def tokenize_unit(unit_name: str, work: str, removed: np.ndarray, tokenizer) -> 
         flat, offs = encode_arrow_texts(tokenizer, texts)  # [n_tokens] uint16, [n + 1] int64
         lengths = np.diff(offs)
         nbytes += int(pc.sum(pc.binary_length(texts)).as_py() or 0)
-        ids = pa.ListArray.from_arrays(pa.array(offs.astype(np.int32)), pa.array(flat, pa.uint16()))
-        out.write(pa.record_batch([batch.column("key"), batch.column("id"),
-                                   pa.array([comp] * batch.num_rows, pa.string()), ids, batch.column("source_id")],
-                                  schema=TOK_SCHEMA))
+        # rows [a, b) per record batch with fewer than LIST_TOKENS tokens (int32 list offsets); one row normally
+        cuts = np.unique(np.concatenate([[0], np.searchsorted(offs, np.arange(LIST_TOKENS, offs[-1], LIST_TOKENS),
+                                                              side="right") - 1]))
+        for a, b in zip(cuts, [*cuts[1:], len(offs) - 1]):
+            part = batch.slice(a, b - a)
+            ids = pa.ListArray.from_arrays(pa.array((offs[a:b + 1] - offs[a]).astype(np.int32)),
+                                           pa.array(flat[offs[a]:offs[b]], pa.uint16()))
+            out.write(pa.record_batch([part.column("key"), part.column("id"),
+                                       pa.array([comp] * part.num_rows, pa.string()), ids, part.column("source_id")],
+                                      schema=TOK_SCHEMA))
         docs_out += batch.num_rows
         tokens += int(lengths.sum())
     out.close()

@@ -316,3 +316,19 @@ def test_duplicate_of_names_a_kept_document(tmp_path):
     dups = [json.loads(ln) for ln in open(os.path.join(out, "duplicates.jsonl"))]
     assert {d["stage"] for d in dups} == {"exact_dedup", "near_dedup"}
     assert all(d["duplicate_of"] in kept and d["id"] not in kept for d in dups), (dups, kept)
+
+
+def test_token_lists_are_split_below_the_int32_offset_limit(tmp_path, monkeypatch):
+    """A batch of documents with more tokens than int32 list offsets hold is written as several record
+    batches (it used to overflow to negative offsets); the shards hold the same documents and tokens."""
+    docs = [{"text": f"document number {i} about rivers, hills and boats at dawn, {'more words ' * (i % 7)}"}
+            for i in range(40)]
+    body = "components:\n  - name: a\n    paths: [a.jsonl]\n"
+    ref_out, _ = _tiny_build(tmp_path / "ref", {"a.jsonl": docs}, body)
+    monkeypatch.setattr(stages, "LIST_TOKENS", 50)
+    out, _ = _tiny_build(tmp_path / "small", {"a.jsonl": docs}, body)
+    tok = os.path.join(out, "work", "tok", "c0000_f00000.arrow")
+    batches = pa.ipc.open_stream(pa.memory_map(tok)).read_all().to_batches()
+    assert len(batches) > 5 and all(sum(len(x) for x in b.column("input_ids").to_pylist()) <= 50 + 30
+                                    for b in batches)
+    assert _shard_rows(out) == _shard_rows(ref_out)

@@ -37,9 +37,35 @@ def compare(V, rows, dtype, dev):
     assert abs(gf[1, 1, 9] - gr[1, 1, 9]) <= tol * abs(gr[1, 1, 9])
 
 
+def strided_and_bad_targets(dev):
+    """Logits sliced on the vocab axis (row stride > V) used to get gradients written at the wrong rows
+    (and past the buffer); a target outside [0, V) read another row's logit. Now: the same gradient as the
+    reference, and a NaN loss where the reference raises."""
+    import pytest
+
+    from trainer.loss import lm_loss_fused, lm_loss_reference
+
+    g = torch.Generator().manual_seed(0)
+    padded = torch.randn(3, 40, 301, generator=g).to(dev)
+    targets = torch.randint(0, 300, (3, 40), generator=g).to(dev)
+    grads = []
+    for fn in (lm_loss_reference, lm_loss_fused):
+        x = padded.clone().requires_grad_(True)
+        fn(x[..., :300], targets).backward()
+        grads.append(x.grad.cpu())
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-5 and not grads[1][..., 300:].any()
+    for bad in (300, -100, -1):
+        t = targets.clone()
+        t[1, 5] = bad
+        assert torch.isnan(lm_loss_fused(padded[..., :300], t))
+        with pytest.raises((IndexError, RuntimeError)):
+            lm_loss_reference(padded[..., :300], t)
+
+
 def compare_all(dev):
     for V, rows, dtype in CASES:
         compare(V, rows, dtype, dev)
+    strided_and_bad_targets(dev)
 
 
 def test_fused_matches_reference():

@@ -20,14 +20,17 @@ import torch.nn.functional as F
 from trainer.models.rwkv7 import l2wrap
 
 L2WRAP = 1e-4
+_NO_IGNORE = -(2**62)  # an ignore_index no target can have: F.cross_entropy then raises on -100 as on any
+                       # other out-of-range target
 
 
 def lm_loss_reference(logits: torch.Tensor, targets: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """logits [..., V], targets [...] -> weight × L2Wrap(mean CE)."""
+    """logits [..., V], targets [...] in [0, V) -> weight × L2Wrap(mean CE). Every row counts (no ignore
+    index: F.cross_entropy's -100 would be skipped here but not by the fused path, so it is an error)."""
     flat = logits.reshape(-1, logits.shape[-1])
     if flat.dtype in (torch.bfloat16, torch.float16):
         flat = flat.float()                               # CE in fp32 (fp64 for an fp64 model)
-    ce = F.cross_entropy(flat, targets.reshape(-1))
+    ce = F.cross_entropy(flat, targets.reshape(-1), ignore_index=_NO_IGNORE)
     return l2wrap(ce, logits) * weight
 
 
@@ -61,9 +64,10 @@ def _build():
             m = m_new
         lse = m + tl.log(s)
         t = tl.load(TGT + row)
-        xt = tl.load(x_ptr + t).to(tl.float32)
+        ok = (t >= 0) & (t < V)                  # an out-of-range target makes the loss NaN (no host sync)
+        xt = tl.load(x_ptr + t, mask=ok, other=0.0).to(tl.float32)
         tl.store(LSE + row, lse)
-        tl.store(LOSS + row, lse - xt)
+        tl.store(LOSS + row, tl.where(ok, lse - xt, float("nan")))
         tl.store(MX + row, best)
         tl.store(AMX + row, best_i)
 
@@ -96,7 +100,7 @@ class _FusedLMLoss(torch.autograd.Function):
         fwd, _ = _build()
         V = logits.shape[-1]
         x = logits.reshape(-1, V)
-        if x.stride(-1) != 1:
+        if not x.is_contiguous():   # the kernels index rows by x's stride and write dx densely: one layout
             x = x.contiguous()
         t = targets.reshape(-1).contiguous()
         n = x.shape[0]
@@ -122,7 +126,8 @@ class _FusedLMLoss(torch.autograd.Function):
 
 def lm_loss_fused(logits: torch.Tensor, targets: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
     """Same value and gradient as `lm_loss_reference` (fp32 arithmetic), one read of the logits
-    forward and one read + one write backward."""
+    forward and one read + one write backward. A target outside [0, V) gives a NaN loss (the reference
+    raises; checking here would make every step wait for the GPU, and the trainer stops on a NaN loss)."""
     return _FusedLMLoss.apply(logits, targets, float(weight))
 
 

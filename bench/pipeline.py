@@ -189,7 +189,7 @@ def main() -> None:
         stages = ", ".join(f"{k.replace('_wall', '')} {v:.1f}" for k, v in st.items() if k.endswith("_wall"))
         cpus = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items()))
         print(f"{name:22s} {r['wall_s']:8.1f} {r['MB_per_s']:7.1f} {r['MB_per_s_per_core']:9.1f}  {stages}")
-        print(f"{'':22s} cpu s: {cpus} = {r['cpu_s_total']:.1f} -> {r['MB_per_cpu_s']:.1f} MB per CPU-second; "
+        print(f"{'':22s} cpu s: {cpus} = {r['cpu_s_total']:.1f} -> {r['MB_per_cpu_s']:.1f} MB per CPU-second in the stage functions; "
               f"load avg {r['loadavg_1min'][0]:.1f}->{r['loadavg_1min'][1]:.1f}")
         print(f"{'':22s} dups exact {r['duplicates']['exact']:,} near {r['duplicates']['near']:,}; "
               f"{r['totals']['documents']:,} docs, {r['totals']['tokens']:,} tokens out")

@@ -99,6 +99,12 @@ def _prepare_out(out: str, fingerprint: dict, force: bool) -> str:
     except OSError as e:
         raise BuildError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
     fp_path = os.path.join(work, "build.json")
+    if not os.path.exists(fp_path) and _has_results(work):
+        # results without their fingerprint (a discard killed half way): their settings are unknown
+        if not force:
+            raise BuildError(f"--out {out!r} holds build results without their settings ({fp_path} is missing, "
+                             f"e.g. a --force run killed while discarding); pass --force to discard them")
+        return _discard(out, work, fingerprint)
     if os.path.exists(fp_path):
         old = stages.read_json(fp_path)
         if old != fingerprint:
@@ -108,23 +114,42 @@ def _prepare_out(out: str, fingerprint: dict, force: bool) -> str:
                 raise BuildError(f"--out {out!r} holds a build with different settings ({', '.join(changed)})"
                                  + (f"; inputs added, removed or modified since: {files}" if files else "")
                                  + "; use another --out or pass --force to discard it")
-            shutil.rmtree(work)
-            shutil.rmtree(os.path.join(out, "shards"))
-            for name in ("index.json", "report.json", "quarantine.jsonl", "duplicates.jsonl"):
-                if os.path.exists(os.path.join(out, name)):
-                    os.remove(os.path.join(out, name))
-            return _prepare_out(out, fingerprint, False)
+            return _discard(out, work, fingerprint)
     else:
         stages.atomic_write_json(fp_path, fingerprint)
+    _sweep_tmp(out, work)
+    return work
+
+
+def _has_results(work: str) -> bool:
+    return os.path.exists(os.path.join(work, "dedup.arrow")) or any(
+        os.listdir(os.path.join(work, sub)) for sub in ("ingest", "tok", "shards"))
+
+
+def _discard(out: str, work: str, fingerprint: dict) -> str:
+    """Remove a previous build's results: the published files first, then work/ renamed away in one step
+    (so a kill part way never leaves results that a re-run could take for its own), then deleted."""
+    for name in ("index.json", "report.json", "quarantine.jsonl", "duplicates.jsonl"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    gone = f"{work}.discard{os.getpid()}"
+    os.replace(work, gone)
+    shutil.rmtree(os.path.join(out, "shards"))
+    shutil.rmtree(gone)
+    return _prepare_out(out, fingerprint, False)
+
+
+def _sweep_tmp(out: str, work: str) -> None:
+    """Remove temp files: a killed run's, or a retried Ray task's whose worker died before its rename."""
     for d in (os.path.join(work, "ingest"), os.path.join(work, "tok"), os.path.join(work, "shards"),
               os.path.join(out, "shards"), work, out):
-        for name in os.listdir(d):  # leftovers of a killed run; finished files were renamed
-            if ".tmp" in name:
+        for name in os.listdir(d):  # finished files were renamed, so every .tmp name is a leftover
+            if ".tmp" in name or ".discard" in name:
+                path = os.path.join(d, name)
                 try:
-                    os.remove(os.path.join(d, name))
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
                 except OSError:
                     pass
-    return work
 
 
 def _stage_counts(metas: list[dict], comps: list[str], removed: dict[str, np.ndarray],
@@ -179,7 +204,8 @@ def _shard_plan(tok_paths: list[str], shard_tokens: int) -> list[list[tuple[str,
         t = stages.read_arrow(p)
         if t.num_rows == 0:
             continue
-        lens = t.column("input_ids").combine_chunks().value_lengths().to_numpy()
+        # per record batch: combining a unit's chunks would copy it and overflow int32 offsets past 2^31 tokens
+        lens = np.concatenate([c.value_lengths().to_numpy() for c in t.column("input_ids").chunks])
         start = 0
         for j, n in enumerate(lens):
             cur_tokens += int(n)
@@ -400,6 +426,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
               "quarantine": {"path": "quarantine.jsonl", "samples": len(quarantine)},
               "duplicates": {"path": "duplicates.jsonl",
                              "exact": int(len(removed["exact_dedup"])), "near": int(len(removed["near_dedup"]))}}
+    _sweep_tmp(out, work)   # a Ray retry's dead attempt may have left its temp file beside the finished one
     stages.atomic_write_json(os.path.join(out, "report.json"), report)
     stages.atomic_write_bytes(os.path.join(out, "index.json"),
                               (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode())

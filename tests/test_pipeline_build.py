@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -332,3 +333,51 @@ def test_token_lists_are_split_below_the_int32_offset_limit(tmp_path, monkeypatc
     assert len(batches) > 5 and all(sum(len(x) for x in b.column("input_ids").to_pylist()) <= 50 + 30
                                     for b in batches)
     assert _shard_rows(out) == _shard_rows(ref_out)
+
+
+def test_temp_files_of_a_dead_attempt_are_not_published(tmp_path, monkeypatch):
+    """A Ray worker killed between writing its temp file and the rename left that file in the finished
+    output (OUT/shards/00001.arrow.tmpPID): the build now sweeps temp files before publishing index.json."""
+    real = stages.write_shard
+
+    def dying_attempt_then_retry(index, pieces, out_dir):
+        with open(os.path.join(out_dir, "shards", f"{index:05d}.arrow.tmp424242"), "wb") as f:
+            f.write(b"partial")
+        return real(index, pieces, out_dir)
+
+    monkeypatch.setattr(stages, "write_shard", dying_attempt_then_retry)
+    out, _ = _tiny_build(tmp_path, {"a.jsonl": [{"text": f"document {i} about rivers and hills"} for i in range(5)]},
+                         "components:\n  - name: a\n    paths: [a.jsonl]\n")
+    left = [str(p) for p in Path(out).rglob("*") if ".tmp" in p.name]
+    assert not left and os.path.exists(os.path.join(out, "index.json"))
+
+
+def test_a_force_discard_killed_half_way_is_not_resumed(tmp_path):
+    """--force used to delete work/build.json first: killed right after, the re-run found no fingerprint and
+    resumed from the old build's results. Now results without a fingerprint are refused (or, with --force,
+    discarded), and a discard renames work/ away in one step."""
+    from pipeline.build import BuildError
+
+    body = "components:\n  - name: a\n    paths: [a.jsonl]\n"
+    out, _ = _tiny_build(tmp_path, {"a.jsonl": [{"text": f"document {i} about rivers and hills"} for i in range(5)]},
+                         body)
+    os.remove(os.path.join(out, "work", "build.json"))   # the state a kill during the old discard left
+    with pytest.raises(BuildError, match="without their settings"):
+        _tiny_build(tmp_path, {}, body)
+    out, _ = _tiny_build(tmp_path, {}, body, force=True)
+    assert len(_shard_rows(out)) == 5 and not [p for p in Path(out).iterdir() if ".discard" in p.name]
+
+
+def test_shard_plan_reads_lengths_per_record_batch(tmp_path):
+    """The plan combined a unit's chunks (a copy, and an int32 offset overflow past 2^31 tokens): it now
+    reads each record batch's lengths; the same plan as before."""
+    from pipeline.build import _shard_plan
+
+    path = str(tmp_path / "u.arrow")
+    lists = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10], [11]]
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, stages.TOK_SCHEMA) as w:
+        for part in (lists[:2], lists[2:]):
+            w.write_table(pa.table({"key": list(range(len(part))), "id": ["x"] * len(part), "component": ["a"] * len(part),
+                                    "input_ids": pa.array(part, pa.list_(pa.uint16())),
+                                    "source_id": pa.array([None] * len(part), pa.string())}, schema=stages.TOK_SCHEMA))
+    assert _shard_plan([path], 5) == [[(path, 0, 3)], [(path, 3, 5)]]   # lengths 3 1 2 | 4 1

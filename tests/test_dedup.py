@@ -278,3 +278,65 @@ def test_ray_map_and_reduce_accept_an_empty_block(empty_sig):
     assert nd.duplicates([full])[0].tolist() == [2]
     only_empty = [_reduce_bands(cfg, parts, *[m[i] for m in maps[::2]]) for i in range(parts)]
     assert all(len(x) == 0 for red in only_empty for x, _ in red)
+
+
+def _abc():
+    """B and C agree on 14/16 values and share band 0 only; A shares band 0 with them and nothing else."""
+    cfg = MinHashConfig(threshold=0.8, num_perm=16, bands=2, rows=8, verify=True, verify_bits=32, mode="local")
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 2**31, 16).astype(np.uint32)
+    c = b.copy()
+    c[8] ^= 0x100
+    c[9] ^= 0x100
+    a = b.copy()
+    a[8:] = rng.integers(0, 2**31, 8)
+    return cfg, np.stack([a, b, c])
+
+
+def test_verified_members_of_a_bucket_are_linked_whatever_the_input_order():
+    """Verification used to test only member -> bucket leader (the first row): with a dissimilar A leading,
+    B and C were never linked, and permuting the rows changed the result. Now each member is verified
+    against the bucket's representatives in key order, in-process and on the Ray path alike."""
+    from pipeline.dedup import components as cc
+    from pipeline.dedup import ray_exec
+
+    cfg, sig = _abc()
+    keys = np.array([0, 1, 2], np.int64)
+    for perm in ([0, 1, 2], [1, 2, 0], [2, 0, 1]):
+        removed, dup = lsh.duplicates_local(keys[perm], sig[perm], cfg)
+        assert (removed.tolist(), dup.tolist()) == ([2], [1])
+    red = ray_exec._reduce_bands(cfg, 1, ray_exec._map_block((keys[[2, 0, 1]], sig[[2, 0, 1]]), cfg, 1))
+    u, v, _ = cc.star_components(red[0], red[1], parts=1)
+    assert (u.tolist(), v.tolist()) == ([2], [1])
+
+
+def test_bucket_edges_match_the_reference():
+    rng = np.random.default_rng(1)
+    low = rng.integers(0, 4, (60, 16)).astype(np.uint8)      # 2-bit values: many near-equal rows
+    bkey = rng.integers(1, 6, 60).astype(np.uint64)
+    keys = rng.permutation(1000)[:60].astype(np.int64)
+    rows = np.arange(60, dtype=np.int64)
+    for need in (4.0, 6.5, 9.0):
+        got = lsh.bucket_edges(bkey, keys, rows, low, need)
+        ref = lsh.bucket_edges_reference(bkey, keys, rows, low, need)
+        assert [x.tolist() for x in got] == [x.tolist() for x in ref]
+
+
+def test_bad_signature_blocks():
+    """A signature width other than num_perm used to be read past its rows; an empty (0, 0) block (a file
+    without documents) crashed the in-process path; a block repeating a key merged two documents on Ray;
+    a pair exactly at the threshold was rejected with 32-bit verification."""
+    from pipeline.dedup import ray_exec
+
+    cfg, sig = _abc()
+    with pytest.raises(ValueError, match="num_perm"):
+        lsh.duplicates_local(np.arange(3), sig[:, :8], cfg)
+    removed, _ = NearDedup(cfg).duplicates([(np.arange(3), sig), (np.zeros(0, np.int64), np.zeros((0, 0), np.uint32))])
+    assert removed.tolist() == [2]
+    with pytest.raises(ValueError, match="unique"):
+        ray_exec._map_block((np.array([5, 5, 7]), sig), cfg, 1)
+    exact = MinHashConfig(threshold=0.75, num_perm=128, bands=1, rows=32, verify_bits=32, mode="local")
+    a = np.random.default_rng(0).integers(0, 2**32, 128, dtype=np.uint64).astype(np.uint32)
+    b = a.copy()
+    b[96:] = ~a[96:]                                         # 96 / 128 = 0.75 exactly
+    assert lsh.duplicates_local(np.array([0, 1]), np.stack([a, b]), exact)[0].tolist() == [1]

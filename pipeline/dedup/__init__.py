@@ -83,6 +83,7 @@ class NearDedup:
             removed, dup, self.last_stats = duplicates_ray(blocks, self.cfg)
             self.last_stats["mode"] = "ray"
             return removed, dup
+        blocks = [b for b in blocks if len(b[0])]  # a file with no documents may carry any shape, e.g. (0, 0)
         keys = np.concatenate([np.asarray(b[0], np.int64) for b in blocks]) if blocks else np.zeros(0, np.int64)
         sig = (
             np.concatenate([np.asarray(b[1], np.uint32) for b in blocks])

@@ -58,8 +58,9 @@ class MinHashConfig:
     rows: int | None = None
     """Rows per band; derived together with bands when None."""
     verify: bool = True
-    """Keep an LSH candidate pair only if its full-signature Jaccard estimate is >= threshold
-    (removes band collisions of dissimilar documents at the cost of one signature compare per pair)."""
+    """Keep an LSH candidate pair only if its full-signature Jaccard estimate (from `verify_bits`-bit values,
+    corrected for chance agreement) is >= threshold: removes band collisions of dissimilar documents. Each
+    bucket member is checked against the bucket's representatives so far (see `lsh.bucket_edges`)."""
     verify_bits: int = 8
     """Bits of each MinHash value the check compares (b-bit minwise hashing, Li & Koenig 2010:
     P[low b bits equal] = J + (1 - J) 2^-b, corrected for); 8 bits cut the check's share of the Ray

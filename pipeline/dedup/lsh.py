@@ -2,11 +2,16 @@
 
 A signature [num_perm] is cut into `bands` bands of `rows` values; each band is hashed to one
 uint64 band key that also mixes in the band index, so keys of all bands live in one space and can
-be shuffled together by key. Documents with equal band keys form a bucket. A bucket of k members
-yields k-1 "star" edges (member -> smallest key in the bucket) instead of k(k-1)/2 pairs: the same
-connected components with linear edges. With `verify`, an edge is kept only if the two full
-signatures agree in >= threshold of their positions (the MinHash estimate of Jaccard), which drops
-band collisions of dissimilar documents (on b-bit values, see `MinHashConfig.verify_bits`).
+be shuffled together by key. Documents with equal band keys form a bucket. Without verification a
+bucket of k members yields k-1 "star" edges (member -> smallest key in the bucket) instead of k(k-1)/2
+pairs: the same connected components with linear edges. With `verify`, an edge needs the two full
+signatures to agree in >= threshold of their positions (the MinHash estimate of Jaccard, on b-bit values,
+see `MinHashConfig.verify_bits`), which drops band collisions of dissimilar documents. Then a star is not
+enough (members similar to each other but not to the leader would lose their edge), so each bucket is
+walked in key order: a member joins the first earlier "representative" it verifies against, or becomes a
+representative itself (`bucket_edges`); one representative per bucket in the usual case, and the result
+does not depend on the order of the input. A member similar only to a non-representative member of a
+bucket is not linked through that bucket (checking every pair would be quadratic in the bucket size).
 
 Clusters are connected components of the kept edges; each is represented by its smallest key, and
 every other member is removed with `duplicate_of` = that key.
@@ -42,8 +47,15 @@ def _band_keys_kernel(sig, bands, rows, out):
             out[d, j] = h if h != np.uint64(0) else np.uint64(1)
 
 
+def check_signatures(sig: np.ndarray, cfg: MinHashConfig) -> None:
+    """Signatures must be [n, num_perm]: the band kernel does not bounds-check its reads."""
+    if sig.ndim != 2 or sig.shape[1] != cfg.num_perm:
+        raise ValueError(f"signatures have shape {tuple(sig.shape)}, expected [n, {cfg.num_perm}] (num_perm)")
+
+
 def band_keys(sig: np.ndarray, cfg: MinHashConfig) -> np.ndarray:
     """Band keys of signatures; 0 marks an empty document.  # [n, bands] uint64"""
+    check_signatures(sig, cfg)
     out = np.empty((sig.shape[0], cfg.bands), dtype=np.uint64)
     _band_keys_kernel(np.ascontiguousarray(sig, dtype=np.uint32), cfg.bands, cfg.rows, out)
     return out
@@ -66,7 +78,7 @@ def band_keys_reference(sig: np.ndarray, cfg: MinHashConfig) -> np.ndarray:
 
 
 def star_edges(bkey: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bucket members -> smallest key of their bucket.
+    """Bucket members -> smallest key of their bucket (the unverified edges).
 
     bkey [m] uint64 band keys (0 = skip), keys [m] int64 document keys (one row per doc and band).
     Returns (u, v) int64 [e] with u > v: u shares a bucket whose smallest key is v.
@@ -80,6 +92,83 @@ def star_edges(bkey: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarr
     leader = ks[np.maximum.accumulate(np.where(start, np.arange(len(bk)), 0))]
     sel = ~start & (ks != leader)
     return ks[sel], leader[sel]
+
+
+def min_agreeing(cfg: MinHashConfig) -> float:
+    """Equal b-bit values (of num_perm) a verified pair needs: estimate_jaccard >= threshold, solved for the
+    count, less a hair so a pair exactly at the threshold passes despite float rounding."""
+    chance = 2.0**-cfg.verify_bits
+    return cfg.num_perm * (cfg.threshold * (1.0 - chance) + chance) - 1e-6
+
+
+@numba.njit(nogil=True, cache=True)
+def _bucket_edges_kernel(starts, rows, low, need, out_u, out_v):
+    """Buckets are rows[starts[b]:starts[b + 1]] in key order; low [n, P] b-bit values by row. Each member
+    is compared with the bucket's representatives so far, joins the first it agrees with in >= need
+    positions (edge member -> representative) or becomes one. Returns the number of edges written."""
+    e = 0
+    reps = np.empty(rows.shape[0], np.int64)
+    for b in range(starts.shape[0] - 1):
+        n_rep = 0
+        for i in range(starts[b], starts[b + 1]):
+            r = rows[i]
+            joined = False
+            for q in range(n_rep):
+                rep = reps[q]
+                agree = 0
+                for k in range(low.shape[1]):
+                    if low[r, k] == low[rep, k]:
+                        agree += 1
+                if agree >= need:
+                    out_u[e] = r
+                    out_v[e] = rep
+                    e += 1
+                    joined = True
+                    break
+            if not joined:
+                reps[n_rep] = r
+                n_rep += 1
+    return e
+
+
+def _buckets(bkey: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """rows sorted by (band key, document key), empty band keys dropped, and the bucket starts."""
+    live = bkey != 0
+    order = np.lexsort((keys[live], bkey[live]))
+    bk, rs = bkey[live][order], rows[live][order]
+    start = np.ones(len(bk), dtype=bool)
+    start[1:] = bk[1:] != bk[:-1]
+    return rs, np.append(np.flatnonzero(start), len(bk)).astype(np.int64)
+
+
+def bucket_edges(bkey: np.ndarray, keys: np.ndarray, rows: np.ndarray, low: np.ndarray,
+                 need: float) -> tuple[np.ndarray, np.ndarray]:
+    """Verified edges between rows sharing a band key (see the module docstring).
+
+    bkey [m] uint64 (0 = skip), keys [m] int64 document keys (the order within a bucket), rows [m] int64
+    indices into low [n, P] (b-bit values). Returns (u, v) rows [e]: u verified against representative v.
+    """
+    rs, starts = _buckets(bkey, keys, rows)
+    u = np.empty(len(rs), np.int64)
+    v = np.empty(len(rs), np.int64)
+    e = _bucket_edges_kernel(starts, rs, np.ascontiguousarray(low), need, u, v)
+    return u[:e], v[:e]
+
+
+def bucket_edges_reference(bkey, keys, rows, low, need):
+    """Plain-Python `bucket_edges`."""
+    rs, starts = _buckets(bkey, keys, rows)
+    us, vs = [], []
+    for b in range(len(starts) - 1):
+        reps: list[int] = []
+        for r in rs[starts[b]:starts[b + 1]].tolist():
+            rep = next((q for q in reps if int((low[r] == low[q]).sum()) >= need), None)
+            if rep is None:
+                reps.append(r)
+            else:
+                us.append(r)
+                vs.append(rep)
+    return np.array(us, np.int64), np.array(vs, np.int64)
 
 
 def agreement(sig_u: np.ndarray, sig_v: np.ndarray) -> np.ndarray:
@@ -154,22 +243,20 @@ def duplicates_local(keys: np.ndarray, sig: np.ndarray, cfg: MinHashConfig) -> t
     """All of LSH + verification + components in one process.  keys [n] int64, sig [n, P] uint32."""
     if len(keys) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    check_signatures(sig, cfg)
     if len(np.unique(keys)) != len(keys):
         raise ValueError("document keys must be unique")
     bk = band_keys(sig, cfg)  # [n, bands]
     rows = np.arange(len(keys), dtype=np.int64)
+    low, need = (low_bits(sig, cfg.verify_bits), min_agreeing(cfg)) if cfg.verify else (None, 0.0)
     us, vs = [], []
     for j in range(cfg.bands):  # one band at a time bounds the sort's memory to n rows
-        u, v = star_edges(bk[:, j], rows)
+        if cfg.verify:
+            u, v = bucket_edges(bk[:, j], keys, rows, low, need)
+            u, v = keys[u], keys[v]
+        else:
+            u, v = star_edges(bk[:, j], keys)
         us.append(u)
         vs.append(v)
-    u, v = np.concatenate(us), np.concatenate(vs)
-    if len(u):
-        pair = np.unique(np.stack([u, v], 1), axis=0)  # same pair from several bands
-        u, v = pair[:, 0], pair[:, 1]
-    if cfg.verify and len(u):
-        low = low_bits(sig, cfg.verify_bits)
-        ok = estimate_jaccard(low[u], low[v], cfg.verify_bits) >= cfg.threshold
-        u, v = u[ok], v[ok]
-    removed, dup = components(keys[u], keys[v])
+    removed, dup = components(np.concatenate(us), np.concatenate(vs))
     return removed, dup

@@ -22,7 +22,7 @@ import ray
 
 from . import components as cc
 from .config import MinHashConfig
-from .lsh import band_keys, components, estimate_jaccard, low_bits, star_edges
+from .lsh import band_keys, bucket_edges, components, low_bits, min_agreeing, star_edges
 
 
 def _split(parts: int, part: np.ndarray, *cols: np.ndarray) -> list[tuple[np.ndarray, ...]]:
@@ -37,6 +37,8 @@ def _map_block(block, cfg: MinHashConfig, parts: int):
     sig = np.ascontiguousarray(sig, dtype=np.uint32)  # [n, P]
     if len(keys) == 0:  # a file with no surviving documents: any saved shape, e.g. (0, 0)
         sig = np.zeros((0, cfg.num_perm), np.uint32)
+    if len(np.unique(keys)) != len(keys):
+        raise ValueError("document keys must be unique (a block repeats one)")
     bk = band_keys(sig, cfg)  # [n, bands]
     rows = np.repeat(np.arange(len(keys)), cfg.bands)
     flat = bk.reshape(-1)
@@ -52,12 +54,14 @@ def _reduce_bands(cfg: MinHashConfig, parts: int, *pieces):
     bk = np.concatenate([p[0] for p in pieces])
     keys = np.concatenate([p[1] for p in pieces])
     pos = np.arange(len(keys), dtype=np.int64)
-    u, v = star_edges(bk, pos)  # row positions
-    if cfg.verify and len(u):
-        low = np.concatenate([p[2] for p in pieces])
-        ok = estimate_jaccard(low[u], low[v], cfg.verify_bits) >= cfg.threshold
-        u, v = u[ok], v[ok]
-    ru, rv = components(keys[u], keys[v])  # local forest: each node -> its local minimum
+    if len(np.unique(np.stack([bk.view(np.int64), keys], 1), axis=0)) != len(keys):
+        raise ValueError("document keys must be unique (one appears twice in a bucket)")
+    if cfg.verify:
+        u, v = bucket_edges(bk, keys, pos, np.concatenate([p[2] for p in pieces]), min_agreeing(cfg))
+        u, v = keys[u], keys[v]
+    else:
+        u, v = star_edges(bk, keys)
+    ru, rv = components(u, v)  # local forest: each node -> its local minimum
     a, b = cc.both_directions(ru, rv)
     out = _split(parts, cc.partition_of(a, parts), a, b)
     return out if parts > 1 else out[0]

@@ -179,6 +179,7 @@ def _stage_counts(metas: list[dict], comps: list[str], removed: dict[str, np.nda
             del st["near_dedup"]
         out[name] = {s: {"in": v["in"], "out": v["out"], "dropped": dict(sorted(v["dropped"].items()))}
                      for s, v in st.items()}
+        out[name]["tokenize"]["tokens_out"] = sum(t["tokens"] for t in tok)  # tokens exist from this stage on
     return out
 
 

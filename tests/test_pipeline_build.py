@@ -381,3 +381,9 @@ def test_shard_plan_reads_lengths_per_record_batch(tmp_path):
                                     "input_ids": pa.array(part, pa.list_(pa.uint16())),
                                     "source_id": pa.array([None] * len(part), pa.string())}, schema=stages.TOK_SCHEMA))
     assert _shard_plan([path], 5) == [[(path, 0, 3)], [(path, 3, 5)]]   # lengths 3 1 2 | 4 1
+
+
+def test_index_records_tokens_out_of_the_tokenize_stage(sample_out):
+    out, _ = sample_out
+    comps = json.load(open(os.path.join(out, "index.json")))["components"]
+    assert all(c["stages"]["tokenize"]["tokens_out"] == c["tokens"] > 0 for c in comps.values())

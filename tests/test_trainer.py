@@ -269,3 +269,16 @@ def test_resume_uses_the_config_optimizer_settings_and_names_a_damaged_file(corp
     resume_pt.write_bytes(resume_pt.read_bytes()[:1000])
     with pytest.raises(ConfigError, match="step-00000004/resume.pt"):
         fit(load_config(debug, TINY + ["train.max_steps=5", "train.ckpt_every=1"]), corpus, run, resume=True)
+
+
+def test_data_and_run_dir_default_as_design_writes_the_command(corpus, tmp_path, monkeypatch):
+    """DESIGN.md's `python trainer/fit.py --config trainer/configs/<name>.yaml` used to fail (--data and
+    --run-dir were required): they default to data/sample and runs/<config name>."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(corpus, tmp_path / "data" / "sample")
+    cfg = tmp_path / "tiny.yaml"
+    shutil.copy(ROOT / "trainer/configs/debug.yaml", cfg)
+    assert main(["--config", str(cfg)] + [f"--set={s}" for s in TINY + ["train.max_steps=1", "train.tensorboard=false"]]) == 0
+    assert (tmp_path / "runs" / "tiny" / "metrics.csv").exists()

@@ -85,8 +85,10 @@ def check_resumable(saved: dict, cfg: TrainConfig, where: Path, saved_corpus: st
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="YAML preset (trainer/configs/*.yaml)")
-    p.add_argument("--data", required=True, help="pipeline output folder holding index.json")
-    p.add_argument("--run-dir", required=True, help="where metrics, logs and checkpoints go")
+    p.add_argument("--data", default="data/sample",
+                   help="pipeline output folder holding index.json (default: data/sample, what `make corpus` builds)")
+    p.add_argument("--run-dir", default=None,
+                   help="where metrics, logs and checkpoints go (default: runs/<config name>)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this optimizer step (default train.max_steps, which the schedule follows)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -376,7 +378,8 @@ def main(argv=None) -> int:
         if args.max_steps is not None and args.max_steps < 1:
             raise ConfigError(f"--max-steps must be at least 1, got {args.max_steps}")
         resolve_model_config(cfg.model)
-        fit(cfg, Path(args.data), Path(args.run_dir), resume=args.resume, stop_at=args.max_steps)
+        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
+        fit(cfg, Path(args.data), run_dir, resume=args.resume, stop_at=args.max_steps)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -333,7 +333,7 @@ def tokenize_unit(unit_name: str, work: str, removed: np.ndarray, tokenizer) -> 
         flat, offs = encode_arrow_texts(tokenizer, texts)  # [n_tokens] uint16, [n + 1] int64
         lengths = np.diff(offs)
         nbytes += int(pc.sum(pc.binary_length(texts)).as_py() or 0)
-        # rows [a, b) per record batch with fewer than LIST_TOKENS tokens (int32 list offsets); one row normally
+        # rows [a, b) per record batch, each under LIST_TOKENS tokens (int32 list offsets); normally one batch
         cuts = np.unique(np.concatenate([[0], np.searchsorted(offs, np.arange(LIST_TOKENS, offs[-1], LIST_TOKENS),
                                                               side="right") - 1]))
         for a, b in zip(cuts, [*cuts[1:], len(offs) - 1]):

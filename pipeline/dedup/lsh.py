@@ -83,15 +83,23 @@ def star_edges(bkey: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarr
     bkey [m] uint64 band keys (0 = skip), keys [m] int64 document keys (one row per doc and band).
     Returns (u, v) int64 [e] with u > v: u shares a bucket whose smallest key is v.
     """
+    ks, starts = _buckets(bkey, keys, keys)
+    leader = np.repeat(ks[starts[:-1]], np.diff(starts))
+    sel = ks != leader
+    return ks[sel], leader[sel]
+
+
+def _buckets(bkey: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """rows sorted by (band key, document key), empty band keys dropped, and the bucket starts [b + 1].
+    A key twice in one bucket means two documents share it (a document has one band key per band)."""
     live = bkey != 0
-    bkey, keys = bkey[live], keys[live]
-    order = np.lexsort((keys, bkey))  # by band key, then document key
-    bk, ks = bkey[order], keys[order]
+    order = np.lexsort((keys[live], bkey[live]))
+    bk, ks, rs = bkey[live][order], keys[live][order], rows[live][order]
     start = np.ones(len(bk), dtype=bool)
     start[1:] = bk[1:] != bk[:-1]
-    leader = ks[np.maximum.accumulate(np.where(start, np.arange(len(bk)), 0))]
-    sel = ~start & (ks != leader)
-    return ks[sel], leader[sel]
+    if (~start[1:] & (ks[1:] == ks[:-1])).any():
+        raise ValueError("document keys must be unique (one appears twice in a bucket)")
+    return rs, np.append(np.flatnonzero(start), len(bk)).astype(np.int64)
 
 
 def min_agreeing(cfg: MinHashConfig) -> float:
@@ -129,16 +137,6 @@ def _bucket_edges_kernel(starts, rows, low, need, out_u, out_v):
                 reps[n_rep] = r
                 n_rep += 1
     return e
-
-
-def _buckets(bkey: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """rows sorted by (band key, document key), empty band keys dropped, and the bucket starts."""
-    live = bkey != 0
-    order = np.lexsort((keys[live], bkey[live]))
-    bk, rs = bkey[live][order], rows[live][order]
-    start = np.ones(len(bk), dtype=bool)
-    start[1:] = bk[1:] != bk[:-1]
-    return rs, np.append(np.flatnonzero(start), len(bk)).astype(np.int64)
 
 
 def bucket_edges(bkey: np.ndarray, keys: np.ndarray, rows: np.ndarray, low: np.ndarray,

@@ -3,8 +3,15 @@ chunk_rwkv7 and the official RWKV-LM CUDA kernels (rwkv7_clampw v1 and v3_for_h1
 BENCHMARKS.md, bf16, head size 64.
 
 Times forward and forward+backward (median of triton.testing.do_bench), checks each implementation's
-forward error (and our gradients' errors) against a float64 reference, and reports achieved bandwidth against
-the memory floor (each input read once, each output written once). Writes JSON incrementally to --out.
+forward error (ours and the official kernels': gradients too) against a float64 reference, and reports achieved
+bandwidth against the memory floor (each input read once, each output written once). Writes JSON incrementally
+to --out.
+
+Forward+backward is compared within one calling convention at a time, since on short shapes the host side
+(autograd, launches) can take as long as the kernels: "autograd" (y = op(...); y.backward(dy), as a trainer
+calls it; the official op behind an autograd.Function as RWKV-LM's trainer wraps it), "raw" (the forward and
+backward host functions called directly; fla has no such form) and "device" (the GPU kernels' time alone, from
+torch.profiler).
 
 Peers are optional: fla from an installed `fla` package, the official kernels from --rwkvlm DIR holding
 rwkv7_clampw.{cu,cpp}, rwkv7_clampw_v3.cpp and rwkv7_clampw_v3_for_h100.cu (copied from RWKV-LM at bench time;
@@ -81,7 +88,32 @@ def load_official(src_dir, v3):
         grads = [torch.empty_like(x[n]) for n in ("r", "w_raw", "k", "v", "a", "b")]
         op.backward(x["r"], x["w_raw"], x["k"], x["v"], x["a"], x["b"], dy, s, sa, *grads)
         return grads
-    return (lambda x: fwd(x)[0]), fwd_bwd
+
+    class Op(torch.autograd.Function):
+        """The op behind autograd, as RWKV-LM's trainer calls it (saved s, sa; backward allocates the grads)."""
+
+        @staticmethod
+        def forward(ctx, r, w_raw, k, v, a, b):
+            y, s, sa = fwd(dict(r=r, w_raw=w_raw, k=k, v=v, a=a, b=b))
+            ctx.save_for_backward(r, w_raw, k, v, a, b, s, sa)
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            r, w_raw, k, v, a, b, s, sa = ctx.saved_tensors
+            grads = [torch.empty_like(t) for t in (r, w_raw, k, v, a, b)]
+            op.backward(r, w_raw, k, v, a, b, dy.contiguous(), s, sa, *grads)
+            return tuple(grads)
+
+    def autograd_run(x, dy):
+        leaves = [x[n].detach().requires_grad_() for n in ("r", "w_raw", "k", "v", "a", "b")]
+
+        def run():
+            for t in leaves:
+                t.grad = None
+            Op.apply(*leaves).backward(dy)
+        return run
+    return (lambda x: fwd(x)[0]), (lambda x, dy: lambda: fwd_bwd(x, dy)), autograd_run
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -106,24 +138,25 @@ def copy_bandwidth():
 
 def cfg_tag(cfg):
     return (f"ours_C{cfg.chunk_size}_BV{cfg.block_v}_W{cfg.num_warps}_Wb{cfg.num_warps_bwd}_{cfg.precision}"
-            f"_{cfg.precision_bwd}_f{int(cfg.prefetch)}_c{cfg.num_warps_cc}")
+            f"_{cfg.precision_bwd}_s{cfg.precision_state_bwd}_f{int(cfg.prefetch)}_c{cfg.num_warps_cc}")
 
 
 def parse_cfg(c):
-    """C-BV-warps-warpsbwd-precision-precisionbwd[-fF-cW]: F prefetch (0/1), W num_warps_cc; omitted ones keep
-    chunk.CONFIG's defaults."""
+    """C-BV-warps-warpsbwd-precision-precisionbwd[-fF-cW-sP]: F prefetch (0/1), W num_warps_cc, P
+    precision_state_bwd; omitted ones keep chunk.CONFIG's defaults."""
     f = c.split("-")
     cfg = replace(ours.CONFIG, chunk_size=int(f[0]), block_v=int(f[1]), num_warps=int(f[2]), num_warps_bwd=int(f[3]),
                   precision=f[4], precision_bwd=f[5])
     for x in f[6:]:
-        key = {"f": "prefetch", "c": "num_warps_cc"}[x[0]]
-        val = int(x[1:])
+        key = {"f": "prefetch", "c": "num_warps_cc", "s": "precision_state_bwd"}[x[0]]
+        val = x[1:] if key == "precision_state_bwd" else int(x[1:])
         cfg = replace(cfg, **{key: bool(val) if key == "prefetch" else val})
     return cfg
 
 
 def kernel_times(fn, iters=5):
-    """Device time per Triton kernel (ms per call of fn), from torch.profiler over `iters` calls."""
+    """Device time per GPU kernel (ms per call of fn), from torch.profiler over `iters` calls; "total": all of
+    them, the call's GPU work without host gaps."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -136,8 +169,9 @@ def kernel_times(fn, iters=5):
         t = getattr(e, "device_time_total", None)
         if t is None:
             t = getattr(e, "cuda_time_total", 0)
-        if t and "kernel" in e.key:
+        if t and e.device_type == torch.autograd.DeviceType.CUDA:
             out[e.key] = t / 1000 / iters
+    out["total"] = sum(out.values())
     return out
 
 
@@ -171,6 +205,17 @@ def ours_fwd_bwd_fn(x, dy):
     return run, leaves
 
 
+def ours_raw_fwd_bwd_fn(x, dy):
+    """Ours called the way this script calls the official op: the forward and backward host functions
+    directly, no autograd (the kernels and their launches only)."""
+    args = [x[n] for n in "rwkvab"]
+
+    def run():
+        _, _, st, cc = ours._fwd(*args, None, False, True)
+        return ours._bwd(*args, st, cc, dy, None, False)
+    return run
+
+
 def fla_fwd_bwd_fn(fla_mod, x, dy):
     from fla.ops.rwkv7 import chunk_rwkv7
     leaves = {n: x[n].detach().requires_grad_() for n in "rwkvab"}
@@ -193,7 +238,6 @@ def main():
                     help="comma-separated configs, see parse_cfg and WKV7KernelConfig")
     ap.add_argument("--acc-shapes", type=int, default=2, help="how many accuracy shapes to check (<= 2)")
     ap.add_argument("--peers", default="fla,official_v1,official_v3")
-    ap.add_argument("--parts", action="store_true", help="also time each kernel of ours (torch.profiler)")
     ap.add_argument("--host", action="store_true", help="also time the host side of each fwd+bwd call")
     ap.add_argument("--build-only", choices=["v1", "v3"], help="build one official extension and exit")
     args = ap.parse_args()
@@ -235,7 +279,7 @@ def main():
     want = set(args.peers.split(",")) if args.peers else set()
     try:
         if "fla" in want:
-            peers["fla"] = (load_fla(), None)
+            peers["fla"] = (load_fla(), lambda x, dy: fla_fwd_bwd_fn(None, x, dy))
     except Exception:  # noqa: BLE001
         res["failures"]["fla_load"] = traceback.format_exc()[-2000:]
     save()
@@ -261,8 +305,28 @@ def main():
                 errs[tag] = {"y": rel(y, y64), **{f"d{n}": rel(leaves[n].grad, x64[n].grad) for n in "rwkvab"}}
             except Exception:  # noqa: BLE001
                 res["failures"][f"{tag}_err_{key}"] = traceback.format_exc()[-2000:]
+        # The official kernels take w_raw and compute w = W_SCALE * sigmoid(w_raw) in fp32, and the model passes
+        # ours w in fp32 too: so also check both against a reference on that exact w (float64); the bf16 rounding
+        # of w in the check above is an input error the official kernels never see.
+        w_exact = W_SCALE * torch.sigmoid(x["w_raw"].double())
+        x64e = {n: (w_exact if n == "w" else x[n].double()).detach().requires_grad_() for n in "rwkvab"}
+        y64e, _ = chunk_wkv7_torch(*(x64e[n] for n in "rwkvab"), chunk_size=16)
+        y64e.backward(dy.double())
+        ref_e = {"y": y64e, **{f"d{n}": x64e[n].grad for n in "rwkvab"}}
+        dw_raw_e = x64e["w"].grad * W_SCALE * torch.sigmoid(x["w_raw"].double()) * (1 - torch.sigmoid(x["w_raw"].double()))
+        for cfg in configs:
+            ours.CONFIG = cfg
+            tag = cfg_tag(cfg) + "_w_fp32"
+            try:
+                leaves = {n: (w_exact.float() if n == "w" else x[n]).detach().requires_grad_() for n in "rwkvab"}
+                y, _ = ours.chunk_wkv7(*(leaves[n] for n in "rwkvab"))
+                y.backward(dy)
+                errs[tag] = {"y_vs_exact_w": rel(y, y64e),
+                             **{f"d{n}_vs_exact_w": rel(leaves[n].grad, ref_e[f"d{n}"]) for n in "rwkvab"}}
+            except Exception:  # noqa: BLE001
+                res["failures"][f"{tag}_err_{key}"] = traceback.format_exc()[-2000:]
         res["errors"][key] = errs
-        acc_refs[key] = (x, y64)
+        acc_refs[key] = (x, dy, y64, ref_e, dw_raw_e)
         print(key, json.dumps(errs), flush=True)
         save()
 
@@ -274,14 +338,24 @@ def main():
             continue
         try:
             t0 = time.time()
-            peers[nm] = load_official(args.rwkvlm, v3)
+            fwd, raw, autograd = load_official(args.rwkvlm, v3)
+            peers[nm] = (fwd, raw)
+            peers[nm + "_autograd"] = (fwd, autograd)
             res[f"{nm}_build_s"] = time.time() - t0
         except Exception:  # noqa: BLE001
             res["failures"][f"{nm}_load"] = traceback.format_exc()[-2000:]
-    for key, (x, y64) in acc_refs.items():
-        for nm, (f, _) in peers.items():
+    for key, (x, dy, y64, ref_e, dw_raw_e) in acc_refs.items():
+        for nm, (f, make_run) in peers.items():
+            if nm.endswith("_autograd"):
+                continue
             try:
-                res["errors"][key][nm] = {"y": rel(f(x), y64)}
+                y = f(x)
+                res["errors"][key][nm] = {"y": rel(y, y64)}
+                if nm.startswith("official"):   # grads of (r, w_raw, k, v, a, b) from the raw backward
+                    g = make_run(x, dy)()
+                    res["errors"][key][nm].update(
+                        {"y_vs_exact_w": rel(y, ref_e["y"]), "dw_raw_vs_exact_w": rel(g[1], dw_raw_e),
+                         **{f"d{n}_vs_exact_w": rel(g[i], ref_e[f"d{n}"]) for i, n in enumerate("rwkvab") if n != "w"}})
             except Exception:  # noqa: BLE001
                 res["failures"][f"{nm}_err_{key}"] = traceback.format_exc()[-2000:]
         print(key, "peers", json.dumps({k: v for k, v in res["errors"][key].items() if not k.startswith("ours")}),
@@ -303,21 +377,20 @@ def main():
                 row[tag] = {"fwd": do_bench(lambda x=x: ours_fwd(x))}
                 run, _ = ours_fwd_bwd_fn(x, dy)
                 row[tag]["fwd_bwd"] = do_bench(run)
-                if args.parts:
-                    row[tag]["kernels_ms"] = kernel_times(run)
+                row[tag]["fwd_bwd_raw"] = do_bench(ours_raw_fwd_bwd_fn(x, dy))
+                row[tag]["kernels_ms"] = kernel_times(run)
+                row[tag]["device_fwd_bwd"] = row[tag]["kernels_ms"]["total"]
                 if args.host:
                     row[tag]["host_fwd_bwd"] = host_ms(run)
             except Exception:  # noqa: BLE001
                 res["failures"][f"{tag}_{row['shape']}"] = traceback.format_exc()[-2000:]
             print(row["shape"], tag, row.get(tag), flush=True)
-        for nm, (f, fb) in peers.items():
+        for nm, (f, make_run) in peers.items():
             try:
                 row[nm] = {"fwd": do_bench(lambda f=f, x=x: f(x))}
-                if nm == "fla":
-                    run = fla_fwd_bwd_fn(None, x, dy)
-                else:
-                    run = lambda fb=fb, x=x, dy=dy: fb(x, dy)  # noqa: E731
+                run = make_run(x, dy)
                 row[nm]["fwd_bwd"] = do_bench(run)
+                row[nm]["device_fwd_bwd"] = kernel_times(run)["total"]
                 if args.host:
                     row[nm]["host_fwd_bwd"] = host_ms(run)
             except Exception:  # noqa: BLE001
@@ -327,22 +400,32 @@ def main():
         save()
         torch.cuda.empty_cache()
 
-    # --- table
-    print("\nshape | best ours cfg | ours fwd / fwd+bwd ms | fla | official v1 | official v3 | speedup vs best peer"
-          " (fwd+bwd) | % of memory floor (fwd+bwd)")
+    # --- table: each comparison within one calling convention. "autograd": y = op(...); y.backward(dy), as a
+    # trainer calls it (ours: chunk_wkv7; official: its op behind an autograd.Function as RWKV-LM does; fla:
+    # chunk_rwkv7). "raw": forward and backward host functions called directly (ours: _fwd/_bwd; official: its
+    # two ops; fla has no such form). "device": the GPU kernels' time alone (torch.profiler), no host gaps.
+    print("\nshape | ours fwd / fwd+bwd (autograd) | ours raw | ours device | fla | v3 autograd | v3 raw | v3 device"
+          " | vs best peer: autograd / raw / device | % of memory floor")
     for row in res["rows"]:
         ours_tags = [k for k in row if k.startswith("ours_") and "fwd_bwd" in row[k]]
-        peer_tags = [k for k in ("fla", "official_v1", "official_v3") if k in row and "fwd_bwd" in row[k]]
         if not ours_tags:
             continue
         best = min(ours_tags, key=lambda k: row[k]["fwd_bwd"])
-        bp = min((row[k]["fwd_bwd"] for k in peer_tags), default=float("nan"))
+        o = row[best]
+
+        def best_peer(names, key, row=row):
+            return min((row[k][key] for k in names if key in row.get(k, {})), default=float("nan"))
         row["best_ours"] = best
-        row["speedup_vs_best_peer"] = bp / row[best]["fwd_bwd"]
-        cell = lambda k, row=row: f"{row[k]['fwd']:.2f} / {row[k]['fwd_bwd']:.2f}" if "fwd_bwd" in row.get(k, {}) else "-"
-        print(f"{row['shape']} | {best} | {cell(best)} | {cell('fla')} | {cell('official_v1')} | "
-              f"{cell('official_v3')} | {row['speedup_vs_best_peer']:.2f}x | "
-              f"{100 * row['floor_fwd_bwd_ms'] / row[best]['fwd_bwd']:.0f}%")
+        row["speedup_vs_best_peer"] = {
+            "autograd": best_peer(("fla", "official_v1_autograd", "official_v3_autograd"), "fwd_bwd") / o["fwd_bwd"],
+            "raw": best_peer(("official_v1", "official_v3"), "fwd_bwd") / o["fwd_bwd_raw"],
+            "device": best_peer(("fla", "official_v1", "official_v3"), "device_fwd_bwd") / o["device_fwd_bwd"]}
+        sp = row["speedup_vs_best_peer"]
+        cell = lambda k, key="fwd_bwd", row=row: f"{row[k][key]:.2f}" if key in row.get(k, {}) else "-"
+        print(f"{row['shape']} | {o['fwd']:.2f} / {o['fwd_bwd']:.2f} | {o['fwd_bwd_raw']:.2f} | "
+              f"{o['device_fwd_bwd']:.2f} | {cell('fla')} | {cell('official_v3_autograd')} | {cell('official_v3')} | "
+              f"{cell('official_v3', 'device_fwd_bwd')} | {sp['autograd']:.2f}x / {sp['raw']:.2f}x / "
+              f"{sp['device']:.2f}x | {100 * row['floor_fwd_bwd_ms'] / o['fwd_bwd']:.0f}%")
     save()
     print("config:", asdict(ours.CONFIG))
 

@@ -29,8 +29,12 @@ class WKV7KernelConfig:
     benchmark check vs the official kernel's 1.77e-3), "tf32" (truncated by the tensor cores; 2.0e-3),
     "tf32x3" or "ieee" (float32; slower: 3.4x the forward time with ieee on the H200)."""
     precision_bwd: str = "tf32"
-    """Dot precision of the backward kernels. "tf32" measured 2.8 ms of backward for B8-T4096-H12 on the
-    H200, "tf32r" 4.0 ms; gradient errors were 1.8e-3..3.0e-3 and 1.7e-3..1.8e-3 respectively."""
+    """Dot precision of the backward's gradient kernel (chunk_bwd_grads_kernel). With both backward kernels
+    on "tf32" B8-T4096-H12 measured 2.8 ms of backward on the H200, on "tf32r" 4.0 ms; gradient errors were
+    1.8e-3..3.0e-3 and 1.7e-3..1.8e-3 respectively."""
+    precision_state_bwd: str = "tf32"
+    """Dot precision of the backward's sequential state pass (chunk_bwd_dstate_kernel), whose dL/dS feeds
+    every gradient."""
     num_warps: int = 4
     """Warps per program for the sequential kernels (chunk_fwd_kernel, chunk_bwd_dstate_kernel)."""
     num_warps_bwd: int = 4
@@ -119,7 +123,7 @@ def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0):
     ds0 = _alloc((B, H, N, N), torch.float32, r.device)
     K.chunk_bwd_dstate_kernel[(B * H, N // BV)](
         r, w, a, b, cc, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, BV=BV, HAS_DST=dsT is not None,
-        PREFETCH=CONFIG.prefetch, PREC=CONFIG.precision_bwd, num_warps=CONFIG.num_warps)
+        PREFETCH=CONFIG.prefetch, PREC=CONFIG.precision_state_bwd, num_warps=CONFIG.num_warps)
     grads = [_alloc(x.shape, x.dtype, x.device) for x in (r, w, k, v, a, b)]
     K.chunk_bwd_grads_kernel[(NC, B * H)](
         r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),

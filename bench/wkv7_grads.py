@@ -32,7 +32,7 @@ from wkv7 import make_inputs  # noqa: E402
 
 from kernels.wkv7 import chunk as ours  # noqa: E402
 from kernels.wkv7 import triton_kernels as K  # noqa: E402
-from kernels.wkv7.triton_kernels import _chunk_terms, _dot, _inv_unit_lower  # noqa: E402
+from kernels.wkv7.triton_kernels import _chunk_terms, _dot, _inv_unit_lower, _round_tf32  # noqa: E402
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def grads_ks_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, d
     L_ak = tl.where(tri_s, L_ak, 0.)
     M_rb = tl.where(tri_i, M_rb, 0.)
     M_rk = tl.where(tri_i, M_rk, 0.)
-    Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC)
+    Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC, 0.)
     U = _dot(Pinv, Za + _dot(L_ak, vv, PREC), PREC)                      # [C, V]
     dZ = _dot(tl.trans(Pinv), _dot(tl.trans(M_rb), dY, PREC) + dUb, PREC)
     dL_ab = tl.where(tri_s, _dot(dZ, tl.trans(U), PREC), 0.)
@@ -158,7 +158,7 @@ def grads_persistent_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, ds
         dS = tl.load(dst_ptr + (i_bh * NC + n) * N * N + p_s)
         dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)
         (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
-         Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, eye, LOG2C, PREC)
+         Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, eye, LOG2C, PREC, 0.)
         Z = _dot(a_d, tl.trans(S), PREC) + _dot(L_ak, vv, PREC)
         U = _dot(Pinv, Z, PREC)
         dSt = tl.trans(dS)
@@ -190,21 +190,127 @@ def grads_persistent_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, ds
         tl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)
 
 
+@triton.jit
+def _inv_unit_lower_r(L, eye, LOG2C: tl.constexpr):
+    """_inv_unit_lower on operands rounded to tf32 once each (L already rounded)."""
+    X = eye + L
+    Lp = L
+    for _ in tl.static_range(LOG2C - 1):
+        Lp = _round_tf32(tl.dot(Lp, Lp, input_precision="tf32"))
+        X = X + tl.dot(_round_tf32(X), Lp, input_precision="tf32")
+    return X
+
+
+@triton.jit
+def grads_round_once_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
+                            dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
+                            T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr):
+    """The shipped kernel with "tf32r" semantics (every dot operand rounded to tf32, then tensor cores) but
+    each operand rounded once where it is made, instead of inside every _dot (where the compiler can end
+    up rounding the operand after its conversion to the dot layout, replicated across warps)."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_t = tl.arange(0, C)
+    offs_k = tl.arange(0, N)
+    p_s = offs_k[:, None] * N + offs_k[None, :]
+    tri_s = offs_t[:, None] > offs_t[None, :]
+    tri_i = offs_t[:, None] >= offs_t[None, :]
+    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
+    t = n * C + offs_t
+    mk = (t < T)[:, None]
+    base = ((i_b * T + t) * H + i_h) * N
+    pk = base[:, None] + offs_k[None, :]
+    S = tl.load(st_ptr + (i_bh * NC + n) * N * N + p_s)
+    dS = tl.load(dst_ptr + (i_bh * NC + n) * N * N + p_s)
+    dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    rr = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    ww = tl.load(w_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    kk = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    aa = tl.load(a_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    bb = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    vv = tl.load(v_ptr + pk, mask=mk, other=0.).to(tl.float32)
+    g = tl.cumsum(ww, axis=0)
+    gx = g - ww
+    gC = tl.sum(ww, axis=0)
+    a_d = aa * tl.exp(gx)
+    r_d = rr * tl.exp(g)
+    e_neg = tl.exp(-g)
+    b_u = bb * e_neg
+    k_u = kk * e_neg
+    e_end = tl.exp(gC[None, :] - g)
+    b_e = bb * e_end
+    k_e = kk * e_end
+    Sr = _round_tf32(S)
+    dSr = _round_tf32(dS)
+    dYr = _round_tf32(dY)
+    vvr = _round_tf32(vv)
+    a_dr = _round_tf32(a_d)
+    r_dr = _round_tf32(r_d)
+    b_ur = _round_tf32(b_u)
+    k_ur = _round_tf32(k_u)
+    b_er = _round_tf32(b_e)
+    k_er = _round_tf32(k_e)
+    L_ab = _round_tf32(tl.where(tri_s, tl.dot(a_dr, tl.trans(b_ur), input_precision="tf32"), 0.))
+    L_ak = _round_tf32(tl.where(tri_s, tl.dot(a_dr, tl.trans(k_ur), input_precision="tf32"), 0.))
+    M_rb = _round_tf32(tl.where(tri_i, tl.dot(r_dr, tl.trans(b_ur), input_precision="tf32"), 0.))
+    M_rk = _round_tf32(tl.where(tri_i, tl.dot(r_dr, tl.trans(k_ur), input_precision="tf32"), 0.))
+    Pinv = _round_tf32(_inv_unit_lower_r(L_ab, eye, LOG2C))
+    Z = tl.dot(a_dr, tl.trans(Sr), input_precision="tf32") + tl.dot(L_ak, vvr, input_precision="tf32")
+    U = _round_tf32(tl.dot(Pinv, _round_tf32(Z), input_precision="tf32"))
+    dSt = tl.trans(dSr)
+    dU = tl.dot(tl.trans(M_rb), dYr, input_precision="tf32") + tl.dot(b_er, dSt, input_precision="tf32")
+    dZ = _round_tf32(tl.dot(tl.trans(Pinv), _round_tf32(dU), input_precision="tf32"))
+    dL_ab = _round_tf32(tl.where(tri_s, tl.dot(dZ, tl.trans(U), input_precision="tf32"), 0.))
+    dL_ak = _round_tf32(tl.where(tri_s, tl.dot(dZ, tl.trans(vvr), input_precision="tf32"), 0.))
+    dM_rb = _round_tf32(tl.where(tri_i, tl.dot(dYr, tl.trans(U), input_precision="tf32"), 0.))
+    dM_rk = _round_tf32(tl.where(tri_i, tl.dot(dYr, tl.trans(vvr), input_precision="tf32"), 0.))
+    dV = (tl.dot(tl.trans(M_rk), dYr, input_precision="tf32") + tl.dot(tl.trans(L_ak), dZ, input_precision="tf32")
+          + tl.dot(k_er, dSt, input_precision="tf32"))
+    dR_d = (tl.dot(dYr, Sr, input_precision="tf32") + tl.dot(dM_rb, b_ur, input_precision="tf32")
+            + tl.dot(dM_rk, k_ur, input_precision="tf32"))
+    dA_d = (tl.dot(dZ, Sr, input_precision="tf32") + tl.dot(dL_ab, b_ur, input_precision="tf32")
+            + tl.dot(dL_ak, k_ur, input_precision="tf32"))
+    dB_u = (tl.dot(tl.trans(dM_rb), r_dr, input_precision="tf32")
+            + tl.dot(tl.trans(dL_ab), a_dr, input_precision="tf32"))
+    dK_u = (tl.dot(tl.trans(dM_rk), r_dr, input_precision="tf32")
+            + tl.dot(tl.trans(dL_ak), a_dr, input_precision="tf32"))
+    dB_e = tl.dot(U, dSr, input_precision="tf32")
+    dK_e = tl.dot(vvr, dSr, input_precision="tf32")
+    egC = tl.exp(gC)
+    dgC = tl.sum(dS * S, axis=0) * egC + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)
+    dg = dR_d * r_d - dB_u * b_u - dB_e * b_e - dK_u * k_u - dK_e * k_e
+    dgx = dA_d * a_d
+    dw = tl.cumsum(dg, axis=0, reverse=True) + tl.cumsum(dgx, axis=0, reverse=True) - dgx + dgC[None, :]
+    tl.store(dr_ptr + pk, (dR_d * tl.exp(g)).to(dr_ptr.dtype.element_ty), mask=mk)
+    tl.store(dw_ptr + pk, dw.to(dw_ptr.dtype.element_ty), mask=mk)
+    tl.store(dk_ptr + pk, (dK_u * e_neg + dK_e * e_end).to(dk_ptr.dtype.element_ty), mask=mk)
+    tl.store(dv_ptr + pk, dV.to(dv_ptr.dtype.element_ty), mask=mk)
+    tl.store(da_ptr + pk, (dA_d * tl.exp(gx)).to(da_ptr.dtype.element_ty), mask=mk)
+    tl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)
+
+
 def parse_variant(v):
-    """shipped | ksBK | persist, then [-wW][-rR][-pP][-sS]: warps W (default 4), register cap R; persist:
-    P programs per SM (default 2), S pipeline stages (default 2)."""
+    """shipped | ksBK | persist | roundonce, then [-wW][-rR][-pP][-sS][-qPREC]: warps W (default 4), register
+    cap R; persist: P programs per SM (default 2), S pipeline stages (default 2); PREC: dot precision (default:
+    the config's precision_bwd; roundonce is always "tf32r")."""
     f = v.split("-")
     kernel = "ks" if f[0].startswith("ks") else f[0]
-    out = {"name": v, "kernel": kernel, "warps": 4, "maxnreg": None, "per_sm": 2, "stages": 2}
+    out = {"name": v, "kernel": kernel, "warps": 4, "maxnreg": None, "per_sm": 2, "stages": 2, "prec": None}
     if kernel == "ks":
         out["BK"] = int(f[0][2:])
     for x in f[1:]:
-        out[{"w": "warps", "r": "maxnreg", "p": "per_sm", "s": "stages"}[x[0]]] = int(x[1:])
+        key = {"w": "warps", "r": "maxnreg", "p": "per_sm", "s": "stages", "q": "prec"}[x[0]]
+        out[key] = x[1:] if key == "prec" else int(x[1:])
     return out
 
 
 def launch(var, x, st, dst, dy, grads, T, NC, H, C, prec):
     kw = {"num_warps": var["warps"], **({"maxnreg": var["maxnreg"]} if var["maxnreg"] else {})}
+    prec = var["prec"] or prec
+    if var["kernel"] != "shipped" and prec == "tf32c":
+        prec = "tf32"   # the variants take plain tl.dot precisions (they were timed with "tf32")
     B = x["r"].shape[0]
     args = (x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], st, dst, dy, *grads, T, NC, H)
     if var["kernel"] == "persist":
@@ -212,8 +318,11 @@ def launch(var, x, st, dst, dy, grads, T, NC, H, C, prec):
         grid = (min(NC * B * H, var["per_sm"] * sms),)
         return grads_persistent_kernel[grid](*args, B * H, N=64, C=C, LOG2C=int(math.log2(C)), PREC=prec,
                                              STAGES=var["stages"], **kw)
+    if var["kernel"] == "roundonce":
+        return grads_round_once_kernel[(NC, B * H)](*args, N=64, C=C, LOG2C=int(math.log2(C)), **kw)
     if var["kernel"] == "shipped":
-        return K.chunk_bwd_grads_kernel[(NC, B * H)](*args, N=64, C=C, LOG2C=int(math.log2(C)), PREC=prec, **kw)
+        return K.chunk_bwd_grads_kernel[(NC, B * H)](*args, N=64, C=C, LOG2C=int(math.log2(C)), PREC=prec,
+                                                     IO_T=0, BIAS=ours._bias(x["r"]), **kw)
     return grads_ks_kernel[(NC, B * H)](*args, N=64, C=C, BK=var["BK"], LOG2C=int(math.log2(C)), PREC=prec, **kw)
 
 
@@ -233,7 +342,8 @@ def setup(B, T, H, device):
     ds0 = torch.empty((B, H, 64, 64), dtype=torch.float32, device=device)
     K.chunk_bwd_dstate_kernel[(B * H, 64 // BV)](
         x["r"], x["w"], x["a"], x["b"], cc, dy, None, dst, ds0, T, NC, H, N=64, C=C, BV=BV, HAS_DST=False,
-        PREFETCH=ours.CONFIG.prefetch, PREC=ours.CONFIG.precision_state_bwd, num_warps=ours.CONFIG.num_warps)
+        PREFETCH=ours.CONFIG.prefetch, PREC=ours.CONFIG.precision_state_bwd, IO_T=0, BIAS=ours._bias(dy),
+        num_warps=ours.CONFIG.num_warps)
     return x, dy, st, dst, C, NC
 
 
@@ -252,13 +362,16 @@ def main():
     for shape in args.shapes.split(","):
         B, T, H = (int(s) for s in shape.split("-"))
         x, dy, st, dst, C, NC = setup(B, T, H, device)
-        ref = [torch.empty_like(x[n]) for n in "rwkvab"]
-        launch(parse_variant("shipped"), x, st, dst, dy, ref, T, NC, H, C, prec)
+        refs = {}
         row = {"shape": shape}
         for var in variants:
+            p = "tf32r" if var["kernel"] == "roundonce" else (var["prec"] or prec)
+            if p not in refs:   # the shipped kernel at the same dot precision
+                refs[p] = [torch.empty_like(x[n]) for n in "rwkvab"]
+                launch(parse_variant(f"shipped-q{p}"), x, st, dst, dy, refs[p], T, NC, H, C, prec)
             grads = [torch.full_like(x[n], float("nan")) for n in "rwkvab"]
             kern = launch(var, x, st, dst, dy, grads, T, NC, H, C, prec)
-            diff = max(rel(g, r) for g, r in zip(grads, ref))
+            diff = max(rel(g, r) for g, r in zip(grads, refs[p]))
             row[var["name"]] = {"max_rel_diff_vs_shipped": diff,
                                 **{a: getattr(kern, a, None) for a in ("n_regs", "n_spills")}}
             if not args.check_only:

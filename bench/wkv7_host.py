@@ -70,12 +70,13 @@ def main():
     NC = -(-T // C)
     cc = torch.empty((B * H, NC, 4, C, C), dtype=torch.float32, device="cuda")
     a = (x["r"], x["w"], x["k"], x["a"], x["b"], cc, T, NC, H)
-    kw = dict(N=64, C=C, LOG2C=int(math.log2(C)), PREC=ours.CONFIG.precision, num_warps=ours.CONFIG.num_warps_cc)
+    kw = dict(N=64, C=C, LOG2C=int(math.log2(C)), PREC=ours.CONFIG.precision, BIAS=ours._bias(x["r"]),
+              num_warps=ours.CONFIG.num_warps_cc)
     compiled = K.chunk_cc_kernel[(NC, B * H)](*a, **kw)
     res["jit_launch_us"] = per_call_us(lambda: K.chunk_cc_kernel[(NC, B * H)](*a, **kw))
     try:
         runner = compiled[(NC, B * H, 1)]
-        full = (*a, 64, C, int(math.log2(C)), ours.CONFIG.precision)
+        full = (*a, 64, C, int(math.log2(C)), ours.CONFIG.precision, kw["BIAS"])
         res["compiled_launch_us"] = per_call_us(lambda: runner(*full))
     except Exception as e:  # noqa: BLE001
         res["compiled_launch_us"] = f"failed: {e!r}"

@@ -54,20 +54,40 @@ def _dot(a, b, PREC: tl.constexpr):
         return tl.dot(a, b, input_precision=PREC)
 
 
+TF32_TRUNCATION_BIAS = 3.52e-4
+"""Mean relative error of a float32 operand truncated to tf32 (10-bit mantissa), as the tensor cores read it:
+-3.52e-4 over normal and exponentially distributed values, -3.38e-4 over uniform [0, 1) ones."""
+
+
 @triton.jit
-def _inv_unit_lower(L, eye, LOG2C: tl.constexpr, PREC: tl.constexpr):
+def _dotn(a, b, PREC: tl.constexpr, NT: tl.constexpr, BIAS: tl.constexpr):
+    """_dot with one more precision, "tf32c": tensor cores on truncated operands, the product scaled by
+    1 + NT * BIAS, where NT (0-2) counts the operands truncation changes (float32 values computed here; bf16
+    inputs are exact in tf32) and BIAS is one operand's mean relative truncation error. That removes the
+    truncation's bias (every product too small by ~7e-4, coherently over long sums) and leaves an error
+    spread like rounding's (2.2e-4 vs 2.1e-4 RMS per operand), for one multiply per output element instead of
+    rounding every operand ("tf32r", which nearly doubled the gradient kernel's time). BIAS is 0 under the
+    interpreter, whose dots do not truncate."""
+    if PREC == "tf32c":
+        return tl.dot(a, b, input_precision="tf32") * (1.0 + NT * BIAS)
+    else:
+        return _dot(a, b, PREC)
+
+
+@triton.jit
+def _inv_unit_lower(L, eye, LOG2C: tl.constexpr, PREC: tl.constexpr, BIAS: tl.constexpr):
     """(I - L)^{-1} for strictly lower-triangular L [C, C], C = 2**LOG2C."""
     X = eye + L
     Lp = L
     for _ in tl.static_range(LOG2C - 1):
-        Lp = _dot(Lp, Lp, PREC)
-        X = X + _dot(X, Lp, PREC)
+        Lp = _dotn(Lp, Lp, PREC, 2, BIAS)
+        X = X + _dotn(X, Lp, PREC, 2, BIAS)
     return X
 
 
 @triton.jit
 def _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, eye,
-                 LOG2C: tl.constexpr, PREC: tl.constexpr):
+                 LOG2C: tl.constexpr, PREC: tl.constexpr, BIAS: tl.constexpr):
     """Loads one chunk ([C, N] at offsets pk, masked by mk) and builds its decayed vectors and [C, C] matrices."""
     rr = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32)
     ww = tl.load(w_ptr + pk, mask=mk, other=0.).to(tl.float32)
@@ -86,11 +106,11 @@ def _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i,
     e_end = tl.exp(gC[None, :] - g)
     b_e = bb * e_end
     k_e = kk * e_end
-    L_ab = tl.where(tri_s, _dot(a_d, tl.trans(b_u), PREC), 0.)
-    L_ak = tl.where(tri_s, _dot(a_d, tl.trans(k_u), PREC), 0.)
-    M_rb = tl.where(tri_i, _dot(r_d, tl.trans(b_u), PREC), 0.)
-    M_rk = tl.where(tri_i, _dot(r_d, tl.trans(k_u), PREC), 0.)
-    Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC)
+    L_ab = tl.where(tri_s, _dotn(a_d, tl.trans(b_u), PREC, 2, BIAS), 0.)
+    L_ak = tl.where(tri_s, _dotn(a_d, tl.trans(k_u), PREC, 2, BIAS), 0.)
+    M_rb = tl.where(tri_i, _dotn(r_d, tl.trans(b_u), PREC, 2, BIAS), 0.)
+    M_rk = tl.where(tri_i, _dotn(r_d, tl.trans(k_u), PREC, 2, BIAS), 0.)
+    Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC, BIAS)
     return (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk, Pinv)
 
 
@@ -112,7 +132,7 @@ def _ldc(cc_ptr, i_bh, NC, n, j: tl.constexpr, offs_cc, C: tl.constexpr):
 
 @triton.jit
 def chunk_cc_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, cc_ptr, T, NC, H, N: tl.constexpr, C: tl.constexpr,
-                    LOG2C: tl.constexpr, PREC: tl.constexpr):
+                    LOG2C: tl.constexpr, PREC: tl.constexpr, BIAS: tl.constexpr):
     """Parallel, grid (NC, B*H): each chunk's [C, C] matrices (I - L_ab)^{-1}, L_ak, M_rb, M_rk into
     cc [B*H, NC, 4, C, C] fp32. They do not depend on the carried state, so the sequential kernels (and the
     backward's) load them instead of spending their serial steps on ~10 small dependent products."""
@@ -137,11 +157,11 @@ def chunk_cc_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, cc_ptr, T, NC, H, N: tl.c
     e_neg = tl.exp(-g)
     b_u = bb * e_neg
     k_u = kk * e_neg
-    L_ab = tl.where(tri_s, _dot(a_d, tl.trans(b_u), PREC), 0.)
-    L_ak = tl.where(tri_s, _dot(a_d, tl.trans(k_u), PREC), 0.)
-    M_rb = tl.where(tri_i, _dot(r_d, tl.trans(b_u), PREC), 0.)
-    M_rk = tl.where(tri_i, _dot(r_d, tl.trans(k_u), PREC), 0.)
-    Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC)
+    L_ab = tl.where(tri_s, _dotn(a_d, tl.trans(b_u), PREC, 2, BIAS), 0.)
+    L_ak = tl.where(tri_s, _dotn(a_d, tl.trans(k_u), PREC, 2, BIAS), 0.)
+    M_rb = tl.where(tri_i, _dotn(r_d, tl.trans(b_u), PREC, 2, BIAS), 0.)
+    M_rk = tl.where(tri_i, _dotn(r_d, tl.trans(k_u), PREC, 2, BIAS), 0.)
+    Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC, BIAS)
     base = (i_bh * NC + n) * 4 * C * C
     tl.store(cc_ptr + base + offs_cc, Pinv)
     tl.store(cc_ptr + base + C * C + offs_cc, L_ak)
@@ -153,7 +173,7 @@ def chunk_cc_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, cc_ptr, T, NC, H, N: tl.c
 def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr,
                      T, NC, H, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                      HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
-                     PREFETCH: tl.constexpr, PREC: tl.constexpr):
+                     PREFETCH: tl.constexpr, PREC: tl.constexpr, IO_T: tl.constexpr, BIAS: tl.constexpr):
     """Sequential forward on the precomputed [C, C] matrices (chunk_cc_kernel), grid (B*H, N/BV): carries
     the state rows [BV, N] over the chunks, writes y [B, T, H, N], the chunk-start states st [B, H, NC, N, N]
     (STORE_STATES) and the final state sT [B, H, N, N] (STORE_FINAL). PREFETCH: chunk n+1's inputs are loaded
@@ -213,14 +233,15 @@ def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y
         gC = tl.sum(w32, axis=0)                    # [N]
         e_end = tl.exp(gC[None, :] - g)
         St = tl.trans(S)                            # [N, BV]
-        Z = _dot(aa.to(tl.float32) * tl.exp(g - w32), St, PREC) + _dot(L_ak, v32, PREC)
-        U = _dot(Pinv, Z, PREC)                     # [C, BV]
-        Y = _dot(rr.to(tl.float32) * tl.exp(g), St, PREC) + _dot(M_rb, U, PREC) + _dot(M_rk, v32, PREC)
+        Z = _dotn(aa.to(tl.float32) * tl.exp(g - w32), St, PREC, 2, BIAS) + _dotn(L_ak, v32, PREC, 1 + IO_T, BIAS)
+        U = _dotn(Pinv, Z, PREC, 2, BIAS)           # [C, BV]
+        Y = (_dotn(rr.to(tl.float32) * tl.exp(g), St, PREC, 2, BIAS) + _dotn(M_rb, U, PREC, 2, BIAS)
+             + _dotn(M_rk, v32, PREC, 1 + IO_T, BIAS))
         t = n * C + offs_t
         p_y = (((i_b * T + t) * H + i_h) * N)[:, None] + offs_v[None, :]
         tl.store(y_ptr + p_y, Y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None])
-        S = (S * tl.exp(gC)[None, :] + _dot(tl.trans(U), bb.to(tl.float32) * e_end, PREC)
-             + _dot(tl.trans(v32), kk.to(tl.float32) * e_end, PREC))
+        S = (S * tl.exp(gC)[None, :] + _dotn(tl.trans(U), bb.to(tl.float32) * e_end, PREC, 2, BIAS)
+             + _dotn(tl.trans(v32), kk.to(tl.float32) * e_end, PREC, IO_T + 1, BIAS))
         if PREFETCH:
             rr, ww, kk, aa, bb, vv = rr_n, ww_n, kk_n, aa_n, bb_n, vv_n
             Pinv, L_ak, M_rb, M_rk = Pinv_n, L_ak_n, M_rb_n, M_rk_n
@@ -231,7 +252,8 @@ def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y
 @triton.jit
 def chunk_bwd_dstate_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr,
                             T, NC, H, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                            HAS_DST: tl.constexpr, PREFETCH: tl.constexpr, PREC: tl.constexpr):
+                            HAS_DST: tl.constexpr, PREFETCH: tl.constexpr, PREC: tl.constexpr,
+                            IO_T: tl.constexpr, BIAS: tl.constexpr):
     """Sequential pass of the backward, grid (B*H, N/BV): walks the chunks in reverse carrying dS, on the
     precomputed (I - L_ab)^{-1} and M_rb, and stores dst[n] = dL/dS at the end of chunk n [B, H, NC, N, N];
     ds0 = dL/d(initial state) [B, H, N, N]. PREFETCH: chunk n-1's inputs are loaded while chunk n is computed."""
@@ -281,10 +303,10 @@ def chunk_bwd_dstate_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr,
         g = tl.cumsum(w32, axis=0)
         gC = tl.sum(w32, axis=0)
         b_e = bb.to(tl.float32) * tl.exp(gC[None, :] - g)
-        dU = _dot(tl.trans(M_rb), dY32, PREC) + _dot(b_e, tl.trans(dS), PREC)
-        dZ = _dot(tl.trans(Pinv), dU, PREC)
-        dS = (_dot(tl.trans(dY32), rr.to(tl.float32) * tl.exp(g), PREC)
-              + _dot(tl.trans(dZ), aa.to(tl.float32) * tl.exp(g - w32), PREC)
+        dU = _dotn(tl.trans(M_rb), dY32, PREC, 1 + IO_T, BIAS) + _dotn(b_e, tl.trans(dS), PREC, 2, BIAS)
+        dZ = _dotn(tl.trans(Pinv), dU, PREC, 2, BIAS)
+        dS = (_dotn(tl.trans(dY32), rr.to(tl.float32) * tl.exp(g), PREC, IO_T + 1, BIAS)
+              + _dotn(tl.trans(dZ), aa.to(tl.float32) * tl.exp(g - w32), PREC, 2, BIAS)
               + dS * tl.exp(gC)[None, :])
         if PREFETCH:
             rr, ww, aa, bb, dY, Pinv, M_rb = rr_n, ww_n, aa_n, bb_n, dY_n, Pinv_n, M_rb_n
@@ -295,11 +317,12 @@ def chunk_bwd_dstate_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr,
 def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
                            dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
                            T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
-                           PREC: tl.constexpr):
+                           PREC: tl.constexpr, IO_T: tl.constexpr, BIAS: tl.constexpr):
     """Parallel pass of the backward, grid (NC, B*H): one chunk each, from its start state st[n] and the
     gradient dst[n] of its end state; writes the chunk's dr, dw, dk, dv, da, db [B, T, H, N]. It recomputes
     the chunk's [C, C] matrices (_chunk_terms) rather than loading chunk_cc_kernel's: measured faster on the
-    H200, where this kernel runs many programs at once."""
+    H200, where this kernel runs many programs at once. IO_T: 1 when dy or v is float32 (then "tf32c" counts
+    them as truncated operands; bf16/fp16 ones are exact in tf32), else 0."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -318,26 +341,27 @@ def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst
     dS = tl.load(dst_ptr + (i_bh * NC + n) * N * N + p_s)          # [V, K] gradient of the chunk-end state
     dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)    # [C, V]
     (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
-     Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, eye, LOG2C, PREC)
-    Z = _dot(a_d, tl.trans(S), PREC) + _dot(L_ak, vv, PREC)
-    U = _dot(Pinv, Z, PREC)       # [C, V]
+     Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, eye, LOG2C, PREC, BIAS)
+    # _dotn's third argument: how many of the two operands are float32 values truncation changes
+    Z = _dotn(a_d, tl.trans(S), PREC, 2, BIAS) + _dotn(L_ak, vv, PREC, 1 + IO_T, BIAS)
+    U = _dotn(Pinv, Z, PREC, 2, BIAS)       # [C, V]
     dSt = tl.trans(dS)                              # [K, V]
-    dU = _dot(tl.trans(M_rb), dY, PREC) + _dot(b_e, dSt, PREC)
-    dZ = _dot(tl.trans(Pinv), dU, PREC)
-    dL_ab = tl.where(tri_s, _dot(dZ, tl.trans(U), PREC), 0.)
-    dL_ak = tl.where(tri_s, _dot(dZ, tl.trans(vv), PREC), 0.)
-    dM_rb = tl.where(tri_i, _dot(dY, tl.trans(U), PREC), 0.)
-    dM_rk = tl.where(tri_i, _dot(dY, tl.trans(vv), PREC), 0.)
-    dV = (_dot(tl.trans(M_rk), dY, PREC) + _dot(tl.trans(L_ak), dZ, PREC)
-          + _dot(k_e, dSt, PREC))
-    dR_d = (_dot(dY, S, PREC) + _dot(dM_rb, b_u, PREC)
-            + _dot(dM_rk, k_u, PREC))
-    dA_d = (_dot(dZ, S, PREC) + _dot(dL_ab, b_u, PREC)
-            + _dot(dL_ak, k_u, PREC))
-    dB_u = _dot(tl.trans(dM_rb), r_d, PREC) + _dot(tl.trans(dL_ab), a_d, PREC)
-    dK_u = _dot(tl.trans(dM_rk), r_d, PREC) + _dot(tl.trans(dL_ak), a_d, PREC)
-    dB_e = _dot(U, dS, PREC)      # [C, K]
-    dK_e = _dot(vv, dS, PREC)
+    dU = _dotn(tl.trans(M_rb), dY, PREC, 1 + IO_T, BIAS) + _dotn(b_e, dSt, PREC, 2, BIAS)
+    dZ = _dotn(tl.trans(Pinv), dU, PREC, 2, BIAS)
+    dL_ab = tl.where(tri_s, _dotn(dZ, tl.trans(U), PREC, 2, BIAS), 0.)
+    dL_ak = tl.where(tri_s, _dotn(dZ, tl.trans(vv), PREC, 1 + IO_T, BIAS), 0.)
+    dM_rb = tl.where(tri_i, _dotn(dY, tl.trans(U), PREC, 1 + IO_T, BIAS), 0.)
+    dM_rk = tl.where(tri_i, _dotn(dY, tl.trans(vv), PREC, 2 * IO_T, BIAS), 0.)
+    dV = (_dotn(tl.trans(M_rk), dY, PREC, 1 + IO_T, BIAS) + _dotn(tl.trans(L_ak), dZ, PREC, 2, BIAS)
+          + _dotn(k_e, dSt, PREC, 2, BIAS))
+    dR_d = (_dotn(dY, S, PREC, 1 + IO_T, BIAS) + _dotn(dM_rb, b_u, PREC, 2, BIAS)
+            + _dotn(dM_rk, k_u, PREC, 2, BIAS))
+    dA_d = (_dotn(dZ, S, PREC, 2, BIAS) + _dotn(dL_ab, b_u, PREC, 2, BIAS)
+            + _dotn(dL_ak, k_u, PREC, 2, BIAS))
+    dB_u = _dotn(tl.trans(dM_rb), r_d, PREC, 2, BIAS) + _dotn(tl.trans(dL_ab), a_d, PREC, 2, BIAS)
+    dK_u = _dotn(tl.trans(dM_rk), r_d, PREC, 2, BIAS) + _dotn(tl.trans(dL_ak), a_d, PREC, 2, BIAS)
+    dB_e = _dotn(U, dS, PREC, 2, BIAS)      # [C, K]
+    dK_e = _dotn(vv, dS, PREC, 1 + IO_T, BIAS)
     egC = tl.exp(gC)
     dgC = tl.sum(dS * S, axis=0) * egC + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)   # [K]
     e_neg = tl.exp(-g)

@@ -234,8 +234,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--rwkvlm", default=".whl-kernels/rwkvlm")
     ap.add_argument("--shapes", default="all")
-    ap.add_argument("--configs", default="16-0-4-4-tf32r-tf32",
-                    help="comma-separated configs, see parse_cfg and WKV7KernelConfig")
+    ap.add_argument("--configs", default="",
+                    help="comma-separated configs, see parse_cfg and WKV7KernelConfig (default: chunk.CONFIG)")
     ap.add_argument("--acc-shapes", type=int, default=2, help="how many accuracy shapes to check (<= 2)")
     ap.add_argument("--peers", default="fla,official_v1,official_v3")
     ap.add_argument("--host", action="store_true", help="also time the host side of each fwd+bwd call")
@@ -273,7 +273,7 @@ def main():
     BW_BYTES_PER_MS = copy_bandwidth()
     res["copy_bandwidth_TBps"] = BW_BYTES_PER_MS / 1e9
     print(f"copy bandwidth {BW_BYTES_PER_MS / 1e9:.2f} TB/s", flush=True)
-    configs = [parse_cfg(c) for c in args.configs.split(",")]
+    configs = [parse_cfg(c) for c in args.configs.split(",")] if args.configs else [ours.CONFIG]
 
     peers = {}
     want = set(args.peers.split(",")) if args.peers else set()

@@ -128,7 +128,10 @@ def _decompressed(f, fmt: str) -> Iterator[bytes]:
             if out:
                 yield out
             if d.eof:
-                data, d, started = d.unused_data + tail, new(), False  # tail: the slice not yet fed (zstd)
+                # the input after the member/frame: for zlib all of it is in unused_data (an
+                # unconsumed_tail left from an earlier output-capped call is stale and repeats it);
+                # zstd's unused_data is the rest of the slice fed, tail the slice not yet fed
+                data, d, started = d.unused_data if gz else d.unused_data + tail, new(), False
             else:
                 data = tail
     if started:

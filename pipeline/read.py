@@ -304,25 +304,47 @@ def _check_text_column(names: list[str], unit: Unit, comp: ComponentSpec) -> Non
                             f"not a column of this {unit.format} file (columns: {names})")
 
 
+def _utf8_or_bytes(v: bytes) -> str | bytes:
+    try:
+        return v.decode("utf-8")
+    except UnicodeDecodeError:
+        return v
+
+
+def _column_values(col: pa.Array) -> list:
+    """The Python values of a text or id column: ``str`` where the value is valid UTF-8, its
+    ``bytes`` where it is not. Arrow does not validate string data from other writers, and
+    ``to_pylist`` of a string column with one invalid value fails for the whole batch; such a
+    batch is read again through a binary view of the same buffers (a cast without copy or
+    check), value by value. Other types keep their Python values (``None`` stays ``None``)."""
+    col = _plain_text_column(col)
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        try:
+            return col.to_pylist()
+        except UnicodeDecodeError:
+            col = col.cast(pa.large_binary() if pa.types.is_large_string(t) else pa.binary())
+            t = col.type
+    vals = col.to_pylist()
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return [v if v is None else _utf8_or_bytes(v) for v in vals]
+    return vals
+
+
 def _read_batches(batches: Iterator[pa.RecordBatch], text_field: str, id_field: str | None,
                   max_bytes: int) -> Iterator[Row]:
+    """Rows of parquet/Arrow batches. A text that is not valid UTF-8 drops its own row as
+    ``not_utf8``; a text column of another type (numbers, lists) gives ``missing_text``."""
     n = 0
     for b in batches:
         texts = _plain_text_column(b.column(text_field))
-        if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
-            if pa.types.is_binary(texts.type) or pa.types.is_large_binary(texts.type):
-                vals = texts.to_pylist()
-                texts_py = []
-                for v in vals:
-                    try:
-                        texts_py.append(None if v is None else v.decode("utf-8"))
-                    except UnicodeDecodeError:
-                        texts_py.append(v)  # stays bytes: dropped as not_utf8 below
-            else:
-                texts_py = [None] * len(texts)
+        t = texts.type
+        if any(f(t) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                              pa.types.is_large_binary)):
+            texts_py = _column_values(texts)
         else:
-            texts_py = texts.to_pylist()
-        ids = b.column(id_field).to_pylist() if id_field and id_field in b.schema.names else None
+            texts_py = [None] * len(texts)
+        ids = _column_values(b.column(id_field)) if id_field and id_field in b.schema.names else None
         for j, t in enumerate(texts_py):
             n += 1
             if isinstance(t, bytes):

@@ -226,3 +226,39 @@ def test_multi_member_gzip_with_output_cap_matches_gzip_decompress(monkeypatch):
             if len(got) > len(want):  # a repeated stream can grow without bound
                 break
         assert got == want, (read._GZ_OUT, read._CHUNK, [len(m) for m in members])
+
+
+def _unchecked_strings(vals: list[bytes], large: bool = False) -> pa.Array:
+    """A string column whose data is not validated (as other writers produce): invalid UTF-8 allowed."""
+    import numpy as np
+
+    offs = np.cumsum([0] + [len(v) for v in vals]).astype(np.int64 if large else np.int32)
+    return pa.Array.from_buffers(pa.large_string() if large else pa.string(), len(vals),
+                                 [None, pa.py_buffer(offs.tobytes()), pa.py_buffer(b"".join(vals))])
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf_disk"])
+@pytest.mark.parametrize("large", [False, True])
+def test_invalid_utf8_in_a_string_column_drops_only_its_row(tmp_path, fmt, large):
+    """One invalid UTF-8 value in a parquet/Arrow string column made ``to_pylist`` fail for the batch:
+    the rest of the file became one ``unreadable`` row at the wrong line. Now that row alone is
+    ``not_utf8`` with its own line; an invalid id does not cost the file either."""
+    n = 1300  # more than one parquet batch (1024 rows)
+    texts = [f"valid document number {i}".encode() for i in range(n)]
+    texts[1100] = b"bad \xff\xfe bytes"
+    ids = [f"id{i}".encode() for i in range(n)]
+    ids[5] = b"id-\xff"
+    t = pa.table({"text": _unchecked_strings(texts, large), "id": _unchecked_strings(ids, large)})
+    if fmt == "parquet":
+        path = str(tmp_path / "x.parquet")
+        pq.write_table(t, path)
+    else:
+        path = str(tmp_path / "x.arrow")
+        with pa.OSFile(path, "wb") as s, pa.ipc.new_stream(s, t.schema) as w:
+            w.write_table(t, max_chunksize=1000)
+    rows = _rows(path, fmt, _comp(fmt, id_field="id"))
+    assert len(rows) == n
+    assert [(r.line, r.reason) for r in rows if r.reason] == [(1101, "not_utf8")]
+    assert rows[1100].raw == b"bad \xff\xfe bytes"
+    assert [r.text for r in rows if r.reason is None] == [v.decode() for i, v in enumerate(texts) if i != 1100]
+    assert rows[4].id == "id4" and rows[6].id == "id6" and rows[5].text == "valid document number 5"

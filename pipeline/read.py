@@ -8,7 +8,10 @@ is over ``max_doc_bytes``), ``line_oversized`` (a jsonl line over the memory gua
 off (``safe_rows``). The caller counts and quarantines those. The one error raised is a
 ``ManifestError`` for a parquet/Arrow file whose schema lacks the component's ``text_field``: a
 wrong setting for every row, not bad input. A UTF-8 byte-order mark at the start of a jsonl or
-txt file is dropped.
+txt file is dropped. A document's own id (``id_field``) is kept as text; an id that cannot be
+UTF-8 (a lone surrogate from a ``"\\udc80"`` escape, invalid bytes in a parquet/Arrow column)
+does not drop the document: its id is kept with those characters backslash-escaped
+(``bad-\\udc80``, ``bad-\\xff``), see ``source_id``.
 """
 
 from __future__ import annotations
@@ -239,6 +242,21 @@ def _lines(path: str, fmt: str, limit: int) -> Iterator[bytes]:
         f.close()
 
 
+def source_id(v) -> str | None:
+    """A document's own id as UTF-8-encodable text: ``bytes`` decoded as UTF-8, other values through
+    ``str``; characters that UTF-8 cannot hold (lone surrogates) and invalid bytes are written as
+    backslash escapes, so that the row is kept with a recognisable id rather than failing the
+    Arrow write of its whole file."""
+    if v is None:
+        return None
+    s = v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s
+
+
 def _doc_row(line: int, text, doc_id, max_bytes: int, raw) -> Row:
     if not isinstance(text, str):
         return Row(line, None, None, "missing_text", raw)
@@ -250,7 +268,7 @@ def _doc_row(line: int, text, doc_id, max_bytes: int, raw) -> Row:
         return Row(line, None, None, "not_utf8", raw)
     if len(data) > max_bytes:
         return Row(line, None, None, "oversized", raw)
-    return Row(line, text, None if doc_id is None else str(doc_id), data=data)
+    return Row(line, text, source_id(doc_id), data=data)
 
 
 def read_jsonl(path: str, fmt: str, text_field: str, id_field: str | None,

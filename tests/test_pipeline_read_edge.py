@@ -262,3 +262,20 @@ def test_invalid_utf8_in_a_string_column_drops_only_its_row(tmp_path, fmt, large
     assert rows[1100].raw == b"bad \xff\xfe bytes"
     assert [r.text for r in rows if r.reason is None] == [v.decode() for i, v in enumerate(texts) if i != 1100]
     assert rows[4].id == "id4" and rows[6].id == "id6" and rows[5].text == "valid document number 5"
+    assert rows[5].id == "id-\\xff"  # kept, escaped (read.source_id)
+
+
+def test_id_that_cannot_be_utf8_keeps_the_row_with_an_escaped_id(tmp_path):
+    """A lone-surrogate id (``"\\udc80"`` escape) passed ``_doc_row`` unchecked and failed the Arrow write of
+    the ingest file, aborting the build with a bare UnicodeEncodeError. The row is kept, its id escaped."""
+    lines = [{"text": "a fine document", "id": "ok-1"}, {"text": "another fine document", "id": "bad-\udc80"},
+             {"text": "a third document", "id": 7}]
+    path = _write(tmp_path / "a.jsonl", "".join(json.dumps(r) + "\n" for r in lines).encode(), "jsonl")
+    comp = _comp("jsonl", id_field="id")
+    assert [r.id for r in _rows(path, "jsonl", comp)] == ["ok-1", "bad-\\udc80", "7"]
+    (tmp_path / "ingest").mkdir()
+    meta = stages.ingest_unit(Unit(0, 0, path, "jsonl", "a.jsonl"), comp, str(tmp_path), None)
+    assert meta["read"] == {"in": 3, "out": 3, "dropped": {}}
+    with pa.memory_map(str(tmp_path / "ingest" / "c0000_f00000.arrow")) as src:
+        t = pa.ipc.open_stream(src).read_all()
+    assert sorted(t.column("source_id").to_pylist()) == sorted(["ok-1", "bad-\\udc80", "7"])

@@ -117,7 +117,7 @@ def _prepare_out(out: str, fingerprint: dict, force: bool) -> str:
             return _discard(out, work, fingerprint)
     else:
         stages.atomic_write_json(fp_path, fingerprint)
-    _sweep_tmp(out, work)
+    _sweep_tmp(out)
     return work
 
 
@@ -139,12 +139,27 @@ def _discard(out: str, work: str, fingerprint: dict) -> str:
     return _prepare_out(out, fingerprint, False)
 
 
-def _sweep_tmp(out: str, work: str) -> None:
-    """Remove temp files: a killed run's, or a retried Ray task's whose worker died before its rename."""
-    for d in (os.path.join(work, "ingest"), os.path.join(work, "tok"), os.path.join(work, "shards"),
-              os.path.join(out, "shards"), work, out):
-        for name in os.listdir(d):  # finished files were renamed, so every .tmp name is a leftover
-            if ".tmp" in name or ".discard" in name:
+_TMP = r"\.tmp\d+"  # stages.atomic_write_*, _ArrowOut, write_shard: <final name>.tmp<pid>
+_UNIT = r"c\d{4,}_f\d{5,}"  # read.Unit.name
+_BUILD_TMP = {  # folder (relative to --out) -> the names of the temp files and folders the build makes there
+    "": re.compile(rf"^((index\.json|report\.json|quarantine\.jsonl|duplicates\.jsonl){_TMP}|work\.discard\d+)$"),
+    "shards": re.compile(rf"^\d{{5,}}\.arrow{_TMP}$"),
+    "work": re.compile(rf"^((build\.json|dedup\.arrow){_TMP}|\.probe\d+)$"),
+    "work/ingest": re.compile(rf"^({_UNIT}\.(arrow|json){_TMP}|{_UNIT}\.sig{_TMP}\.npy)$"),
+    "work/tok": re.compile(rf"^{_UNIT}\.(arrow|json){_TMP}$"),
+    "work/shards": re.compile(rf"^\d{{5,}}\.json{_TMP}$"),
+}
+"""Exactly the temp names the build writes, so that a user's own files in --out (``notes.tmpl.md``,
+``checkpoints.tmp_old/``) are never taken for leftovers."""
+
+
+def _sweep_tmp(out: str) -> None:
+    """Remove temp files: a killed run's, or a retried Ray task's whose worker died before its rename.
+    Only names matching ``_BUILD_TMP`` for their folder are removed."""
+    for rel, pattern in _BUILD_TMP.items():
+        d = os.path.join(out, rel) if rel else out
+        for name in os.listdir(d):  # finished files were renamed, so every temp name is a leftover
+            if pattern.match(name):
                 path = os.path.join(d, name)
                 try:
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -427,7 +442,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
               "quarantine": {"path": "quarantine.jsonl", "samples": len(quarantine)},
               "duplicates": {"path": "duplicates.jsonl",
                              "exact": int(len(removed["exact_dedup"])), "near": int(len(removed["near_dedup"]))}}
-    _sweep_tmp(out, work)   # a Ray retry's dead attempt may have left its temp file beside the finished one
+    _sweep_tmp(out)   # a Ray retry's dead attempt may have left its temp file beside the finished one
     stages.atomic_write_json(os.path.join(out, "report.json"), report)
     stages.atomic_write_bytes(os.path.join(out, "index.json"),
                               (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode())

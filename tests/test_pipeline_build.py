@@ -387,3 +387,26 @@ def test_index_records_tokens_out_of_the_tokenize_stage(sample_out):
     out, _ = sample_out
     comps = json.load(open(os.path.join(out, "index.json")))["components"]
     assert all(c["stages"]["tokenize"]["tokens_out"] == c["tokens"] > 0 for c in comps.values())
+
+
+def test_sweep_removes_only_the_builds_own_temp_names(tmp_path):
+    """The temp sweep matched any name containing '.tmp' or '.discard' and deleted the user's own files and
+    folders in --out (notes.tmpl.md, checkpoints.tmp_old/). Only the build's exact temp names go."""
+    body = "components:\n  - name: a\n    paths: [a.jsonl]\n"
+    out, _ = _tiny_build(tmp_path, {"a.jsonl": [{"text": f"document {i} about rivers and hills"} for i in range(5)]},
+                         body)
+    o = Path(out)
+    mine = ["notes.tmpl.md", "results.discarded.csv", "index.json.tmp", "work.discarded", "shards/README.tmp.txt",
+            "shards/00000.arrow.tmpfile", "checkpoints.tmp_old/model.pth", "work.discard1x/keep.txt"]
+    leftovers = ["index.json.tmp123", "report.json.tmp9", "quarantine.jsonl.tmp77", "duplicates.jsonl.tmp5",
+                 "work.discard4242/ingest/c0000_f00000.arrow", "shards/00003.arrow.tmp31", "work/build.json.tmp8",
+                 "work/dedup.arrow.tmp8", "work/.probe12", "work/ingest/c0000_f00000.arrow.tmp4",
+                 "work/ingest/c0000_f00000.json.tmp4", "work/ingest/c0000_f00000.sig.tmp4.npy",
+                 "work/tok/c0000_f00000.arrow.tmp6", "work/shards/00000.json.tmp6"]
+    for rel in mine + leftovers:
+        (o / rel).parent.mkdir(parents=True, exist_ok=True)
+        (o / rel).write_text("data\n")
+    _tiny_build(tmp_path, {}, body)
+    assert [rel for rel in mine if not (o / rel).exists()] == []
+    assert [rel for rel in leftovers if (o / rel).exists()] == []
+    assert not (o / "work.discard4242").exists()

@@ -103,7 +103,8 @@ def _decompressed(f, fmt: str) -> Iterator[bytes]:
     ``GzipFile``/``stream_reader``: those drop the decompressed tail when a file breaks off
     (gzip) or end silently inside an unfinished frame (zstd). Multi-member gzip and multi-frame
     zstd files continue with a fresh decompressor on ``unused_data``; zero padding between gzip
-    members is skipped as ``gzip`` does. A file that ends inside a member/frame raises
+    members (and after the last) is skipped as ``gzip`` does; zeros before the first member are
+    not gzip (``gzip.decompress`` refuses them too) and raise. A file that ends inside a member/frame raises
     ``EOFError`` after everything decoded before the break was yielded."""
     if fmt == "jsonl.gz":
         import zlib
@@ -115,10 +116,10 @@ def _decompressed(f, fmt: str) -> Iterator[bytes]:
 
         new = zstandard.ZstdDecompressor().decompressobj
     gz = fmt == "jsonl.gz"
-    d, started = new(), False
+    d, started, members = new(), False, 0
     while data := f.read(_CHUNK):
         while data:
-            if not started and gz:
+            if not started and gz and members:  # padding after a member; before the first it is no gzip
                 data = data.lstrip(b"\0")
                 if not data:
                     break
@@ -135,6 +136,7 @@ def _decompressed(f, fmt: str) -> Iterator[bytes]:
                 # unconsumed_tail left from an earlier output-capped call is stale and repeats it);
                 # zstd's unused_data is the rest of the slice fed, tail the slice not yet fed
                 data, d, started = d.unused_data if gz else d.unused_data + tail, new(), False
+                members += 1
             else:
                 data = tail
     if started:

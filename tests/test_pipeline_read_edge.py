@@ -279,3 +279,22 @@ def test_id_that_cannot_be_utf8_keeps_the_row_with_an_escaped_id(tmp_path):
     with pa.memory_map(str(tmp_path / "ingest" / "c0000_f00000.arrow")) as src:
         t = pa.ipc.open_stream(src).read_all()
     assert sorted(t.column("source_id").to_pylist()) == sorted(["ok-1", "bad-\\udc80", "7"])
+
+
+def test_zeros_before_the_first_gzip_member_are_unreadable_not_empty(tmp_path, monkeypatch):
+    """NUL padding was skipped before the first member too: an all-zero .jsonl.gz (a crash's or a failed
+    preallocated download's file) read as empty with nothing counted. ``gzip.decompress`` refuses it, and
+    so does the reader now (one ``unreadable`` row); padding after a member is still skipped."""
+    member = gzip.compress(b'{"text": "a fine document"}\n')
+    for chunk in (1 << 20, 3):
+        monkeypatch.setattr(read, "_CHUNK", chunk)
+        for i, blob in enumerate([b"\0" * 65536, b"\0", b"\0\0" + member]):
+            with pytest.raises(gzip.BadGzipFile):
+                gzip.decompress(blob)
+            path = str(tmp_path / f"z{i}.jsonl.gz")
+            (tmp_path / f"z{i}.jsonl.gz").write_bytes(blob)
+            rows = _rows(path, "jsonl.gz", _comp("jsonl.gz"))
+            assert [(r.line, r.reason) for r in rows] == [(1, "unreadable")], (chunk, i)
+        (tmp_path / "p.jsonl.gz").write_bytes(member + b"\0" * 100 + member + b"\0" * 9)
+        rows = _rows(str(tmp_path / "p.jsonl.gz"), "jsonl.gz", _comp("jsonl.gz"))
+        assert [(r.line, r.reason, r.text) for r in rows] == [(1, None, "a fine document"), (2, None, "a fine document")]

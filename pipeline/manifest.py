@@ -5,7 +5,7 @@ relative to the manifest's ``root``, or URLs fsspec can open) in one format. A p
 existing file (for ``hf_disk``: folder) is taken as is, even when it holds glob characters
 (``vol[1].txt``); only otherwise is it expanded as a glob. Validation is strict: unknown keys,
 wrong types, missing files, bad globs, a broken ``hf_disk`` folder (``state.json`` not JSON, an
-Arrow file it lists missing) and a file that belongs to two components (compared after
+Arrow file it lists missing), a file name that is not UTF-8 and a file that belongs to two components (compared after
 ``os.path.realpath``, URLs after normalisation) raise ``ManifestError`` naming the manifest file,
 the component and the YAML line (from the yaml node marks), so a typo never silently turns into
 an empty component or a component read twice.
@@ -376,6 +376,17 @@ def _check_near_dedup(nd: NearDedupSettings, mpath: str, d: _LineDict, line: int
         raise ManifestError(f"{_where(mpath, line)}: near_dedup: {e}") from None
 
 
+def _check_utf8_name(path: str, pattern: str, mpath: str, line: int, cname: str) -> None:
+    """A file name that is not UTF-8 (legal on Linux, e.g. Latin-1 names from old archives; Python
+    holds its bytes as lone surrogates) cannot go into document ids, the index or the resume
+    fingerprint, which are UTF-8 text: refused here, naming the file by its bytes."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"{_where(mpath, line, cname)}: file name is not UTF-8: {os.fsencode(path)!r} "
+                            f"(matched by {pattern!r}); rename it") from None
+
+
 def _check_hf_disk(folder: str, pattern: str, mpath: str, line: int, cname: str) -> None:
     """An hf_disk path must be one saved ``Dataset`` (state.json or Arrow files), not e.g. a
     ``DatasetDict`` folder, which would otherwise read as an empty component. A state.json must
@@ -493,6 +504,7 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
             raise ManifestError(f"{_where(mpath, line, cname)}: path {p!r} matches no "
                                 f"{'dataset folder' if fmt == 'hf_disk' else 'file'} (looked for {where})")
         for m in matched:
+            _check_utf8_name(m, p, mpath, line, cname)
             files.setdefault(m, p)
     origin: dict[str, tuple[str, str, int]] = {}
     for f in sorted(files):  # a symlink and its target in one component: the file is read once

@@ -346,3 +346,18 @@ def test_a_literal_file_name_with_glob_characters_is_read_as_is(tmp_path):
     assert load_manifest(str(p)).components[0].files == [str(tmp_path / "d" / "vol1.txt")]
     p.write_text(body.format(f"file://{tmp_path}/d/vol[1].txt"))
     assert load_manifest(str(p)).components[0].files == [f"file://{tmp_path}/d/vol[1].txt"]
+
+
+def test_a_file_name_that_is_not_utf8_is_an_error_naming_it(tmp_path):
+    """A Latin-1 file name matched by a glob crashed the build later (UnicodeEncodeError writing the resume
+    fingerprint) without naming the file; the manifest now refuses it, naming the file by its bytes."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "ok.jsonl").write_text('{"text": "fine"}\n')
+    with open(os.path.join(os.fsencode(tmp_path), b"d", b"caf\xe9.jsonl"), "w") as f:
+        f.write('{"text": "fine too"}\n')
+    p = _write(tmp_path, "name: t\ncomponents:\n  - name: c1\n    paths: ['d/*.jsonl']\n")
+    with pytest.raises(ManifestError) as e:
+        load_manifest(p)
+    msg = str(e.value)
+    assert f"{p}:4: component 'c1'" in msg and "not UTF-8" in msg and "caf\\xe9.jsonl" in msg, msg
+    msg.encode("utf-8")  # the message itself can be printed

@@ -191,7 +191,9 @@ def _filters(d: Any, base: FilterConfig, mpath: str, line: int, comp: str | None
     return out
 
 
-_BAD_GLOB = re.compile(r"\[[^\]]*$|(?<![/\\])\*\*|\*\*(?![/\\]|$)")
+_BAD_GLOB = re.compile(r"\[[^\]]*$|(?<=[^/\\])\*\*|\*\*(?![/\\]|$)")
+"""An unclosed ``[``, or ``**`` that is not a whole path segment (preceded by something other than
+a separator or the pattern's start, or followed by something other than a separator or its end)."""
 
 
 def _is_url(p: str) -> bool:

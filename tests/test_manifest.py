@@ -361,3 +361,20 @@ def test_a_file_name_that_is_not_utf8_is_an_error_naming_it(tmp_path):
     msg = str(e.value)
     assert f"{p}:4: component 'c1'" in msg and "not UTF-8" in msg and "caf\\xe9.jsonl" in msg, msg
     msg.encode("utf-8")  # the message itself can be printed
+
+
+def test_recursive_glob_as_the_leading_segment_is_accepted(tmp_path):
+    """'**/*.jsonl' was refused as a bad glob (the '**' check also fired at the pattern's start) while
+    'x/**/*.jsonl' worked; '**' inside a segment is still refused."""
+    (tmp_path / "d" / "x" / "y").mkdir(parents=True)
+    (tmp_path / "d" / "x" / "y" / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "d" / "b.jsonl").write_text('{"text": "x"}\n')
+    want = [str(tmp_path / "d" / "b.jsonl"), str(tmp_path / "d" / "x" / "y" / "a.jsonl")]
+    p = tmp_path / "m.yaml"
+    for pat, files in [("**/*.jsonl", want), ("**", want), ("x/**/*.jsonl", want[1:]), ("./**/*.jsonl", want)]:
+        p.write_text(f"name: t\nroot: d\ncomponents:\n  - name: c1\n    paths: ['{pat}']\n    format: jsonl\n")
+        assert load_manifest(str(p)).components[0].files == files, pat
+    for pat in ["a**/*.jsonl", "***/*.jsonl", "**a/*.jsonl", "x/**.jsonl"]:
+        p.write_text(f"name: t\nroot: d\ncomponents:\n  - name: c1\n    paths: ['{pat}']\n    format: jsonl\n")
+        with pytest.raises(ManifestError, match="bad glob"):
+            load_manifest(str(p))

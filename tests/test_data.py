@@ -240,3 +240,28 @@ def test_a_shard_listed_twice_or_wrong_totals_are_errors(corpus_dir, tmp_path):
         (d / "index.json").write_text(json.dumps(idx))
         with pytest.raises(DataError, match=match):
             ShardCorpus(d, 64, 0.1)
+
+
+def test_mixture_weights_that_are_not_finite_are_errors_and_huge_ones_work(corpus_dir, tmp_path):
+    """probs = w*n / sum(w*n) overflowed for finite weights of 1e308 (probs [nan, nan]: the sampler drew one
+    component only), and a data.mixture override of nan or inf was accepted. Weights are scaled to a max of
+    1 before the product; a weight that is not a finite number >= 0 is a DataError naming it."""
+    ref = ShardCorpus(corpus_dir[0], 16)
+    d = _copy(corpus_dir[0], tmp_path / "huge")
+    idx = json.loads((d / "index.json").read_text())
+    scale = {"web": 1e308, "code": 1e308, "books": 0.5e308}  # finite, but w * n overflows
+    for c in idx["components"]:
+        idx["components"][c]["weight"] = scale[c]
+    (d / "index.json").write_text(json.dumps(idx))
+    huge = ShardCorpus(d, 16)
+    want = np.array([scale[c] / 1e308 * ref.components[c].n_train for c in huge.train_components])
+    assert np.all(np.isfinite(huge.probs)) and np.allclose(huge.probs, want / want.sum(), rtol=1e-12, atol=0)
+    picks = Counter(c for c, _ in MixtureSampler(huge, seed=0).locate(np.arange(4000)))
+    assert set(picks) == set(huge.components)
+    for bad in (float("nan"), float("inf"), -1.0, "lots"):
+        with pytest.raises(DataError, match=r"data.mixture: weight of 'web' must be a finite number >= 0"):
+            ShardCorpus(corpus_dir[0], 16, mixture={"web": bad})
+    idx["components"]["code"]["weight"] = float("inf")
+    (d / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(DataError, match=r"index.json: components\['code'\].weight must be a finite number"):
+        ShardCorpus(d, 16)

@@ -153,6 +153,7 @@ class ShardCorpus:
         self.train_components = names_w
         n = np.array([self.components[c].n_train for c in names_w], dtype=np.float64)
         w = np.array([self.weights[c] for c in names_w], dtype=np.float64)
+        w = w / w.max()  # finite, max 1: weight x windows cannot overflow (weights of 1e308 are finite)
         self.probs = (w * n) / (w * n).sum()
         self.cdf = np.cumsum(self.probs)
         self.cdf[-1] = 1.0
@@ -243,15 +244,28 @@ class ShardCorpus:
         return out
 
     def _mixture(self, override: dict[str, float]) -> dict[str, float]:
+        """Component -> weight: index.json's, replaced by ``override`` (``data.mixture``). Every
+        weight must be a finite number >= 0 (NaN or inf would make the probabilities NaN and the
+        sampler draw one component only), and one must be > 0."""
         comps = self.index.get("components", {})
-        weights = {c: float(comps.get(c, {}).get("weight", 1.0)) for c in self.components}
+
+        def number(w, where: str) -> float:
+            try:
+                x = float(w)
+            except (TypeError, ValueError):
+                x = math.nan
+            if not (math.isfinite(x) and x >= 0):
+                raise DataError(f"{where} must be a finite number >= 0, got {w!r}")
+            return x
+
+        idx = self.data_dir / "index.json"
+        weights = {c: number(comps.get(c, {}).get("weight", 1.0), f"{idx}: components[{c!r}].weight")
+                   for c in self.components}
         for c, w in override.items():
             if c not in self.components:
                 raise DataError(f"data.mixture: component {c!r} is not in the corpus "
                                 f"(has {', '.join(self.components)})")
-            if w < 0:
-                raise DataError(f"data.mixture: weight of {c!r} is negative")
-            weights[c] = float(w)
+            weights[c] = number(w, f"data.mixture: weight of {c!r}")
         for c, w in weights.items():
             if w > 0 and self.components[c].n_train <= 0:
                 raise DataError(f"component {c!r} has weight {w} but fewer than {self.D + 1} tokens "

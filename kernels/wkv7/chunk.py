@@ -25,15 +25,16 @@ class WKV7KernelConfig:
     """Rows of the state (value index) per program in the sequential kernels; N / block_v programs per
     head share its work. 0: 16 when there are few heads (B*H <= 48, e.g. one long sequence), else N."""
     precision: str = "tf32r"
-    """Dot precision of the forward kernels: "tf32r" (operands rounded to tf32: y error 1.697e-3 on the
-    benchmark check, where the official kernel's is 1.660e-3 against the same exact reference and bf16's
-    own rounding of y is ~1.66e-3), "tf32c" (1.705e-3, same time), "tf32" (truncated; 2.0e-3), "tf32x3"
-    (1.660e-3 at 1.9x the forward time on the H200) or "ieee" (3.4x)."""
+    """Dot precision of the forward kernels: "tf32r" (operands rounded to tf32, with M_rk and M_rk V carried
+    as hi + lo terms: y error 1.663e-3 on the benchmark check, the official kernel's 1.660e-3 against the same
+    exact reference, bf16's own rounding of y 1.656e-3), "tf32c" (1.705e-3 before the hi + lo terms, same
+    time), "tf32" (truncated; 2.0e-3), "tf32x3" (1.660e-3 at 1.9x the forward time on the H200) or "ieee"
+    (3.4x)."""
     precision_bwd: str = "tf32c"
     """Dot precision of the backward's gradient kernel (chunk_bwd_grads_kernel): "tf32c" (truncated by the
     tensor cores, the products scaled back by the truncation's mean error; see triton_kernels._dotn), or any
-    of the forward's. H200, bench check (bench/results/wkv7.md): gradient errors 1.69e-3..1.83e-3 with "tf32c"
-    at the same time as "tf32" (1.8e-3..3.0e-3); "tf32r" 1.69e-3..1.83e-3 at 1.85x the kernel's time; the
+    of the forward's. H200, bench check (bench/results/wkv7.md): gradient errors 1.69e-3..1.81e-3 with "tf32c"
+    at the same time as "tf32" (1.8e-3..3.0e-3); "tf32r" 1.69e-3..1.75e-3 at 1.85x the kernel's time; the
     official kernel 1.65e-3..1.66e-3."""
     precision_state_bwd: str = "tf32c"
     """Dot precision of the backward's sequential state pass (chunk_bwd_dstate_kernel), whose dL/dS feeds

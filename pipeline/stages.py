@@ -247,7 +247,7 @@ def exact_duplicates(ingest_paths: list[str], part: int = 0, parts: int = 1) -> 
         keys.append(k)
         his.append(hi)
         los.append(lo)
-    if not keys:
+    if not sum(len(x) for x in keys):  # no documents, or none whose hash falls in this part
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     k = np.concatenate(keys)
     hi, lo = np.concatenate(his), np.concatenate(los)

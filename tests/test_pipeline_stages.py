@@ -126,6 +126,23 @@ def test_exact_duplicates_match_plain_reference(tmp_path):
     assert merged == ref
 
 
+def test_exact_duplicates_with_an_empty_hash_partition(tmp_path):
+    """A part whose hash class holds no document (one spam text repeated, fewer distinct contents than
+    parts) crashed with IndexError after the partition filter; it now removes nothing."""
+    texts = ["same spam text"] * 3
+    t = pa.table({"key": pa.array([1, 2, 3], pa.int64()), "id": ["a:1", "a:2", "a:3"],
+                  "text": pa.array(texts, pa.large_string()),
+                  "hash": pa.array([xxhash.xxh3_128_digest(x.encode()) for x in texts], pa.binary(16))})
+    p = str(tmp_path / "u.arrow")
+    with pa.OSFile(p, "wb") as f, pa.ipc.new_stream(f, t.schema) as w:
+        w.write_table(t)
+    for parts in (2, 3, 5):
+        got = [stages.exact_duplicates([p], i, parts) for i in range(parts)]
+        assert sorted(len(r) for r, _ in got) == [0] * (parts - 1) + [2]
+        assert sorted(zip(np.concatenate([r for r, _ in got]).tolist(), np.concatenate([o for _, o in got]).tolist())) \
+            == [(2, 1), (3, 1)]
+
+
 def test_atomic_json_roundtrip(tmp_path):
     p = str(tmp_path / "m.json")
     stages.atomic_write_json(p, {"b": 1, "a": [1, 2], "z": "ünï"})

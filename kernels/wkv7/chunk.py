@@ -32,7 +32,9 @@ class WKV7KernelConfig:
     (3.4x)."""
     precision_bwd: str = "tf32c"
     """Dot precision of the backward's gradient kernel (chunk_bwd_grads_kernel): "tf32c" (truncated by the
-    tensor cores, the products scaled back by the truncation's mean error; see triton_kernels._dotn), or any
+    tensor cores, the products scaled back by the truncation's mean error; see triton_kernels._dotn),
+    "tf32cs" ("tf32c" with the ten products that set the gradients' errors carried as hi + lo terms,
+    triton_kernels._dot_s: gradient errors 1.66e-3..1.72e-3 at 1.29x the kernel's time, H200 run 23), or any
     of the forward's. H200, bench check (bench/results/wkv7.md): gradient errors 1.69e-3..1.81e-3 with "tf32c"
     at the same time as "tf32" (1.8e-3..3.0e-3); "tf32r" 1.69e-3..1.75e-3 at 1.85x the kernel's time; the
     official kernel 1.65e-3..1.66e-3."""

@@ -113,12 +113,14 @@ def test_chunk_triton_matches_naive(T, H, with_s0, chunk_size, block_v, prefetch
 
 
 @pytest.mark.parametrize("T,H", [(63, 3)])
-def test_chunk_triton_tf32_matches_naive(T, H, monkeypatch):
-    """Forward dots on operands rounded to tf32 (10-bit mantissa), as on the GPU by default: errors near
-    5e-4. (The interpreter computes "tf32" dots in float32, so only the rounding is exercised here.)"""
+@pytest.mark.parametrize("precision_bwd", ["tf32r", "tf32c", "tf32cs"])
+def test_chunk_triton_tf32_matches_naive(T, H, precision_bwd, monkeypatch):
+    """Forward dots on operands rounded to tf32 (10-bit mantissa) with M_rk's products split into hi + lo, as
+    on the GPU by default, and each backward precision: errors near 5e-4. (The interpreter computes "tf32"
+    dots in float32, so only the rounding, the splits and the code paths are exercised here.)"""
     chunk = _triton_modules()
     monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True, precision="tf32r",
-                                                 precision_bwd="tf32r", precision_state_bwd="tf32r"))
+                                                 precision_bwd=precision_bwd, precision_state_bwd="tf32c"))
     compare(chunk.chunk_wkv7, 2, T, H, True, torch.float32, 2e-3)
 
 

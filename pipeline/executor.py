@@ -174,6 +174,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
                 pass
         ray.init(address=address or None, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=default_object_store_bytes(),
-                 include_dashboard=False, log_to_driver=True)
+        # address="local": a new instance even when `ray start` recorded a cluster on this machine (a bare
+        # ray.init() would connect to that one, then refuse num_cpus)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
+                 object_store_memory=default_object_store_bytes(), include_dashboard=False, log_to_driver=True)
     return True

@@ -286,3 +286,41 @@ def test_config_error_in_a_ray_task_prints_one_line(cluster, tmp_path, capsys):
     tail = err[err.index("error: "):].strip()
     assert rc == 2 and len(tail.splitlines()) == 1 and "Traceback" not in err, err
     assert "c.parquet" in tail and "'content'" in tail
+
+
+def test_plain_build_beside_a_recorded_cluster(tmp_path):
+    """A plain build (no --address, no $RAY_ADDRESS) starts its own local Ray even when a cluster started
+    with `ray start --head` is recorded on the machine: a bare ray.init() follows that record, connects, and
+    then refuses the num_cpus the build passes (the README's `ray start` / `ray job submit` path did this)."""
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")   # $RAY_TMPDIR: the record lives in $RAY_TMPDIR/ray
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=temp, PYTHONPATH=REPO)
+    env.pop("RAY_ADDRESS", None)
+    started = set()
+    try:
+        subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                        "--include-dashboard=false", "--object-store-memory=200000000", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True, timeout=180)
+        started = _cluster_pids(temp)
+        assert started and os.path.exists(os.path.join(temp, "ray", "ray_current_cluster"))
+        out = str(tmp_path / "out")
+        r = subprocess.run([sys.executable, BUILD, "--manifest", SAMPLE, "--out", out], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert os.path.exists(os.path.join(out, "index.json"))
+    finally:
+        pids = _cluster_pids(temp) | started
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 4
+        while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+            time.sleep(0.2)
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)

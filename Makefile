@@ -27,8 +27,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow"
 
-$(DATA)/index.json: $(STAMP)
-	$(PY) pipeline/build.py --manifest corpus_manifests/sample.yaml --out $(DATA)
+# Rebuilt when the manifest, the sample files or the code that writes the shards change (--force: the
+# build otherwise refuses an --out made from other inputs or settings).
+SAMPLE_INPUTS := corpus_manifests/sample.yaml $(shell find corpus_manifests/sample -type f -not -name '*.pyc') \
+	$(wildcard pipeline/*.py pipeline/dedup/*.py tokenizer/*.py)
+$(DATA)/index.json: $(STAMP) $(SAMPLE_INPUTS)
+	$(PY) pipeline/build.py --manifest corpus_manifests/sample.yaml --out $(DATA) --force
 
 corpus: $(DATA)/index.json
 
@@ -53,6 +57,7 @@ bench: $(STAMP) $(PEERS)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# Only what these targets make: other corpora in data/ and runs in runs/ are the user's and stay.
 clean:
-	rm -rf .venv .venv-peers data runs build *.egg-info .pytest_cache .ruff_cache tokenizer/_lists*.so
+	rm -rf .venv .venv-peers $(DATA) $(RUN) build *.egg-info .pytest_cache .ruff_cache tokenizer/_lists*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -21,6 +21,10 @@ from kernels.wkv7 import chunk as ours  # noqa: E402
 
 
 def main():
+    import argparse
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("wkv7_profile: needs a CUDA GPU (run it under ncu on the GPU machine)")
     B, T, H = (int(x) for x in os.environ.get("SHAPE", "8-4096-32").split("-"))
     x = make_inputs(B, T, H, "cuda")
     leaves = {n: x[n].detach().requires_grad_() for n in "rwkvab"}

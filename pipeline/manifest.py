@@ -54,8 +54,14 @@ class FilterConfig:
     """Drop documents made of fewer distinct characters than this (reason ``low_diversity``)."""
     max_doc_bytes: int = 64 * 2**20
     """Documents whose text is larger than this many UTF-8 bytes are bad input (reason ``oversized``),
-    counted in the read stage and quarantined. A raw jsonl line longer than
+    counted in the read stage and quarantined. At most ``MAX_DOC_BYTES`` (1 GiB). A raw jsonl line longer than
     ``pipeline.read.max_line_bytes`` (max(4 x this + 64, 64 MiB)) is dropped unread as ``line_oversized``."""
+
+
+MAX_DOC_BYTES = 2**30
+"""Upper bound of ``filters.max_doc_bytes``: a txt file is read whole up to the limit and a jsonl line
+up to 4x it (so one reader may hold several times the limit), and a document of at most 2**30 bytes
+has fewer than 2**31 tokens (each token covers at least one byte), within int32 list offsets."""
 
 
 @dataclass
@@ -169,6 +175,20 @@ def _typed(value: Any, types: tuple, mpath: str, line: int, comp: str | None, ke
     return value
 
 
+def _show(v: Any) -> str:
+    """``repr`` of a manifest value, shortened (a YAML int can have hundreds of digits)."""
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _finite_float(v: int | float) -> float:
+    """``v`` as a float; an int too large for one (``1`` followed by 400 zeros) is ``inf``."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
+
+
 def _filters(d: Any, base: FilterConfig, mpath: str, line: int, comp: str | None) -> FilterConfig:
     if d is None:
         return base
@@ -182,11 +202,14 @@ def _filters(d: Any, base: FilterConfig, mpath: str, line: int, comp: str | None
             where = _where(mpath, d.key_lines[f.name], comp)
             v = _typed(d[f.name], (int, float) if frac else (int,), mpath, d.key_lines[f.name], comp,
                        f"filters.{f.name}")
-            if frac and not (math.isfinite(v) and 0 <= v <= 1):
-                raise ManifestError(f"{where}: 'filters.{f.name}' must be within [0, 1], got {v!r}")
+            if frac and not (math.isfinite(_finite_float(v)) and 0 <= v <= 1):
+                raise ManifestError(f"{where}: 'filters.{f.name}' must be within [0, 1], got {_show(v)}")
             lowest = 1 if f.name == "max_doc_bytes" else 0
             if not frac and v < lowest:
-                raise ManifestError(f"{where}: 'filters.{f.name}' must be >= {lowest}, got {v!r}")
+                raise ManifestError(f"{where}: 'filters.{f.name}' must be >= {lowest}, got {_show(v)}")
+            if f.name == "max_doc_bytes" and v > MAX_DOC_BYTES:
+                raise ManifestError(f"{where}: 'filters.max_doc_bytes' must be at most 2**30 (1 GiB), "
+                                    f"got {_show(v)}")
             setattr(out, f.name, v)
     return out
 
@@ -275,7 +298,7 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
         raise ManifestError(f"{path}: cannot read manifest: {e.strerror}") from None
     try:
         doc = yaml.load(raw.decode("utf-8"), Loader=_LineLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: UnicodeDecodeError, an int over 4300 digits
         raise ManifestError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(doc, _LineDict):
         raise ManifestError(f"{path}:1: manifest must be a mapping with 'name' and 'components'")
@@ -307,7 +330,7 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
         params = {k: v for k, v in d.items() if k not in ("enabled", "threshold")}
         nd = NearDedupSettings(
             enabled=_typed(d.get("enabled", True), (bool,), mpath, line, None, "near_dedup.enabled"),
-            threshold=float(_typed(d.get("threshold", 0.8), (int, float), mpath, line, None,
+            threshold=_finite_float(_typed(d.get("threshold", 0.8), (int, float), mpath, line, None,
                                    "near_dedup.threshold")),
             params=params)
         _check_near_dedup(nd, mpath, d, line)
@@ -374,7 +397,7 @@ def _check_near_dedup(nd: NearDedupSettings, mpath: str, d: _LineDict, line: int
                                 f"near_dedup (allowed: enabled, {', '.join(sorted(allowed))})")
     try:
         MinHashConfig(threshold=nd.threshold, **nd.params)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ManifestError(f"{_where(mpath, line)}: near_dedup: {e}") from None
 
 
@@ -468,11 +491,12 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
             return _typed(defaults[key], types, mpath, defaults.key_lines[key], cname, key)
         return default
 
-    weight = float(get("weight", (int, float), 1.0))
+    raw_weight = get("weight", (int, float), 1.0)
+    weight = _finite_float(raw_weight)
     if not (math.isfinite(weight) and weight > 0):
         wline = kl["weight"] if "weight" in c else defaults.key_lines.get("weight", c.line)
         raise ManifestError(f"{_where(mpath, wline, cname)}: 'weight' must be a finite number > 0, "
-                            f"got {weight!r}")
+                            f"got {_show(raw_weight)}")
     spec = ComponentSpec(
         name=cname, paths=paths, format=fmt, text_field=get("text_field", (str,), "text"),
         id_field=get("id_field", (str, type(None)), None),

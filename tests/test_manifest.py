@@ -378,3 +378,29 @@ def test_recursive_glob_as_the_leading_segment_is_accepted(tmp_path):
         p.write_text(f"name: t\nroot: d\ncomponents:\n  - name: c1\n    paths: ['{pat}']\n    format: jsonl\n")
         with pytest.raises(ManifestError, match="bad glob"):
             load_manifest(str(p))
+
+
+@pytest.mark.parametrize("extra, top, needle, line", [
+    ("    weight: 1" + "0" * 400 + "\n", "", "'weight' must be a finite number > 0, got 1000", 5),
+    ("    filters:\n      max_doc_bytes: 100000000000000\n", "", "'filters.max_doc_bytes' must be at most 2**30", 6),
+    ("    filters:\n      max_doc_bytes: 9223372036854775808\n", "", "'filters.max_doc_bytes' must be at most", 6),
+    ("    filters:\n      max_doc_bytes: 1073741825\n", "", "'filters.max_doc_bytes' must be at most", 6),
+    ("    filters:\n      max_dup_line_frac: 1" + "0" * 400 + "\n", "", "'filters.max_dup_line_frac' must be within", 6),
+    ("", "near_dedup:\n  threshold: 1" + "0" * 400 + "\n", "near_dedup: threshold", 2),
+])
+def test_numbers_too_large_to_use_are_manifest_errors(tmp_path, extra, top, needle, line):
+    """A YAML int too large for a float (weight 1 followed by 400 zeros) raised a bare OverflowError, and
+    filters.max_doc_bytes of 1e14 or 2**63 passed, then made every txt file unreadable (MemoryError,
+    OverflowError). Both are ManifestErrors naming the field; max_doc_bytes is at most 2**30."""
+    p = _write(tmp_path, _comp_body(extra, top))
+    with pytest.raises(ManifestError) as e:
+        load_manifest(p)
+    assert needle in str(e.value) and f"{p}:{line}" in str(e.value), str(e.value)
+    assert len(str(e.value)) < 300
+
+
+def test_max_doc_bytes_at_its_bound_is_accepted(tmp_path):
+    from pipeline.manifest import MAX_DOC_BYTES
+
+    p = _write(tmp_path, _comp_body(f"    filters:\n      max_doc_bytes: {MAX_DOC_BYTES}\n"))
+    assert load_manifest(p).components[0].filters.max_doc_bytes == 2**30

@@ -265,6 +265,8 @@ def test_resume_uses_the_config_optimizer_settings_and_names_a_damaged_file(corp
     ea = EventAccumulator(str(run / "tb")).Reload()
     steps = [e.step for e in ea.Scalars("lr")]
     assert sorted(steps) == [1, 2, 3, 4], steps                    # step 3 once, from the resumed run
+    with pytest.raises(ConfigError, match=r"model\.n_layer: 2 -> 3"):   # used to be torch's state_dict dump
+        fit(load_config(debug, TINY + ["model.n_layer=3", "train.max_steps=5"]), corpus, run, resume=True)
     resume_pt = run / "checkpoints/step-00000004/resume.pt"
     resume_pt.write_bytes(resume_pt.read_bytes()[:1000])
     with pytest.raises(ConfigError, match="step-00000004/resume.pt"):

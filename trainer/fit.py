@@ -82,6 +82,24 @@ def check_resumable(saved: dict, cfg: TrainConfig, where: Path, saved_corpus: st
                           f"data order: {'; '.join(changed)}")
 
 
+def _changed_model_settings(resume_pt: Path, cfg: TrainConfig) -> list[str]:
+    """`model.key: saved -> now` for each model setting a failed resume's checkpoint disagrees on ([] if the
+    file cannot be read either: then it is the damaged one)."""
+    try:
+        saved = torch.load(resume_pt, map_location="cpu", weights_only=False, mmap=True)["config"]["model"]
+    except Exception:  # noqa: BLE001 - any failure here leaves the generic message
+        return []
+    def flat(d, prefix="model."):   # the preset's size overrides read as model.n_layer etc., as --set takes them
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, prefix if k == "overrides" else f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+    saved, now = dict(flat(saved)), dict(flat(cfg.to_dict()["model"]))
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="YAML preset (trainer/configs/*.yaml)")
@@ -243,6 +261,11 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
         try:
             rest = fabric.load(where / "resume.pt", state)
         except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
+            changed = _changed_model_settings(where / "resume.pt", cfg)
+            if changed:
+                raise ConfigError(f"--resume from {where}: the model settings differ from the checkpoint's "
+                                  f"({'; '.join(changed)}): resume with the checkpoint's, or start a new "
+                                  f"--run-dir") from None
             raise ConfigError(f"--resume: cannot load {where / 'resume.pt'}: {str(e).splitlines()[0][:300]}. The "
                               f"model settings or optim.weight_decay (zero vs non-zero: other optimizer groups) may "
                               f"differ from the checkpoint's, or the file is damaged (remove {where} to resume "

@@ -199,6 +199,11 @@ def test_bad_checkpoints_one_clear_error(tmp_path):
         load_official(tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="no such file"):
         load_official(tmp_path / "absent.pth")
+    (tmp_path / "step-1").mkdir()                  # a checkpoint folder stands for its model.pth
+    with pytest.raises(CheckpointError, match="step-1: a folder without model.pth"):
+        load_official(tmp_path / "step-1")
+    torch.save(sd, tmp_path / "step-1" / "model.pth")
+    assert load_official(tmp_path / "step-1").cfg == load_official(good).cfg
     # tensors the config is read from, misshaped: the same one error, naming the file and the key
     for key, shape in (("blocks.0.att.r_k", (64,)), ("blocks.0.att.w1", (64,)), ("emb.weight", (40, 64, 1)),
                        ("blocks.0.att.r_k", (2, 30))):

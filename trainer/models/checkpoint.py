@@ -49,8 +49,15 @@ def official_shapes(cfg: RWKV7Config) -> dict[str, tuple[int, ...]]:
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a .pth (weights_only) or .safetensors file into a dict of CPU tensors."""
+    """Read a .pth (weights_only) or .safetensors file into a dict of CPU tensors. A checkpoint folder
+    (runs/NAME/checkpoints/step-N) stands for the model.pth in it."""
     path = Path(path)
+    if path.is_dir():
+        inside = [path / n for n in ("model.pth", "model.safetensors") if (path / n).is_file()]
+        if not inside:
+            raise CheckpointError(f"{path}: a folder without model.pth or model.safetensors (give a checkpoint "
+                                  f"folder such as runs/NAME/checkpoints/step-N, or the file)")
+        path = inside[0]
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:

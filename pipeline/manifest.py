@@ -64,6 +64,11 @@ up to 4x it (so one reader may hold several times the limit), and a document of 
 has fewer than 2**31 tokens (each token covers at least one byte), within int32 list offsets."""
 
 
+MAX_UNITS = 2**16
+"""A component's files (for ``hf_disk``: Arrow files) must number fewer than this: a document's key is
+``component << 48 | file << 32 | line`` (``pipeline.read.Unit``)."""
+
+
 @dataclass
 class NearDedupSettings:
     """MinHash near-duplicate removal (pipeline.dedup); ``params`` go to ``MinHashConfig``."""
@@ -412,20 +417,22 @@ def _check_utf8_name(path: str, pattern: str, mpath: str, line: int, cname: str)
                             f"(matched by {pattern!r}); rename it") from None
 
 
-def _check_hf_disk(folder: str, pattern: str, mpath: str, line: int, cname: str) -> None:
+def _check_hf_disk(folder: str, pattern: str, mpath: str, line: int, cname: str) -> list[str]:
     """An hf_disk path must be one saved ``Dataset`` (state.json or Arrow files), not e.g. a
     ``DatasetDict`` folder, which would otherwise read as an empty component. A state.json must
     be JSON with a ``_data_files`` list of ``{"filename": ...}`` whose files all exist (what
-    ``pipeline.read.hf_disk_files`` reads), so a broken folder fails here, naming the file."""
+    ``pipeline.read.hf_disk_files`` reads), so a broken folder fails here, naming the file.
+    Returns the folder's Arrow files (each is one unit of work and numbers its documents' keys);
+    none for a URL."""
     if _is_url(folder):
-        return
+        return []
     where = _where(mpath, line, cname)
     state = os.path.join(folder, "state.json")
     if os.path.exists(state):
-        _check_state_json(state, folder, where)
-        return
-    if any(n.endswith(".arrow") for n in os.listdir(folder)):
-        return
+        return _check_state_json(state, folder, where)
+    arrows = sorted(n for n in os.listdir(folder) if n.endswith(".arrow"))
+    if arrows:
+        return [os.path.join(folder, n) for n in arrows]
     dd = os.path.join(folder, "dataset_dict.json")
     if os.path.exists(dd):
         try:
@@ -440,7 +447,7 @@ def _check_hf_disk(folder: str, pattern: str, mpath: str, line: int, cname: str)
                         f"file)")
 
 
-def _check_state_json(state: str, folder: str, where: str) -> None:
+def _check_state_json(state: str, folder: str, where: str) -> list[str]:
     try:
         with open(state, "rb") as f:
             doc = json.load(f)
@@ -452,6 +459,7 @@ def _check_state_json(state: str, folder: str, where: str) -> None:
     if not isinstance(entries, list):
         raise ManifestError(f"{where}: {state} has no '_data_files' list (not written by "
                             f"datasets' save_to_disk?)")
+    out = []
     for i, d in enumerate(entries):
         name = d.get("filename") if isinstance(d, dict) else None
         if not isinstance(name, str) or not name:
@@ -459,6 +467,8 @@ def _check_state_json(state: str, folder: str, where: str) -> None:
         arrow = os.path.join(folder, name)
         if not os.path.isfile(arrow):
             raise ManifestError(f"{where}: {arrow} is missing (listed in {state})")
+        out.append(arrow)
+    return out
 
 
 def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: FilterConfig,
@@ -507,6 +517,7 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
         published_tokens=get("published_tokens", (int, type(None)), None),
         notes=get("notes", (str, type(None)), None), line=c.line)
     files: dict[str, str] = {}  # file -> the path pattern that first matched it
+    arrows: dict[str, int] = {}  # hf_disk folder -> its number of Arrow files
     line = kl.get("paths", c.line)
     for p in paths:
         try:
@@ -519,7 +530,10 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
         if fmt == "hf_disk":
             matched = [m for m in matched if _is_url(m) or os.path.isdir(m)]
             for m in matched:
-                _check_hf_disk(m, p, mpath, line, cname)
+                names = _check_hf_disk(m, p, mpath, line, cname)
+                for a in names:
+                    _check_utf8_name(a, p, mpath, line, cname)
+                arrows[m] = len(names)
         elif not any(_is_url(m) for m in matched):
             matched = [m for m in matched if os.path.isfile(m)]
         if not matched:
@@ -536,6 +550,10 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
     for f in sorted(files):  # a symlink and its target in one component: the file is read once
         origin.setdefault(file_identity(f), (f, files[f], line))
     spec.files = [f for f, _, _ in origin.values()]
-    if len(spec.files) >= 2**16:
-        raise ManifestError(f"{_where(mpath, c.line, cname)}: at most 65535 files per component")
+    # document keys number a component's units (files; the Arrow files of hf_disk folders) in 16 bits
+    n_units = sum(arrows.get(f, 1) for f in spec.files) if fmt == "hf_disk" else len(spec.files)
+    if n_units >= MAX_UNITS:
+        what = "Arrow files (in all its hf_disk folders)" if fmt == "hf_disk" else "files"
+        raise ManifestError(f"{_where(mpath, c.line, cname)}: at most {MAX_UNITS - 1} files per component "
+                            f"(document keys number them in 16 bits), got {n_units} {what}; split it")
     return spec, origin

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.manifest import ComponentSpec, ManifestError
+from pipeline.manifest import MAX_UNITS, ComponentSpec, ManifestError
 
 
 @dataclass
@@ -78,6 +78,9 @@ def units_for(ci: int, comp: ComponentSpec, root: str) -> list[Unit]:
         for p in files:
             rel = p if "://" in p else os.path.relpath(p, root)
             units.append(Unit(ci, len(units), p, comp.format, rel))
+    if len(units) >= MAX_UNITS:  # the manifest checks local files; this also covers what it cannot list
+        raise ManifestError(f"component {comp.name!r}: at most {MAX_UNITS - 1} files per component (document "
+                            f"keys number them in 16 bits), got {len(units)}; split it")
     return units
 
 

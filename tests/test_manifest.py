@@ -404,3 +404,34 @@ def test_max_doc_bytes_at_its_bound_is_accepted(tmp_path):
 
     p = _write(tmp_path, _comp_body(f"    filters:\n      max_doc_bytes: {MAX_DOC_BYTES}\n"))
     assert load_manifest(p).components[0].filters.max_doc_bytes == 2**30
+
+
+def test_hf_disk_units_are_counted_by_arrow_file(tmp_path, monkeypatch):
+    """The files-per-component limit counted hf_disk folders, while document keys number the Arrow files
+    inside them (key = component << 48 | file << 32 | line): more than 65535 Arrow files collided with the
+    next component's keys. The limit (lowered here) counts Arrow files, in the manifest and in units_for."""
+    import json
+
+    import pyarrow as pa
+
+    from pipeline import manifest, read
+
+    t = pa.table({"text": ["a document"]})
+    for folder, n in (("one", 3), ("two", 2)):
+        (tmp_path / folder).mkdir()
+        for i in range(n):
+            with pa.OSFile(str(tmp_path / folder / f"data-{i}.arrow"), "wb") as s, pa.ipc.new_stream(s, t.schema) as w:
+                w.write_table(t)
+    (tmp_path / "two" / "state.json").write_text(json.dumps({"_data_files": [{"filename": f"data-{i}.arrow"}
+                                                                            for i in range(2)]}))
+    p = tmp_path / "m.yaml"
+    p.write_text("name: t\ncomponents:\n  - {name: h, paths: [one, two], format: hf_disk}\n")
+    monkeypatch.setattr(manifest, "MAX_UNITS", 6)
+    m = load_manifest(str(p))
+    assert len(read.units_for(0, m.components[0], m.root)) == 5
+    monkeypatch.setattr(manifest, "MAX_UNITS", 5)
+    with pytest.raises(ManifestError, match=r"m.yaml:3: component 'h': at most 4 files .* got 5 Arrow files"):
+        load_manifest(str(p))
+    monkeypatch.setattr(read, "MAX_UNITS", 5)  # what the manifest could not count (URLs) fails at units_for
+    with pytest.raises(ManifestError, match="component 'h': at most 4 files"):
+        read.units_for(0, m.components[0], m.root)

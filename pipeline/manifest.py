@@ -224,6 +224,12 @@ _BAD_GLOB = re.compile(r"\[[^\]]*$|(?<=[^/\\])\*\*|\*\*(?![/\\]|$)")
 a separator or the pattern's start, or followed by something other than a separator or its end)."""
 
 
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+"""Characters a component name must not hold: a document id is ``component/file:line`` (stages), which
+must split at its first '/' (component ``x`` with ``y/z.jsonl`` and ``x/y`` with ``z.jsonl`` would
+share ids), and names also go into file names and log lines."""
+
+
 def _is_url(p: str) -> bool:
     return "://" in p
 
@@ -360,6 +366,10 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
         cname = c.get("name")
         if not isinstance(cname, str) or not cname:
             raise ManifestError(f"{_where(mpath, c.line)}: components[{i}] needs a 'name' (string)")
+        if _BAD_NAME.search(cname):
+            raise ManifestError(f"{_where(mpath, c.key_lines.get('name', c.line))}: component name {cname!r} "
+                                f"must not contain '/', '\\' or control characters (document ids are "
+                                f"component/file:line)")
         if cname in seen:
             raise ManifestError(f"{_where(mpath, c.line, cname)}: duplicate component name")
         seen.add(cname)

@@ -435,3 +435,19 @@ def test_hf_disk_units_are_counted_by_arrow_file(tmp_path, monkeypatch):
     monkeypatch.setattr(read, "MAX_UNITS", 5)  # what the manifest could not count (URLs) fails at units_for
     with pytest.raises(ManifestError, match="component 'h': at most 4 files"):
         read.units_for(0, m.components[0], m.root)
+
+
+@pytest.mark.parametrize("name", ["x/y", "x\\\\y", "a\\tb", "/"])
+def test_a_component_name_with_a_separator_is_an_error(tmp_path, name):
+    """Document ids are component/file:line: component 'x' with file 'y/z.jsonl' and component 'x/y' with
+    'z.jsonl' both gave 'x/y/z.jsonl:1'. A name holding '/', '\\\\' or a control character is refused."""
+    (tmp_path / "d" / "y").mkdir(parents=True)
+    (tmp_path / "d" / "y" / "z.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "d" / "z.jsonl").write_text('{"text": "x"}\n')
+    p = tmp_path / "m.yaml"
+    p.write_text(f'name: t\nroot: d\ncomponents:\n  - name: x\n    paths: [y/z.jsonl]\n  - name: "{name}"\n'
+                 f'    paths: [z.jsonl]\n')
+    with pytest.raises(ManifestError, match=r"m.yaml:6: component name .* must not contain '/'"):
+        load_manifest(str(p))
+    p.write_text(p.read_text().replace(f'"{name}"', "x.y-z_1"))
+    assert [c.name for c in load_manifest(str(p)).components] == ["x", "x.y-z_1"]

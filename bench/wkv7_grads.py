@@ -1,16 +1,20 @@
 """Variants of WKV7's backward gradient kernel (chunk_bwd_grads_kernel), timed alone on one GPU.
 
 The gradient kernel is 61% of forward + backward on B8-T4096-H32 (bench/results/wkv7.md): one program per
-chunk and head, latency-bound at two programs per SM (255 registers per thread). The variants here hold fewer
-values live so more programs fit per SM:
-- `ks`: loops over key blocks of BK columns. Pass 1 accumulates everything that sums over keys (the [C, C]
-  matrices, a_d S^T, b_e dS^T, k_e dS^T); the chunk's U, dZ and the [C, C] gradients follow; pass 2 produces
-  the per-key gradients block by block, reloading S and dS (from L2) and recomputing the decays.
+chunk and head, latency-bound at two programs per SM (255 registers per thread). Variants so far:
+- `ks` (kept here): loops over key blocks of BK columns so fewer values are live. Pass 1 accumulates what
+  sums over keys (the [C, C] matrices, a_d S^T, b_e dS^T, k_e dS^T); the chunk's U, dZ and the [C, C]
+  gradients follow; pass 2 produces the per-key gradients block by block, reloading S and dS (from L2) and
+  recomputing the decays. 4.53 vs 3.91 ms on B8-T4096-H32 (run 14): slower.
+- Timed and removed (results in bench/results/wkv7_run16_grads_persistent.json, wkv7_run18_*): the shipped
+  body in a persistent loop over (chunk, head) items with Triton's loop pipelining (1-3 programs per SM, 1-3
+  stages: 5.58-7.34 ms), and "tf32r" with each operand rounded once where it is made (6.07 vs 7.16 ms for
+  rounding inside every product, 3.93 for "tf32").
 Each variant is checked against the shipped kernel on the same inputs (RMS-relative difference), then timed
 (median of triton.testing.do_bench) on real chunk-start states and state gradients from the shipped forward
 and state pass. Also runs on the CPU under TRITON_INTERPRET=1 (small shapes, `--check-only`).
 
-    python bench/wkv7_grads.py --shapes 8-4096-32,16-512-12 --variants shipped,ks32,ks32r168
+    python bench/wkv7_grads.py --shapes 8-4096-32,16-512-12 --variants shipped,shipped-qtf32cs,ks32,ks32-r168
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from wkv7 import make_inputs  # noqa: E402
 
 from kernels.wkv7 import chunk as ours  # noqa: E402
 from kernels.wkv7 import triton_kernels as K  # noqa: E402
-from kernels.wkv7.triton_kernels import _chunk_terms, _dot, _inv_unit_lower, _round_tf32  # noqa: E402
+from kernels.wkv7.triton_kernels import _dot, _inv_unit_lower  # noqa: E402
 
 
 @triton.jit
@@ -132,176 +136,16 @@ def grads_ks_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, d
         tl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)
 
 
-@triton.jit
-def grads_persistent_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
-                            dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
-                            T, NC, H, BH, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
-                            PREC: tl.constexpr, STAGES: tl.constexpr):
-    """The shipped kernel's body in a loop over (chunk, head) items, grid (programs,): Triton's loop
-    pipelining (STAGES) can then load the next item's S, dS and inputs while this one is computed."""
-    offs_t = tl.arange(0, C)
-    offs_k = tl.arange(0, N)
-    p_s = offs_k[:, None] * N + offs_k[None, :]
-    tri_s = offs_t[:, None] > offs_t[None, :]
-    tri_i = offs_t[:, None] >= offs_t[None, :]
-    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
-    for item in tl.range(tl.program_id(0), NC * BH, tl.num_programs(0), num_stages=STAGES):
-        n = item % NC
-        i_bh = item // NC
-        i_b = i_bh // H
-        i_h = i_bh % H
-        t = n * C + offs_t
-        mk = (t < T)[:, None]
-        base = ((i_b * T + t) * H + i_h) * N
-        pk = base[:, None] + offs_k[None, :]
-        S = tl.load(st_ptr + (i_bh * NC + n) * N * N + p_s)
-        dS = tl.load(dst_ptr + (i_bh * NC + n) * N * N + p_s)
-        dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)
-        (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
-         Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, eye, LOG2C, PREC, 0.)
-        Z = _dot(a_d, tl.trans(S), PREC) + _dot(L_ak, vv, PREC)
-        U = _dot(Pinv, Z, PREC)
-        dSt = tl.trans(dS)
-        dU = _dot(tl.trans(M_rb), dY, PREC) + _dot(b_e, dSt, PREC)
-        dZ = _dot(tl.trans(Pinv), dU, PREC)
-        dL_ab = tl.where(tri_s, _dot(dZ, tl.trans(U), PREC), 0.)
-        dL_ak = tl.where(tri_s, _dot(dZ, tl.trans(vv), PREC), 0.)
-        dM_rb = tl.where(tri_i, _dot(dY, tl.trans(U), PREC), 0.)
-        dM_rk = tl.where(tri_i, _dot(dY, tl.trans(vv), PREC), 0.)
-        dV = _dot(tl.trans(M_rk), dY, PREC) + _dot(tl.trans(L_ak), dZ, PREC) + _dot(k_e, dSt, PREC)
-        dR_d = _dot(dY, S, PREC) + _dot(dM_rb, b_u, PREC) + _dot(dM_rk, k_u, PREC)
-        dA_d = _dot(dZ, S, PREC) + _dot(dL_ab, b_u, PREC) + _dot(dL_ak, k_u, PREC)
-        dB_u = _dot(tl.trans(dM_rb), r_d, PREC) + _dot(tl.trans(dL_ab), a_d, PREC)
-        dK_u = _dot(tl.trans(dM_rk), r_d, PREC) + _dot(tl.trans(dL_ak), a_d, PREC)
-        dB_e = _dot(U, dS, PREC)
-        dK_e = _dot(vv, dS, PREC)
-        egC = tl.exp(gC)
-        dgC = tl.sum(dS * S, axis=0) * egC + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)
-        e_neg = tl.exp(-g)
-        e_end = tl.exp(gC[None, :] - g)
-        dg = dR_d * r_d - dB_u * b_u - dB_e * b_e - dK_u * k_u - dK_e * k_e
-        dgx = dA_d * a_d
-        dw = tl.cumsum(dg, axis=0, reverse=True) + tl.cumsum(dgx, axis=0, reverse=True) - dgx + dgC[None, :]
-        tl.store(dr_ptr + pk, (dR_d * tl.exp(g)).to(dr_ptr.dtype.element_ty), mask=mk)
-        tl.store(dw_ptr + pk, dw.to(dw_ptr.dtype.element_ty), mask=mk)
-        tl.store(dk_ptr + pk, (dK_u * e_neg + dK_e * e_end).to(dk_ptr.dtype.element_ty), mask=mk)
-        tl.store(dv_ptr + pk, dV.to(dv_ptr.dtype.element_ty), mask=mk)
-        tl.store(da_ptr + pk, (dA_d * tl.exp(gx)).to(da_ptr.dtype.element_ty), mask=mk)
-        tl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)
-
-
-@triton.jit
-def _inv_unit_lower_r(L, eye, LOG2C: tl.constexpr):
-    """_inv_unit_lower on operands rounded to tf32 once each (L already rounded)."""
-    X = eye + L
-    Lp = L
-    for _ in tl.static_range(LOG2C - 1):
-        Lp = _round_tf32(tl.dot(Lp, Lp, input_precision="tf32"))
-        X = X + tl.dot(_round_tf32(X), Lp, input_precision="tf32")
-    return X
-
-
-@triton.jit
-def grads_round_once_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
-                            dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
-                            T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr):
-    """The shipped kernel with "tf32r" semantics (every dot operand rounded to tf32, then tensor cores) but
-    each operand rounded once where it is made, instead of inside every _dot (where the compiler can end
-    up rounding the operand after its conversion to the dot layout, replicated across warps)."""
-    n = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    offs_t = tl.arange(0, C)
-    offs_k = tl.arange(0, N)
-    p_s = offs_k[:, None] * N + offs_k[None, :]
-    tri_s = offs_t[:, None] > offs_t[None, :]
-    tri_i = offs_t[:, None] >= offs_t[None, :]
-    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
-    t = n * C + offs_t
-    mk = (t < T)[:, None]
-    base = ((i_b * T + t) * H + i_h) * N
-    pk = base[:, None] + offs_k[None, :]
-    S = tl.load(st_ptr + (i_bh * NC + n) * N * N + p_s)
-    dS = tl.load(dst_ptr + (i_bh * NC + n) * N * N + p_s)
-    dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    rr = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    ww = tl.load(w_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    kk = tl.load(k_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    aa = tl.load(a_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    bb = tl.load(b_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    vv = tl.load(v_ptr + pk, mask=mk, other=0.).to(tl.float32)
-    g = tl.cumsum(ww, axis=0)
-    gx = g - ww
-    gC = tl.sum(ww, axis=0)
-    a_d = aa * tl.exp(gx)
-    r_d = rr * tl.exp(g)
-    e_neg = tl.exp(-g)
-    b_u = bb * e_neg
-    k_u = kk * e_neg
-    e_end = tl.exp(gC[None, :] - g)
-    b_e = bb * e_end
-    k_e = kk * e_end
-    Sr = _round_tf32(S)
-    dSr = _round_tf32(dS)
-    dYr = _round_tf32(dY)
-    vvr = _round_tf32(vv)
-    a_dr = _round_tf32(a_d)
-    r_dr = _round_tf32(r_d)
-    b_ur = _round_tf32(b_u)
-    k_ur = _round_tf32(k_u)
-    b_er = _round_tf32(b_e)
-    k_er = _round_tf32(k_e)
-    L_ab = _round_tf32(tl.where(tri_s, tl.dot(a_dr, tl.trans(b_ur), input_precision="tf32"), 0.))
-    L_ak = _round_tf32(tl.where(tri_s, tl.dot(a_dr, tl.trans(k_ur), input_precision="tf32"), 0.))
-    M_rb = _round_tf32(tl.where(tri_i, tl.dot(r_dr, tl.trans(b_ur), input_precision="tf32"), 0.))
-    M_rk = _round_tf32(tl.where(tri_i, tl.dot(r_dr, tl.trans(k_ur), input_precision="tf32"), 0.))
-    Pinv = _round_tf32(_inv_unit_lower_r(L_ab, eye, LOG2C))
-    Z = tl.dot(a_dr, tl.trans(Sr), input_precision="tf32") + tl.dot(L_ak, vvr, input_precision="tf32")
-    U = _round_tf32(tl.dot(Pinv, _round_tf32(Z), input_precision="tf32"))
-    dSt = tl.trans(dSr)
-    dU = tl.dot(tl.trans(M_rb), dYr, input_precision="tf32") + tl.dot(b_er, dSt, input_precision="tf32")
-    dZ = _round_tf32(tl.dot(tl.trans(Pinv), _round_tf32(dU), input_precision="tf32"))
-    dL_ab = _round_tf32(tl.where(tri_s, tl.dot(dZ, tl.trans(U), input_precision="tf32"), 0.))
-    dL_ak = _round_tf32(tl.where(tri_s, tl.dot(dZ, tl.trans(vvr), input_precision="tf32"), 0.))
-    dM_rb = _round_tf32(tl.where(tri_i, tl.dot(dYr, tl.trans(U), input_precision="tf32"), 0.))
-    dM_rk = _round_tf32(tl.where(tri_i, tl.dot(dYr, tl.trans(vvr), input_precision="tf32"), 0.))
-    dV = (tl.dot(tl.trans(M_rk), dYr, input_precision="tf32") + tl.dot(tl.trans(L_ak), dZ, input_precision="tf32")
-          + tl.dot(k_er, dSt, input_precision="tf32"))
-    dR_d = (tl.dot(dYr, Sr, input_precision="tf32") + tl.dot(dM_rb, b_ur, input_precision="tf32")
-            + tl.dot(dM_rk, k_ur, input_precision="tf32"))
-    dA_d = (tl.dot(dZ, Sr, input_precision="tf32") + tl.dot(dL_ab, b_ur, input_precision="tf32")
-            + tl.dot(dL_ak, k_ur, input_precision="tf32"))
-    dB_u = (tl.dot(tl.trans(dM_rb), r_dr, input_precision="tf32")
-            + tl.dot(tl.trans(dL_ab), a_dr, input_precision="tf32"))
-    dK_u = (tl.dot(tl.trans(dM_rk), r_dr, input_precision="tf32")
-            + tl.dot(tl.trans(dL_ak), a_dr, input_precision="tf32"))
-    dB_e = tl.dot(U, dSr, input_precision="tf32")
-    dK_e = tl.dot(vvr, dSr, input_precision="tf32")
-    egC = tl.exp(gC)
-    dgC = tl.sum(dS * S, axis=0) * egC + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)
-    dg = dR_d * r_d - dB_u * b_u - dB_e * b_e - dK_u * k_u - dK_e * k_e
-    dgx = dA_d * a_d
-    dw = tl.cumsum(dg, axis=0, reverse=True) + tl.cumsum(dgx, axis=0, reverse=True) - dgx + dgC[None, :]
-    tl.store(dr_ptr + pk, (dR_d * tl.exp(g)).to(dr_ptr.dtype.element_ty), mask=mk)
-    tl.store(dw_ptr + pk, dw.to(dw_ptr.dtype.element_ty), mask=mk)
-    tl.store(dk_ptr + pk, (dK_u * e_neg + dK_e * e_end).to(dk_ptr.dtype.element_ty), mask=mk)
-    tl.store(dv_ptr + pk, dV.to(dv_ptr.dtype.element_ty), mask=mk)
-    tl.store(da_ptr + pk, (dA_d * tl.exp(gx)).to(da_ptr.dtype.element_ty), mask=mk)
-    tl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)
-
-
 def parse_variant(v):
-    """shipped | ksBK | persist | roundonce, then [-wW][-rR][-pP][-sS][-qPREC]: warps W (default 4), register
-    cap R; persist: P programs per SM (default 2), S pipeline stages (default 2); PREC: dot precision (default:
-    the config's precision_bwd; roundonce is always "tf32r")."""
+    """shipped | ksBK, then [-wW][-rR][-qPREC]: warps W (default 4), register cap R, dot precision PREC
+    (default: the config's precision_bwd)."""
     f = v.split("-")
     kernel = "ks" if f[0].startswith("ks") else f[0]
-    out = {"name": v, "kernel": kernel, "warps": 4, "maxnreg": None, "per_sm": 2, "stages": 2, "prec": None}
+    out = {"name": v, "kernel": kernel, "warps": 4, "maxnreg": None, "prec": None}
     if kernel == "ks":
         out["BK"] = int(f[0][2:])
     for x in f[1:]:
-        key = {"w": "warps", "r": "maxnreg", "p": "per_sm", "s": "stages", "q": "prec"}[x[0]]
+        key = {"w": "warps", "r": "maxnreg", "q": "prec"}[x[0]]
         out[key] = x[1:] if key == "prec" else int(x[1:])
     return out
 
@@ -309,17 +153,10 @@ def parse_variant(v):
 def launch(var, x, st, dst, dy, grads, T, NC, H, C, prec):
     kw = {"num_warps": var["warps"], **({"maxnreg": var["maxnreg"]} if var["maxnreg"] else {})}
     prec = var["prec"] or prec
-    if var["kernel"] != "shipped" and prec == "tf32c":
+    if var["kernel"] != "shipped" and prec in ("tf32c", "tf32cs"):
         prec = "tf32"   # the variants take plain tl.dot precisions (they were timed with "tf32")
     B = x["r"].shape[0]
     args = (x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], st, dst, dy, *grads, T, NC, H)
-    if var["kernel"] == "persist":
-        sms = torch.cuda.get_device_properties(0).multi_processor_count if x["r"].is_cuda else 2
-        grid = (min(NC * B * H, var["per_sm"] * sms),)
-        return grads_persistent_kernel[grid](*args, B * H, N=64, C=C, LOG2C=int(math.log2(C)), PREC=prec,
-                                             STAGES=var["stages"], **kw)
-    if var["kernel"] == "roundonce":
-        return grads_round_once_kernel[(NC, B * H)](*args, N=64, C=C, LOG2C=int(math.log2(C)), **kw)
     if var["kernel"] == "shipped":
         return K.chunk_bwd_grads_kernel[(NC, B * H)](*args, N=64, C=C, LOG2C=int(math.log2(C)), PREC=prec,
                                                      IO_T=0, BIAS=ours._bias(x["r"]), **kw)
@@ -365,7 +202,7 @@ def main():
         refs = {}
         row = {"shape": shape}
         for var in variants:
-            p = "tf32r" if var["kernel"] == "roundonce" else (var["prec"] or prec)
+            p = var["prec"] or prec
             if p not in refs:   # the shipped kernel at the same dot precision
                 refs[p] = [torch.empty_like(x[n]) for n in "rwkvab"]
                 launch(parse_variant(f"shipped-q{p}"), x, st, dst, dy, refs[p], T, NC, H, C, prec)

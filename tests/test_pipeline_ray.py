@@ -65,6 +65,26 @@ def _cluster_pids(temp: str) -> set[int]:
     return pids
 
 
+def _stop_cluster(temp: str, started: set[int]) -> None:
+    """SIGTERM the cluster's processes (those of ``temp`` and ``started``), SIGKILL what is left after 4 s,
+    and remove ``temp``."""
+    pids = _cluster_pids(temp) | started
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 4
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.2)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 def _output_files(out: str) -> dict[str, bytes]:
     files = {"index.json": open(os.path.join(out, "index.json"), "rb").read()}
     for name in sorted(os.listdir(os.path.join(out, "shards"))):
@@ -93,21 +113,7 @@ def cluster():
 
         if ray.is_initialized():
             ray.shutdown()
-        pids = _cluster_pids(temp) | started
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 4
-        while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
-            time.sleep(0.2)
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop_cluster(temp, started)
 
 
 @pytest.fixture(scope="module")
@@ -309,18 +315,4 @@ def test_plain_build_beside_a_recorded_cluster(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         assert os.path.exists(os.path.join(out, "index.json"))
     finally:
-        pids = _cluster_pids(temp) | started
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 4
-        while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
-            time.sleep(0.2)
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop_cluster(temp, started)

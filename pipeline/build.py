@@ -35,7 +35,7 @@ import pyarrow as pa  # noqa: E402
 
 from pipeline import stages  # noqa: E402
 from pipeline.manifest import Manifest, ManifestError, load_manifest  # noqa: E402
-from pipeline.read import Unit, units_for  # noqa: E402
+from pipeline.read import Unit, input_stamp, units_for  # noqa: E402
 
 SCHEMA_VERSION = 1
 TOKENIZER_NAME = "rwkv_vocab_v20230424"
@@ -69,21 +69,12 @@ def _changed_files(old: list, new: list, show: int = 3) -> str:
 
 
 def _input_stamp(path: str) -> list:
-    """[size, modification time] of an input (local: os.stat, ns; URL: what fsspec reports, ETag preferred),
-    so a re-run into the same --out notices an input edited in place, not only a changed manifest."""
-    if "://" not in path:
-        st = os.stat(path)
-        return [st.st_size, st.st_mtime_ns]
-    import fsspec
-
+    """``read.input_stamp``: a re-run into the same --out notices an input edited in place, not only a
+    changed manifest, and the ingest stage notices one edited during the build."""
     try:
-        fs, p = fsspec.core.url_to_fs(path)
-        info = fs.info(p)
+        return input_stamp(path)
     except (OSError, ValueError) as e:
         raise BuildError(f"cannot stat input {path}: {e}") from None
-    version = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created")
-                    if info.get(k) is not None), None)
-    return [info.get("size"), None if version is None else str(version)]
 
 
 def _prepare_out(out: str, fingerprint: dict, force: bool) -> str:
@@ -269,9 +260,10 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
         nd.enabled = True if near is None else near
     tok = WorldTokenizer()
     comps = manifest.components
-    units: list[Unit] = [u for ci, c in enumerate(comps) for u in units_for(ci, c, manifest.root)]
+    units: list[Unit] = [dataclasses.replace(u, stamp=tuple(_input_stamp(u.path)))
+                         for ci, c in enumerate(comps) for u in units_for(ci, c, manifest.root)]
     fingerprint = {"manifest_sha256": manifest.sha256,
-                   "files": [[u.rel, *_input_stamp(u.path)] for u in units],
+                   "files": [[u.rel, *u.stamp] for u in units],
                    "near_dedup": {"enabled": nd.enabled, "threshold": nd.threshold, **nd.params}
                    if nd.enabled else False,
                    "exact_dedup": manifest.exact_dedup, "tokenizer_sha256": tok.vocab_sha256,
@@ -544,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}/index.json ({report['totals']['documents']:,} documents, "
               f"{report['totals']['tokens']:,} tokens)")
         return 0
-    except (ManifestError, BuildError) as e:
+    except (ManifestError, BuildError, stages.InputChanged) as e:
         # raised in a Ray task, the error is a RayTaskError subclassing it; its text is the remote traceback
         print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return 2

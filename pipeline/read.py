@@ -50,6 +50,9 @@ class Unit:
     format: str
     rel: str
     """Path relative to the manifest root (or the URL): stable across machines, used in ids."""
+    stamp: tuple | None = None
+    """``input_stamp`` of the file when the build fingerprinted it; the ingest stage checks the file
+    still has it after reading (``None``: not checked)."""
 
     @property
     def name(self) -> str:
@@ -69,6 +72,22 @@ def hf_disk_files(folder: str) -> list[str]:
     else:
         names = sorted(n for n in os.listdir(folder) if n.endswith(".arrow"))
     return [os.path.join(folder, n) for n in names]
+
+
+def input_stamp(path: str) -> list:
+    """[size, modification time] of an input (local: os.stat, ns; URL: what fsspec reports, ETag
+    preferred): what the build's fingerprint records, so that an input edited in place is noticed.
+    Raises ``OSError``/``ValueError`` when it cannot be read."""
+    if "://" not in path:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(path)
+    info = fs.info(p)
+    version = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created")
+                    if info.get(k) is not None), None)
+    return [info.get("size"), None if version is None else str(version)]
 
 
 def units_for(ci: int, comp: ComponentSpec, root: str) -> list[Unit]:

@@ -30,7 +30,7 @@ import xxhash
 
 from pipeline import filters
 from pipeline.manifest import ComponentSpec, NearDedupSettings
-from pipeline.read import Unit, safe_rows
+from pipeline.read import Unit, input_stamp, safe_rows
 
 QUARANTINE_PER_REASON = 5
 """Bad rows kept as samples per (unit, reason); the totals are always exact."""
@@ -94,6 +94,30 @@ class _ArrowOut:
         fsync_file(self.tmp)
         os.replace(self.tmp, self.path)
 
+    def abort(self) -> None:
+        """Close and delete the temp file: nothing is published."""
+        self.writer.close()
+        self.sink.close()
+        os.remove(self.tmp)
+
+
+class InputChanged(RuntimeError):
+    """An input's size or modification time changed while the build read it."""
+
+
+def _check_unchanged(unit: Unit) -> None:
+    """Raise ``InputChanged`` naming the file if it no longer has the stamp the build fingerprinted
+    (``Unit.stamp``): what was read may be neither the old nor the new contents."""
+    if unit.stamp is None:
+        return
+    try:
+        now = input_stamp(unit.path)
+    except (OSError, ValueError) as e:
+        now = [f"cannot stat: {e}"]
+    if list(now) != list(unit.stamp):
+        raise InputChanged(f"{unit.path}: input changed while the build read it ([size, mtime] "
+                           f"{list(unit.stamp)} -> {list(now)}); re-run once it is stable")
+
 
 def read_arrow(path: str) -> pa.Table:
     """A zero-copy table over a memory-mapped Arrow IPC stream file."""
@@ -129,7 +153,8 @@ class StageCount:
 
 
 def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSettings | None) -> dict:
-    """Read, filter and hash one input file; returns (and writes) the unit's meta record."""
+    """Read, filter and hash one input file; returns (and writes) the unit's meta record. Raises
+    ``InputChanged`` (publishing nothing) if the file's size or mtime is no longer ``unit.stamp``."""
     marker = os.path.join(work, "ingest", unit.name + ".json")
     if os.path.exists(marker):
         return read_json(marker)
@@ -203,6 +228,11 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
                                    pa.array(source_ids, pa.string()), pa.array(texts, pa.large_string()),
                                    pa.array(hashes, pa.binary(16))], schema=INGEST_SCHEMA))
         clock.lap("ingest_write")
+    try:
+        _check_unchanged(unit)
+    except InputChanged:
+        out.abort()
+        raise
     out.close()
     if nd is not None:
         sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, nd.cfg.num_perm), np.uint32)  # [n, P]

@@ -410,3 +410,30 @@ def test_sweep_removes_only_the_builds_own_temp_names(tmp_path):
     assert [rel for rel in mine if not (o / rel).exists()] == []
     assert [rel for rel in leftovers if (o / rel).exists()] == []
     assert not (o / "work.discard4242").exists()
+
+
+def test_an_input_changed_during_the_build_fails_its_unit(tmp_path, monkeypatch):
+    """The fingerprint was taken before ingest: an input appended to meanwhile was published (new contents
+    under the old fingerprint) without notice. The ingest stage re-checks [size, mtime] after reading and
+    fails naming the file, publishing nothing; the re-run then sees the changed input."""
+    from pipeline.build import BuildError
+
+    real = stages.ingest_unit
+
+    def appended_meanwhile(unit, *a):
+        with open(unit.path, "a") as f:
+            f.write(json.dumps({"text": "appended during the build"}) + "\n")
+        return real(unit, *a)
+
+    monkeypatch.setattr(stages, "ingest_unit", appended_meanwhile)
+    body = "components:\n  - name: a\n    paths: [a.jsonl]\n"
+    with pytest.raises(stages.InputChanged, match=r"a\.jsonl: input changed while the build read it"):
+        _tiny_build(tmp_path, {"a.jsonl": [{"text": "first document text"}]}, body)
+    out = tmp_path / "out"
+    assert not (out / "index.json").exists() and not (out / "work" / "ingest" / "c0000_f00000.json").exists()
+    assert not [p for p in (out / "work" / "ingest").iterdir()]
+    monkeypatch.setattr(stages, "ingest_unit", real)
+    with pytest.raises(BuildError, match="a.jsonl"):
+        _tiny_build(tmp_path, {}, body)
+    _tiny_build(tmp_path, {}, body, force=True)
+    assert len(_shard_rows(str(out))) == 2

@@ -125,12 +125,16 @@ def _discard(out: str, work: str, fingerprint: dict) -> str:
             os.remove(os.path.join(out, name))
     gone = f"{work}.discard{os.getpid()}"
     os.replace(work, gone)
-    shutil.rmtree(os.path.join(out, "shards"))
+    shards = os.path.join(out, "shards")
+    for name in os.listdir(shards):   # the build's shards only: other files there are the user's
+        if re.fullmatch(_SHARD + f"({_TMP})?", name):
+            os.remove(os.path.join(shards, name))
     shutil.rmtree(gone)
     return _prepare_out(out, fingerprint, False)
 
 
 _TMP = r"\.tmp\d+"  # stages.atomic_write_*, _ArrowOut, write_shard: <final name>.tmp<pid>
+_SHARD = r"\d{5,}\.arrow"  # stages.write_shard: shards/<index:05d>.arrow
 _UNIT = r"c\d{4,}_f\d{5,}"  # read.Unit.name
 _BUILD_TMP = {  # folder (relative to --out) -> the names of the temp files and folders the build makes there
     "": re.compile(rf"^((index\.json|report\.json|quarantine\.jsonl|duplicates\.jsonl){_TMP}|work\.discard\d+)$"),
@@ -254,8 +258,8 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     if near is not None:
         nd.enabled = near
     if near_threshold is not None:
-        if not 0.0 < near_threshold < 1.0:
-            raise BuildError(f"--near-threshold must be in (0, 1), got {near_threshold}")
+        if not 0.0 < near_threshold <= 1.0:   # as near_dedup.threshold in a manifest and pipeline.dedup take it
+            raise BuildError(f"--near-threshold must be in (0, 1], got {near_threshold}")
         nd.threshold = near_threshold
         nd.enabled = True if near is None else near
     tok = WorldTokenizer()

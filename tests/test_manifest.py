@@ -387,6 +387,7 @@ def test_recursive_glob_as_the_leading_segment_is_accepted(tmp_path):
     ("    filters:\n      max_doc_bytes: 1073741825\n", "", "'filters.max_doc_bytes' must be at most", 6),
     ("    filters:\n      max_dup_line_frac: 1" + "0" * 400 + "\n", "", "'filters.max_dup_line_frac' must be within", 6),
     ("", "near_dedup:\n  threshold: 1" + "0" * 400 + "\n", "near_dedup: threshold", 2),
+    ("", "near_dedup:\n  num_perm: 1" + "0" * 400 + "\n", "near_dedup: num_perm must be in [2, 4096]", 2),  # hung
 ])
 def test_numbers_too_large_to_use_are_manifest_errors(tmp_path, extra, top, needle, line):
     """A YAML int too large for a float (weight 1 followed by 400 zeros) raised a bare OverflowError, and

@@ -437,3 +437,17 @@ def test_an_input_changed_during_the_build_fails_its_unit(tmp_path, monkeypatch)
         _tiny_build(tmp_path, {}, body)
     _tiny_build(tmp_path, {}, body, force=True)
     assert len(_shard_rows(str(out))) == 2
+
+
+def test_near_threshold_one_and_force_keeps_the_users_files(tmp_path):
+    """--near-threshold 1.0 was refused though a manifest and pipeline.dedup take it; --force removed all of
+    out/shards/, the user's own files there too: it removes the build's shards only."""
+    body = "components:\n  - name: a\n    paths: [a.jsonl]\nnear_dedup:\n  enabled: true\n"
+    docs = [{"text": f"Document number {i} talks about rivers, mountains and weather {i * 7}."} for i in range(5)]
+    out, report = _tiny_build(tmp_path, {"a.jsonl": docs}, body, near_threshold=1.0)
+    assert os.path.exists(os.path.join(out, "index.json"))
+    mine = os.path.join(out, "shards", "NOTES.md")
+    open(mine, "w").write("mine")
+    _tiny_build(tmp_path, {}, body, near_threshold=0.9, force=True)   # other settings: discard, rebuild
+    assert open(mine).read() == "mine"
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == ["00000.arrow", "NOTES.md"]

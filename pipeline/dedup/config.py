@@ -13,6 +13,10 @@ from functools import lru_cache
 
 from scipy.integrate import quad
 
+MAX_NUM_PERM = 4096
+"""Largest num_perm taken: the (bands, rows) search is quadratic-ish in it (1.3 s at 4096; 10**400 never
+returned), and 4096 64-bit values per document is far past any published setting (datasketch 128)."""
+
 
 def _false_positive_area(threshold: float, b: int, r: int) -> float:
     return quad(lambda s: 1 - (1 - s ** float(r)) ** float(b), 0.0, threshold)[0]
@@ -86,8 +90,9 @@ class MinHashConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.num_perm < 2 or self.shingle_size < 1:
-            raise ValueError("num_perm must be >= 2 and shingle_size >= 1")
+        if not 2 <= self.num_perm <= MAX_NUM_PERM or self.shingle_size < 1:
+            raise ValueError(f"num_perm must be in [2, {MAX_NUM_PERM}] and shingle_size >= 1, got "
+                             f"{str(self.num_perm)[:20]} and {str(self.shingle_size)[:20]}")
         if self.shingle_kind not in ("char", "word"):
             raise ValueError(f"shingle_kind must be 'char' or 'word', got {self.shingle_kind!r}")
         if self.mode not in ("auto", "local", "ray"):

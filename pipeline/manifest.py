@@ -500,6 +500,10 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
             raise ManifestError(f"{_where(mpath, kl.get('paths', c.line), cname)}: paths imply different "
                                 f"formats ({shown}); split the component or set 'format'")
         fmt = implied[paths[0]]
+        if fmt is None:
+            raise ManifestError(f"{_where(mpath, kl.get('paths', c.line), cname)}: cannot tell the format from "
+                                f"{paths[0]!r} (known endings: {', '.join(_SUFFIX_FORMAT)}); set 'format' to one of "
+                                f"{', '.join(FORMATS)}")
     if fmt not in FORMATS:
         raise ManifestError(f"{_where(mpath, kl.get('format', c.line), cname)}: 'format' must be one "
                             f"of {', '.join(FORMATS)}, got {fmt!r}")

@@ -452,3 +452,13 @@ def test_a_component_name_with_a_separator_is_an_error(tmp_path, name):
         load_manifest(str(p))
     p.write_text(p.read_text().replace(f'"{name}"', "x.y-z_1"))
     assert [c.name for c in load_manifest(str(p)).components] == ["x", "x.y-z_1"]
+
+
+def test_a_format_the_paths_do_not_tell_is_named(tmp_path):
+    """paths: ['*.json'] without 'format' said "'format' must be one of ..., got None"."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.json").write_text('{"text": "a"}\n')
+    p = tmp_path / "m.yaml"
+    p.write_text("name: t\nroot: d\ncomponents:\n  - name: c1\n    paths: ['*.json']\n")
+    with pytest.raises(ManifestError, match=r"m.yaml:5.*cannot tell the format from '\*.json'.*set 'format'"):
+        load_manifest(str(p))

@@ -26,18 +26,19 @@ class WKV7KernelConfig:
     head share its work. 0: 16 when there are few heads (B*H <= 48, e.g. one long sequence), else N."""
     precision: str = "tf32r"
     """Dot precision of the forward kernels: "tf32r" (operands rounded to tf32, with M_rk and M_rk V carried
-    as hi + lo terms: y error 1.663e-3 on the benchmark check, the official kernel's 1.660e-3 against the same
-    exact reference, bf16's own rounding of y 1.656e-3), "tf32c" (1.705e-3 before the hi + lo terms, same
-    time), "tf32" (truncated; 2.0e-3), "tf32x3" (1.660e-3 at 1.9x the forward time on the H200) or "ieee"
-    (3.4x)."""
+    as hi + lo terms: y error 1.664e-3 on the benchmark check against the exact reference, where the official
+    kernel's is 1.660e-3 and bf16's own rounding of y 1.656e-3), "tf32c" (1.705e-3, same time), "tf32"
+    (truncated; 2.0e-3), "tf32x3" (1.660e-3 at 1.9x the forward time) or "ieee" (3.4x); the last three
+    measured on the H200 before the hi + lo terms."""
     precision_bwd: str = "tf32c"
     """Dot precision of the backward's gradient kernel (chunk_bwd_grads_kernel): "tf32c" (truncated by the
     tensor cores, the products scaled back by the truncation's mean error; see triton_kernels._dotn),
     "tf32cs" ("tf32c" with the ten products that set the gradients' errors carried as hi + lo terms,
-    triton_kernels._dot_s: gradient errors 1.66e-3..1.72e-3 at 1.29x the kernel's time, H200 run 23), or any
-    of the forward's. H200, bench check (bench/results/wkv7.md): gradient errors 1.69e-3..1.81e-3 with "tf32c"
-    at the same time as "tf32" (1.8e-3..3.0e-3); "tf32r" 1.69e-3..1.75e-3 at 1.85x the kernel's time; the
-    official kernel 1.65e-3..1.66e-3."""
+    triton_kernels._dot_s: gradient errors 1.66e-3..1.72e-3 at 1.29x the kernel's time, H200 run 23: then
+    B8-T4096-H32 is slower than the official kernel), or any of the forward's. H200, bench check
+    (bench/results/wkv7.md): gradient errors 1.69e-3..1.81e-3 with "tf32c" at the same time as "tf32"
+    (1.8e-3..3.0e-3); "tf32r" 1.69e-3..1.75e-3 at 1.85x the kernel's time; the official kernel
+    1.65e-3..1.67e-3."""
     precision_state_bwd: str = "tf32c"
     """Dot precision of the backward's sequential state pass (chunk_bwd_dstate_kernel), whose dL/dS feeds
     every gradient ("tf32", "tf32c" and "tf32r" measured the same gradient errors)."""
@@ -52,8 +53,9 @@ class WKV7KernelConfig:
     num_warps_cc: int = 1
     """Warps per program for chunk_cc_kernel, which computes every chunk's state-independent [C, C] matrices
     (4 KiB per chunk and head, kept for the backward) so the sequential kernels load them instead of
-    recomputing them in their serial steps (H200, 8-4096-32: forward 1.14 + 0.34 ms vs 1.66). H200,
-    8-4096-32: 0.34 ms with 1 warp, 0.42 with 2, 0.78 with 4."""
+    recomputing them in their serial steps (H200, 8-4096-32, session 2: forward 1.14 + 0.34 ms vs 1.66). H200,
+    8-4096-32, with the hi + lo M_rk terms (run 22): 0.50 ms with 1 warp, 0.61 with 2 (before them: 0.34 / 0.42
+    / 0.78 with 1 / 2 / 4)."""
     check_decay: bool = False
     """Raise ValueError when some w < -DECAY_LIMIT / chunk_size (-5 at chunk 16), where the chunked form's
     e^{-cumsum(w)} overflows float32 and y turns NaN/inf. Off by default: it costs one GPU sync per call, and

@@ -70,7 +70,6 @@ def grads_ks_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, d
     offs_kb = tl.arange(0, BK)
     tri_s = offs_t[:, None] > offs_t[None, :]
     tri_i = offs_t[:, None] >= offs_t[None, :]
-    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
     t = n * C + offs_t
     mk = (t < T)[:, None]
     base = ((i_b * T + t) * H + i_h) * N
@@ -103,9 +102,11 @@ def grads_ks_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, d
     L_ak = tl.where(tri_s, L_ak, 0.)
     M_rb = tl.where(tri_i, M_rb, 0.)
     M_rk = tl.where(tri_i, M_rk, 0.)
-    Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC, 0.)
-    U = _dot(Pinv, Za + _dot(L_ak, vv, PREC), PREC)                      # [C, V]
-    dZ = _dot(tl.trans(Pinv), _dot(tl.trans(M_rb), dY, PREC) + dUb, PREC)
+    Q = _inv_unit_lower(L_ab, LOG2C, PREC, 0.)                          # (I - L_ab)^{-1} - I
+    Z = Za + _dot(L_ak, vv, PREC)
+    U = _dot(Q, Z, PREC) + Z                                              # [C, V]
+    dU = _dot(tl.trans(M_rb), dY, PREC) + dUb
+    dZ = _dot(tl.trans(Q), dU, PREC) + dU
     dL_ab = tl.where(tri_s, _dot(dZ, tl.trans(U), PREC), 0.)
     dL_ak = tl.where(tri_s, _dot(dZ, tl.trans(vv), PREC), 0.)
     dM_rb = tl.where(tri_i, _dot(dY, tl.trans(U), PREC), 0.)
@@ -159,7 +160,7 @@ def launch(var, x, st, dst, dy, grads, T, NC, H, C, prec):
     args = (x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], st, dst, dy, *grads, T, NC, H)
     if var["kernel"] == "shipped":
         return K.chunk_bwd_grads_kernel[(NC, B * H)](*args, N=64, C=C, LOG2C=int(math.log2(C)), PREC=prec,
-                                                     IO_T=0, BIAS=ours._bias(x["r"]), **kw)
+                                                     IO_DY=0, IO_V=0, BIAS=ours._bias(x["r"]), **kw)
     return grads_ks_kernel[(NC, B * H)](*args, N=64, C=C, BK=var["BK"], LOG2C=int(math.log2(C)), PREC=prec, **kw)
 
 
@@ -179,7 +180,7 @@ def setup(B, T, H, device):
     ds0 = torch.empty((B, H, 64, 64), dtype=torch.float32, device=device)
     K.chunk_bwd_dstate_kernel[(B * H, 64 // BV)](
         x["r"], x["w"], x["a"], x["b"], cc, dy, None, dst, ds0, T, NC, H, N=64, C=C, BV=BV, HAS_DST=False,
-        PREFETCH=ours.CONFIG.prefetch, PREC=ours.CONFIG.precision_state_bwd, IO_T=0, BIAS=ours._bias(dy),
+        PREFETCH=ours.CONFIG.prefetch, PREC=ours.CONFIG.precision_state_bwd, IO_DY=0, BIAS=ours._bias(dy),
         num_warps=ours.CONFIG.num_warps)
     return x, dy, st, dst, C, NC
 

@@ -272,3 +272,72 @@ def test_int32_guard_and_decay_check(monkeypatch):
     monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, check_decay=True))
     with pytest.raises(ValueError, match="overflow float32"):
         chunk.chunk_wkv7(xs[0], w, *xs[2:])
+
+
+def _interpreter_with_gpu_numerics(monkeypatch) -> bool:
+    """The Triton interpreter made to compute like the tensor cores: "tf32" dots truncate float32 operands to
+    tf32 (the interpreter's dots are exact), and float32 -> bf16 casts round to nearest even (the
+    interpreter's truncate). False when this Triton's interpreter has other internals."""
+    import numpy as np
+    try:
+        import triton.runtime.interpreter as interp
+        builder, handle, tf32 = interp.InterpreterBuilder, interp.TensorHandle, interp._ir.INPUT_PRECISION.TF32
+        create_dot, cast_impl = builder.create_dot, builder.cast_impl
+    except (ImportError, AttributeError):
+        return False
+
+    def truncating_dot(self, a, b, d, input_precision, *rest):
+        if input_precision == tf32 and a.data.dtype == np.float32:
+            a = handle((a.data.view(np.int32) & np.int32(-8192)).view(np.float32), a.dtype.scalar)
+            b = handle((b.data.view(np.int32) & np.int32(-8192)).view(np.float32), b.dtype.scalar)
+        return create_dot(self, a, b, d, input_precision, *rest)
+
+    def rounding_cast(self, src, dst_type):
+        if src.dtype.scalar == interp.tl.float32 and dst_type.scalar == interp.tl.bfloat16:
+            bits = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
+            return handle(bits.view(np.uint16), dst_type.scalar)
+        return cast_impl(self, src, dst_type)
+    monkeypatch.setattr(builder, "create_dot", truncating_dot)
+    monkeypatch.setattr(builder, "cast_impl", rounding_cast)
+    return True
+
+
+@pytest.mark.parametrize("dtypes", ["bf16", "w_fp32", "r_fp32", "v_fp32"])
+def test_tf32c_leaves_no_systematic_scale_error(dtypes, monkeypatch):
+    """"tf32c" must cancel the truncation's bias exactly: in the interpreter with the tensor cores' numerics,
+    the coherent scale error beta = <out - ref, ref> / <ref, ref> of every gradient is ~0, while plain
+    truncated "tf32" leaves it at several 1e-4. Catches a wrong count of truncated operands: products with
+    (I - L)^{-1} counted its exact identity part (da/db beta +4e-4), one flag for dy and v counted a bf16 one
+    when the other was float32 (dr/dk beta +3.6e-4 with r in float32)."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter check (the GPU test test_gpu_tf32c_removes_the_truncation_bias runs there)")
+    chunk = _triton_modules()
+    if not _interpreter_with_gpu_numerics(monkeypatch):
+        pytest.skip("this Triton's interpreter internals differ")
+    from kernels.wkv7 import triton_kernels as K
+    monkeypatch.setattr(chunk, "_bias", lambda x: K.TF32_TRUNCATION_BIAS)
+    bf, f32 = torch.bfloat16, torch.float32
+    types = {"bf16": [bf] * 6, "w_fp32": [bf, f32, bf, bf, bf, bf], "r_fp32": [f32, bf, bf, bf, bf, bf],
+             "v_fp32": [bf, bf, bf, f32, bf, bf]}[dtypes]
+    xs, s0, dy, ds = make_inputs(1, 128, 2, 32, seed=5)
+    xs = [x.to(t).double() for x, t in zip(xs, types)]
+    dy = dy.to(types[0]).double()                 # dy arrives in y's dtype, which is r's
+
+    def betas(fn, dts):
+        leaves = [x.to(t).clone().requires_grad_() for x, t in zip(xs, dts)]
+        s = s0.to(torch.float64 if dts[0] == torch.float64 else f32).clone().requires_grad_()
+        y, sT = fn(*leaves, s, True)
+        ((y.double() * dy).sum() + (sT.double() * ds).sum()).backward()
+        return [y, sT] + [x.grad for x in leaves] + [s.grad]
+    ref = betas(naive_wkv7, [torch.float64] * 6)
+
+    def scale_errors(precision_bwd):
+        monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, precision_bwd=precision_bwd,
+                                                     precision_state_bwd=precision_bwd))
+        out = betas(chunk.chunk_wkv7, types)
+        return {n: (((o.double() - r) * r).sum() / (r * r).sum()).item()
+                for n, o, r in zip(["y", "sT", "dr", "dw", "dk", "dv", "da", "db", "ds0"], out, ref)}
+    compensated, truncated = scale_errors("tf32c"), scale_errors("tf32")
+    grads = ["dr", "dk", "dv", "da", "db", "ds0"]
+    assert max(abs(compensated[n]) for n in grads) < 1.5e-4, compensated
+    assert max(abs(truncated[n]) for n in grads) > 4e-4, truncated     # the bias this is about is visible

@@ -8,12 +8,13 @@ g = inclusive cumsum of w over the chunk (per key), gx = g - w, g_C = g at the c
     U = (I - L_ab)^{-1} (a_d S0^T + L_ak V)                                 [C, V]  (u_t = S_{t-1} a_t)
     Y = r_d S0^T + M_rb U + M_rk V
     S_C = S0 diag(e^{g_C}) + U^T b_e + V^T k_e
-(I - L_ab)^{-1} = (I + L)(I + L^2)(I + L^4)... since L is nilpotent: log2(C) small matmuls.
+(I - L_ab)^{-1} = (I + L)(I + L^2)(I + L^4)... since L is nilpotent: log2(C) small matmuls; the kernels keep
+Q = (I - L_ab)^{-1} - I (strictly lower) and add the identity's part exactly (U = Q Z + Z).
 The factorisation e^{gx_t - g_s} = e^{gx_t} e^{-g_s} needs |g| over a chunk well inside float32 range:
 for the model's w >= -0.6065 and C <= 64, |g| <= 39 (e^39 ~ 1e17).
 
 Training path, four kernels per forward + backward:
-1. chunk_cc_kernel, parallel over (chunk, head): the [C, C] matrices (I - L_ab)^{-1}, L_ak, M_rb, M_rk, which
+1. chunk_cc_kernel, parallel over (chunk, head): the [C, C] matrices Q, L_ak, M_rb, M_rk, which
    do not depend on the carried state, for every chunk (kept for the backward's state pass).
 2. chunk_fwd_kernel, sequential over chunks, a program per head and block of BV state rows (rows of S evolve
    independently): loads those matrices instead of spending ~10 small dependent products per serial step on them,
@@ -90,7 +91,7 @@ def _dot_split(a, b, PREC: tl.constexpr, B_EXACT: tl.constexpr, BIAS: tl.constex
         return (tl.dot(a_hi, b_hi, input_precision="tf32") + tl.dot(a_hi, b - b_hi, input_precision="tf32")
                 + tl.dot(a - a_hi, b_hi, input_precision="tf32"))
     else:
-        return _dotn(a, b, PREC, 2, BIAS)
+        return _dotn(a, b, PREC, 2 - B_EXACT, BIAS)
 
 
 @triton.jit
@@ -105,18 +106,21 @@ def _dot_s(a, b, PREC: tl.constexpr, NT: tl.constexpr, BIAS: tl.constexpr, B_EXA
 
 
 @triton.jit
-def _inv_unit_lower(L, eye, LOG2C: tl.constexpr, PREC: tl.constexpr, BIAS: tl.constexpr):
-    """(I - L)^{-1} for strictly lower-triangular L [C, C], C = 2**LOG2C."""
-    X = eye + L
+def _inv_unit_lower(L, LOG2C: tl.constexpr, PREC: tl.constexpr, BIAS: tl.constexpr):
+    """Q = (I - L)^{-1} - I for strictly lower-triangular L [C, C], C = 2**LOG2C, by doubling:
+    (I - L)^{-1} = (I + L)(I + L^2)(I + L^4)..., so Q <- Q + L^k + Q L^k. Q is strictly lower like L, and
+    products with it count both operands as truncated ("tf32c"); the exact identity part is added where Q is
+    used (U = Q Z + Z), not passed through a tf32 product."""
+    Q = L
     Lp = L
     for _ in tl.static_range(LOG2C - 1):
         Lp = _dotn(Lp, Lp, PREC, 2, BIAS)
-        X = X + _dotn(X, Lp, PREC, 2, BIAS)
-    return X
+        Q = Q + Lp + _dotn(Q, Lp, PREC, 2, BIAS)
+    return Q
 
 
 @triton.jit
-def _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, eye,
+def _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i,
                  LOG2C: tl.constexpr, PREC: tl.constexpr, BIAS: tl.constexpr):
     """Loads one chunk ([C, N] at offsets pk, masked by mk) and builds its decayed vectors and [C, C] matrices."""
     rr = tl.load(r_ptr + pk, mask=mk, other=0.).to(tl.float32)
@@ -140,8 +144,8 @@ def _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i,
     L_ak = tl.where(tri_s, _dotn(a_d, tl.trans(k_u), PREC, 2, BIAS), 0.)
     M_rb = tl.where(tri_i, _dotn(r_d, tl.trans(b_u), PREC, 2, BIAS), 0.)
     M_rk = tl.where(tri_i, _dot_s(r_d, tl.trans(k_u), PREC, 2, BIAS, False), 0.)
-    Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC, BIAS)
-    return (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk, Pinv)
+    Q = _inv_unit_lower(L_ab, LOG2C, PREC, BIAS)
+    return (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk, Q)
 
 
 @triton.jit
@@ -156,14 +160,14 @@ def _ld(ptr, n, T, H, i_b, i_h, offs_t, offs_x, N: tl.constexpr, C: tl.constexpr
 
 @triton.jit
 def _ldc(cc_ptr, i_bh, NC, n, j: tl.constexpr, offs_cc, C: tl.constexpr):
-    """Matrix j (0: (I - L_ab)^{-1}, 1: L_ak, 2: M_rb, 3: M_rk) of chunk n from cc [B*H, NC, 4, C, C]."""
+    """Matrix j (0: Q = (I - L_ab)^{-1} - I, 1: L_ak, 2: M_rb, 3: M_rk) of chunk n from cc [B*H, NC, 4, C, C]."""
     return tl.load(cc_ptr + ((i_bh * NC + n) * 4 + j) * C * C + offs_cc, mask=offs_cc < (NC - n) * C * C, other=0.)
 
 
 @triton.jit
 def chunk_cc_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, cc_ptr, T, NC, H, N: tl.constexpr, C: tl.constexpr,
                     LOG2C: tl.constexpr, PREC: tl.constexpr, BIAS: tl.constexpr):
-    """Parallel, grid (NC, B*H): each chunk's [C, C] matrices (I - L_ab)^{-1}, L_ak, M_rb, M_rk into
+    """Parallel, grid (NC, B*H): each chunk's [C, C] matrices Q = (I - L_ab)^{-1} - I, L_ak, M_rb, M_rk into
     cc [B*H, NC, 4, C, C] fp32. They do not depend on the carried state, so the sequential kernels (and the
     backward's) load them instead of spending their serial steps on ~10 small dependent products."""
     n = tl.program_id(0)
@@ -175,7 +179,6 @@ def chunk_cc_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, cc_ptr, T, NC, H, N: tl.c
     offs_cc = offs_t[:, None] * C + offs_t[None, :]
     tri_s = offs_t[:, None] > offs_t[None, :]
     tri_i = offs_t[:, None] >= offs_t[None, :]
-    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
     rr = _ld(r_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C).to(tl.float32)
     ww = _ld(w_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C).to(tl.float32)
     kk = _ld(k_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C).to(tl.float32)
@@ -191,9 +194,9 @@ def chunk_cc_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, cc_ptr, T, NC, H, N: tl.c
     L_ak = tl.where(tri_s, _dotn(a_d, tl.trans(k_u), PREC, 2, BIAS), 0.)
     M_rb = tl.where(tri_i, _dotn(r_d, tl.trans(b_u), PREC, 2, BIAS), 0.)
     M_rk = tl.where(tri_i, _dot_split(r_d, tl.trans(k_u), PREC, False, BIAS), 0.)
-    Pinv = _inv_unit_lower(L_ab, eye, LOG2C, PREC, BIAS)
+    Q = _inv_unit_lower(L_ab, LOG2C, PREC, BIAS)
     base = (i_bh * NC + n) * 4 * C * C
-    tl.store(cc_ptr + base + offs_cc, Pinv)
+    tl.store(cc_ptr + base + offs_cc, Q)
     tl.store(cc_ptr + base + C * C + offs_cc, L_ak)
     tl.store(cc_ptr + base + 2 * C * C + offs_cc, M_rb)
     tl.store(cc_ptr + base + 3 * C * C + offs_cc, M_rk)
@@ -203,11 +206,11 @@ def chunk_cc_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, cc_ptr, T, NC, H, N: tl.c
 def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y_ptr, sT_ptr, st_ptr,
                      T, NC, H, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                      HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
-                     PREFETCH: tl.constexpr, PREC: tl.constexpr, IO_T: tl.constexpr, BIAS: tl.constexpr):
+                     PREFETCH: tl.constexpr, PREC: tl.constexpr, IO_V: tl.constexpr, BIAS: tl.constexpr):
     """Sequential forward on the precomputed [C, C] matrices (chunk_cc_kernel), grid (B*H, N/BV): carries
     the state rows [BV, N] over the chunks, writes y [B, T, H, N], the chunk-start states st [B, H, NC, N, N]
     (STORE_STATES) and the final state sT [B, H, N, N] (STORE_FINAL). PREFETCH: chunk n+1's inputs are loaded
-    while chunk n is computed."""
+    while chunk n is computed. IO_V: 1 when v is float32 (see chunk_bwd_grads_kernel), else 0."""
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_b = i_bh // H
@@ -228,7 +231,7 @@ def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y
         aa = _ld(a_ptr, 0, T, H, i_b, i_h, offs_t, offs_k, N, C)
         bb = _ld(b_ptr, 0, T, H, i_b, i_h, offs_t, offs_k, N, C)
         vv = _ld(v_ptr, 0, T, H, i_b, i_h, offs_t, offs_v, N, C)
-        Pinv = _ldc(cc_ptr, i_bh, NC, 0, 0, offs_cc, C)
+        Q = _ldc(cc_ptr, i_bh, NC, 0, 0, offs_cc, C)
         L_ak = _ldc(cc_ptr, i_bh, NC, 0, 1, offs_cc, C)
         M_rb = _ldc(cc_ptr, i_bh, NC, 0, 2, offs_cc, C)
         M_rk = _ldc(cc_ptr, i_bh, NC, 0, 3, offs_cc, C)
@@ -240,7 +243,7 @@ def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y
             aa_n = _ld(a_ptr, n + 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
             bb_n = _ld(b_ptr, n + 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
             vv_n = _ld(v_ptr, n + 1, T, H, i_b, i_h, offs_t, offs_v, N, C)
-            Pinv_n = _ldc(cc_ptr, i_bh, NC, n + 1, 0, offs_cc, C)
+            Q_n = _ldc(cc_ptr, i_bh, NC, n + 1, 0, offs_cc, C)
             L_ak_n = _ldc(cc_ptr, i_bh, NC, n + 1, 1, offs_cc, C)
             M_rb_n = _ldc(cc_ptr, i_bh, NC, n + 1, 2, offs_cc, C)
             M_rk_n = _ldc(cc_ptr, i_bh, NC, n + 1, 3, offs_cc, C)
@@ -251,7 +254,7 @@ def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y
             aa = _ld(a_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
             bb = _ld(b_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
             vv = _ld(v_ptr, n, T, H, i_b, i_h, offs_t, offs_v, N, C)
-            Pinv = _ldc(cc_ptr, i_bh, NC, n, 0, offs_cc, C)
+            Q = _ldc(cc_ptr, i_bh, NC, n, 0, offs_cc, C)
             L_ak = _ldc(cc_ptr, i_bh, NC, n, 1, offs_cc, C)
             M_rb = _ldc(cc_ptr, i_bh, NC, n, 2, offs_cc, C)
             M_rk = _ldc(cc_ptr, i_bh, NC, n, 3, offs_cc, C)
@@ -263,18 +266,18 @@ def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y
         gC = tl.sum(w32, axis=0)                    # [N]
         e_end = tl.exp(gC[None, :] - g)
         St = tl.trans(S)                            # [N, BV]
-        Z = _dotn(aa.to(tl.float32) * tl.exp(g - w32), St, PREC, 2, BIAS) + _dotn(L_ak, v32, PREC, 1 + IO_T, BIAS)
-        U = _dotn(Pinv, Z, PREC, 2, BIAS)           # [C, BV]
+        Z = _dotn(aa.to(tl.float32) * tl.exp(g - w32), St, PREC, 2, BIAS) + _dotn(L_ak, v32, PREC, 1 + IO_V, BIAS)
+        U = _dotn(Q, Z, PREC, 2, BIAS) + Z          # [C, BV] = (I - L_ab)^{-1} Z
         Y = (_dotn(rr.to(tl.float32) * tl.exp(g), St, PREC, 2, BIAS) + _dotn(M_rb, U, PREC, 2, BIAS)
-             + _dot_split(M_rk, v32, PREC, IO_T == 0, BIAS))
+             + _dot_split(M_rk, v32, PREC, IO_V == 0, BIAS))
         t = n * C + offs_t
         p_y = (((i_b * T + t) * H + i_h) * N)[:, None] + offs_v[None, :]
         tl.store(y_ptr + p_y, Y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None])
         S = (S * tl.exp(gC)[None, :] + _dotn(tl.trans(U), bb.to(tl.float32) * e_end, PREC, 2, BIAS)
-             + _dotn(tl.trans(v32), kk.to(tl.float32) * e_end, PREC, IO_T + 1, BIAS))
+             + _dotn(tl.trans(v32), kk.to(tl.float32) * e_end, PREC, IO_V + 1, BIAS))
         if PREFETCH:
             rr, ww, kk, aa, bb, vv = rr_n, ww_n, kk_n, aa_n, bb_n, vv_n
-            Pinv, L_ak, M_rb, M_rk = Pinv_n, L_ak_n, M_rb_n, M_rk_n
+            Q, L_ak, M_rb, M_rk = Q_n, L_ak_n, M_rb_n, M_rk_n
     if STORE_FINAL:
         tl.store(sT_ptr + i_bh * N * N + p_s, S)
 
@@ -283,10 +286,11 @@ def chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, cc_ptr, s0_ptr, y
 def chunk_bwd_dstate_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr, dst_ptr, ds0_ptr,
                             T, NC, H, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                             HAS_DST: tl.constexpr, PREFETCH: tl.constexpr, PREC: tl.constexpr,
-                            IO_T: tl.constexpr, BIAS: tl.constexpr):
+                            IO_DY: tl.constexpr, BIAS: tl.constexpr):
     """Sequential pass of the backward, grid (B*H, N/BV): walks the chunks in reverse carrying dS, on the
-    precomputed (I - L_ab)^{-1} and M_rb, and stores dst[n] = dL/dS at the end of chunk n [B, H, NC, N, N];
-    ds0 = dL/d(initial state) [B, H, N, N]. PREFETCH: chunk n-1's inputs are loaded while chunk n is computed."""
+    precomputed Q = (I - L_ab)^{-1} - I and M_rb, and stores dst[n] = dL/dS at the end of chunk n [B, H, NC, N, N];
+    ds0 = dL/d(initial state) [B, H, N, N]. PREFETCH: chunk n-1's inputs are loaded while chunk n is computed.
+    IO_DY: 1 when dy is float32 (see chunk_bwd_grads_kernel), else 0."""
     i_bh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_b = i_bh // H
@@ -306,7 +310,7 @@ def chunk_bwd_dstate_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr,
         aa = _ld(a_ptr, NC - 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
         bb = _ld(b_ptr, NC - 1, T, H, i_b, i_h, offs_t, offs_k, N, C)
         dY = _ld(dy_ptr, NC - 1, T, H, i_b, i_h, offs_t, offs_v, N, C)
-        Pinv = _ldc(cc_ptr, i_bh, NC, NC - 1, 0, offs_cc, C)
+        Q = _ldc(cc_ptr, i_bh, NC, NC - 1, 0, offs_cc, C)
         M_rb = _ldc(cc_ptr, i_bh, NC, NC - 1, 2, offs_cc, C)
     for i in range(NC):
         n = NC - 1 - i
@@ -317,7 +321,7 @@ def chunk_bwd_dstate_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr,
             aa_n = _ld(a_ptr, m, T, H, i_b, i_h, offs_t, offs_k, N, C)
             bb_n = _ld(b_ptr, m, T, H, i_b, i_h, offs_t, offs_k, N, C)
             dY_n = _ld(dy_ptr, m, T, H, i_b, i_h, offs_t, offs_v, N, C)
-            Pinv_n = _ldc(cc_ptr, i_bh, NC, m, 0, offs_cc, C)
+            Q_n = _ldc(cc_ptr, i_bh, NC, m, 0, offs_cc, C)
             M_rb_n = _ldc(cc_ptr, i_bh, NC, m, 2, offs_cc, C)
         else:
             rr = _ld(r_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
@@ -325,7 +329,7 @@ def chunk_bwd_dstate_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr,
             aa = _ld(a_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
             bb = _ld(b_ptr, n, T, H, i_b, i_h, offs_t, offs_k, N, C)
             dY = _ld(dy_ptr, n, T, H, i_b, i_h, offs_t, offs_v, N, C)
-            Pinv = _ldc(cc_ptr, i_bh, NC, n, 0, offs_cc, C)
+            Q = _ldc(cc_ptr, i_bh, NC, n, 0, offs_cc, C)
             M_rb = _ldc(cc_ptr, i_bh, NC, n, 2, offs_cc, C)
         tl.store(dst_ptr + (i_bh * NC + n) * N * N + p_s, dS)
         w32 = ww.to(tl.float32)
@@ -333,13 +337,13 @@ def chunk_bwd_dstate_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr,
         g = tl.cumsum(w32, axis=0)
         gC = tl.sum(w32, axis=0)
         b_e = bb.to(tl.float32) * tl.exp(gC[None, :] - g)
-        dU = _dotn(tl.trans(M_rb), dY32, PREC, 1 + IO_T, BIAS) + _dotn(b_e, tl.trans(dS), PREC, 2, BIAS)
-        dZ = _dotn(tl.trans(Pinv), dU, PREC, 2, BIAS)
-        dS = (_dotn(tl.trans(dY32), rr.to(tl.float32) * tl.exp(g), PREC, IO_T + 1, BIAS)
+        dU = _dotn(tl.trans(M_rb), dY32, PREC, 1 + IO_DY, BIAS) + _dotn(b_e, tl.trans(dS), PREC, 2, BIAS)
+        dZ = _dotn(tl.trans(Q), dU, PREC, 2, BIAS) + dU      # (I - L_ab)^{-T} dU
+        dS = (_dotn(tl.trans(dY32), rr.to(tl.float32) * tl.exp(g), PREC, IO_DY + 1, BIAS)
               + _dotn(tl.trans(dZ), aa.to(tl.float32) * tl.exp(g - w32), PREC, 2, BIAS)
               + dS * tl.exp(gC)[None, :])
         if PREFETCH:
-            rr, ww, aa, bb, dY, Pinv, M_rb = rr_n, ww_n, aa_n, bb_n, dY_n, Pinv_n, M_rb_n
+            rr, ww, aa, bb, dY, Q, M_rb = rr_n, ww_n, aa_n, bb_n, dY_n, Q_n, M_rb_n
     tl.store(ds0_ptr + i_bh * N * N + p_s, dS)
 
 
@@ -347,12 +351,12 @@ def chunk_bwd_dstate_kernel(r_ptr, w_ptr, a_ptr, b_ptr, cc_ptr, dy_ptr, dsT_ptr,
 def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
                            dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
                            T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
-                           PREC: tl.constexpr, IO_T: tl.constexpr, BIAS: tl.constexpr):
+                           PREC: tl.constexpr, IO_DY: tl.constexpr, IO_V: tl.constexpr, BIAS: tl.constexpr):
     """Parallel pass of the backward, grid (NC, B*H): one chunk each, from its start state st[n] and the
     gradient dst[n] of its end state; writes the chunk's dr, dw, dk, dv, da, db [B, T, H, N]. It recomputes
     the chunk's [C, C] matrices (_chunk_terms) rather than loading chunk_cc_kernel's: measured faster on the
-    H200, where this kernel runs many programs at once. IO_T: 1 when dy or v is float32 (then "tf32c" counts
-    them as truncated operands; bf16/fp16 ones are exact in tf32), else 0."""
+    H200, where this kernel runs many programs at once. IO_DY / IO_V: 1 when dy / v is float32 (then "tf32c"
+    counts it as a truncated operand; bf16/fp16 values are exact in tf32), else 0."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -362,7 +366,6 @@ def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst
     p_s = offs_k[:, None] * N + offs_k[None, :]
     tri_s = offs_t[:, None] > offs_t[None, :]
     tri_i = offs_t[:, None] >= offs_t[None, :]
-    eye = tl.where(offs_t[:, None] == offs_t[None, :], 1., 0.)
     t = n * C + offs_t
     mk = (t < T)[:, None]
     base = ((i_b * T + t) * H + i_h) * N
@@ -371,27 +374,27 @@ def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst
     dS = tl.load(dst_ptr + (i_bh * NC + n) * N * N + p_s)          # [V, K] gradient of the chunk-end state
     dY = tl.load(dy_ptr + pk, mask=mk, other=0.).to(tl.float32)    # [C, V]
     (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
-     Pinv) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, eye, LOG2C, PREC, BIAS)
+     Q) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, LOG2C, PREC, BIAS)
     # _dotn's third argument: how many of the two operands are float32 values truncation changes
-    Z = _dotn(a_d, tl.trans(S), PREC, 2, BIAS) + _dotn(L_ak, vv, PREC, 1 + IO_T, BIAS)
-    U = _dot_s(Pinv, Z, PREC, 2, BIAS, False)       # [C, V]
+    Z = _dotn(a_d, tl.trans(S), PREC, 2, BIAS) + _dotn(L_ak, vv, PREC, 1 + IO_V, BIAS)
+    U = _dot_s(Q, Z, PREC, 2, BIAS, False) + Z     # [C, V] = (I - L_ab)^{-1} Z
     dSt = tl.trans(dS)                              # [K, V]
-    dU = _dot_s(tl.trans(M_rb), dY, PREC, 1 + IO_T, BIAS, IO_T == 0) + _dotn(b_e, dSt, PREC, 2, BIAS)
-    dZ = _dot_s(tl.trans(Pinv), dU, PREC, 2, BIAS, False)
+    dU = _dot_s(tl.trans(M_rb), dY, PREC, 1 + IO_DY, BIAS, IO_DY == 0) + _dotn(b_e, dSt, PREC, 2, BIAS)
+    dZ = _dot_s(tl.trans(Q), dU, PREC, 2, BIAS, False) + dU
     dL_ab = tl.where(tri_s, _dotn(dZ, tl.trans(U), PREC, 2, BIAS), 0.)
-    dL_ak = tl.where(tri_s, _dot_s(dZ, tl.trans(vv), PREC, 1 + IO_T, BIAS, IO_T == 0), 0.)
-    dM_rb = tl.where(tri_i, _dotn(dY, tl.trans(U), PREC, 1 + IO_T, BIAS), 0.)
-    dM_rk = tl.where(tri_i, _dotn(dY, tl.trans(vv), PREC, 2 * IO_T, BIAS), 0.)
-    dV = (_dot_s(tl.trans(M_rk), dY, PREC, 1 + IO_T, BIAS, IO_T == 0) + _dotn(tl.trans(L_ak), dZ, PREC, 2, BIAS)
+    dL_ak = tl.where(tri_s, _dot_s(dZ, tl.trans(vv), PREC, 1 + IO_V, BIAS, IO_V == 0), 0.)
+    dM_rb = tl.where(tri_i, _dotn(dY, tl.trans(U), PREC, 1 + IO_DY, BIAS), 0.)
+    dM_rk = tl.where(tri_i, _dotn(dY, tl.trans(vv), PREC, IO_DY + IO_V, BIAS), 0.)
+    dV = (_dot_s(tl.trans(M_rk), dY, PREC, 1 + IO_DY, BIAS, IO_DY == 0) + _dotn(tl.trans(L_ak), dZ, PREC, 2, BIAS)
           + _dotn(k_e, dSt, PREC, 2, BIAS))
-    dR_d = (_dotn(dY, S, PREC, 1 + IO_T, BIAS) + _dotn(dM_rb, b_u, PREC, 2, BIAS)
+    dR_d = (_dotn(dY, S, PREC, 1 + IO_DY, BIAS) + _dotn(dM_rb, b_u, PREC, 2, BIAS)
             + _dot_s(dM_rk, k_u, PREC, 2, BIAS, False))
     dA_d = (_dotn(dZ, S, PREC, 2, BIAS) + _dotn(dL_ab, b_u, PREC, 2, BIAS)
             + _dot_s(dL_ak, k_u, PREC, 2, BIAS, False))
     dB_u = _dot_s(tl.trans(dM_rb), r_d, PREC, 2, BIAS, False) + _dotn(tl.trans(dL_ab), a_d, PREC, 2, BIAS)
     dK_u = _dot_s(tl.trans(dM_rk), r_d, PREC, 2, BIAS, False) + _dotn(tl.trans(dL_ak), a_d, PREC, 2, BIAS)
     dB_e = _dotn(U, dS, PREC, 2, BIAS)      # [C, K]
-    dK_e = _dotn(vv, dS, PREC, 1 + IO_T, BIAS)
+    dK_e = _dotn(vv, dS, PREC, 1 + IO_V, BIAS)
     egC = tl.exp(gC)
     dgC = tl.sum(dS * S, axis=0) * egC + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)   # [K]
     e_neg = tl.exp(-g)

@@ -131,16 +131,19 @@ def test_recurrent_triton_matches_naive(T, H, with_s0, monkeypatch):
     compare(chunk.recurrent_wkv7, 1, T, H, with_s0, torch.float32, 1e-3)
 
 
-def test_chunk_triton_bf16_inputs(monkeypatch):
-    """bf16 inputs, GPU-default tf32 dots: y and gradients come back in bf16 and agree with float64 to
-    bf16 precision; the fp32 final state to tf32 precision."""
+@pytest.mark.parametrize("dtype,precision_bwd", [(torch.bfloat16, "tf32c"), (torch.bfloat16, "tf32cs"),
+                                                   (torch.float16, "tf32c")])
+def test_chunk_triton_bf16_inputs(dtype, precision_bwd, monkeypatch):
+    """16-bit inputs, GPU-default tf32 dots (and the hi + lo products of "tf32cs", which take 16-bit operands
+    as exact): y and gradients come back in the input dtype and agree with float64 to its precision; the
+    fp32 final state to tf32 precision."""
     chunk = _triton_modules()
-    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True))
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True, precision_bwd=precision_bwd))
     xs, s0, dy, ds = make_inputs(1, 33, 2)
-    xs = tuple(x.bfloat16().double() for x in xs)   # the same inputs, exactly representable in bf16
+    xs = tuple(x.to(dtype).double() for x in xs)   # the same inputs, exactly representable in the 16-bit dtype
     y0, s_0, g0 = run_with_grads(naive_wkv7, xs, s0, dy, ds, torch.float64)
-    y1, s_1, g1 = run_with_grads(chunk.chunk_wkv7, xs, s0, dy, ds, torch.bfloat16)
-    assert y1.dtype == torch.bfloat16 and g1[0].dtype == torch.bfloat16
+    y1, s_1, g1 = run_with_grads(chunk.chunk_wkv7, xs, s0, dy, ds, dtype)
+    assert y1.dtype == dtype and g1[0].dtype == dtype
     assert rel(y1, y0) < 1e-2 and rel(s_1, s_0) < 1e-3
     for a, b in zip(g1, g0):
         assert rel(a, b) < 1e-2
@@ -302,10 +305,11 @@ def _interpreter_with_gpu_numerics(monkeypatch) -> bool:
     return True
 
 
-@pytest.mark.parametrize("dtypes", ["bf16", "w_fp32", "r_fp32", "v_fp32"])
-def test_tf32c_leaves_no_systematic_scale_error(dtypes, monkeypatch):
+@pytest.mark.parametrize("dtypes,precision_bwd", [("bf16", "tf32c"), ("w_fp32", "tf32c"), ("r_fp32", "tf32c"),
+                                                  ("v_fp32", "tf32c"), ("bf16", "tf32cs"), ("v_fp32", "tf32cs")])
+def test_tf32c_leaves_no_systematic_scale_error(dtypes, precision_bwd, monkeypatch):
     """"tf32c" must cancel the truncation's bias exactly: in the interpreter with the tensor cores' numerics,
-    the coherent scale error beta = <out - ref, ref> / <ref, ref> of every gradient is ~0, while plain
+    the coherent scale error beta = <out - ref, ref> / <ref, ref> of every gradient is ~0 (< 2.5e-4), while plain
     truncated "tf32" leaves it at several 1e-4. Catches a wrong count of truncated operands: products with
     (I - L)^{-1} counted its exact identity part (da/db beta +4e-4), one flag for dy and v counted a bf16 one
     when the other was float32 (dr/dk beta +3.6e-4 with r in float32)."""
@@ -333,11 +337,12 @@ def test_tf32c_leaves_no_systematic_scale_error(dtypes, monkeypatch):
 
     def scale_errors(precision_bwd):
         monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, precision_bwd=precision_bwd,
-                                                     precision_state_bwd=precision_bwd))
+                                                     precision_state_bwd=precision_bwd.replace("tf32cs", "tf32c")))
         out = betas(chunk.chunk_wkv7, types)
         return {n: (((o.double() - r) * r).sum() / (r * r).sum()).item()
                 for n, o, r in zip(["y", "sT", "dr", "dw", "dk", "dv", "da", "db", "ds0"], out, ref)}
-    compensated, truncated = scale_errors("tf32c"), scale_errors("tf32")
+    compensated, truncated = scale_errors(precision_bwd), scale_errors("tf32")
     grads = ["dr", "dk", "dv", "da", "db", "ds0"]
-    assert max(abs(compensated[n]) for n in grads) < 1.5e-4, compensated
+    # bound: random rounding alone moves beta by up to ~1.2e-4 at this size (seeds 5, 7, 11, even with "tf32r")
+    assert max(abs(compensated[n]) for n in grads) < 2.5e-4, compensated
     assert max(abs(truncated[n]) for n in grads) > 4e-4, truncated     # the bias this is about is visible

@@ -37,9 +37,9 @@ class WKV7KernelConfig:
     "tf32cs" ("tf32c" with the ten products that set the gradients' errors carried as hi + lo terms,
     triton_kernels._dot_s: gradient errors 1.66e-3..1.72e-3 at 1.29x the kernel's time, H200 run 23, before
     the operand-count fix of run 24; B8-T4096-H32 is then slower than the official kernel), or any of the
-    forward's. H200, bench check
-    (bench/results/wkv7.md, run 24): gradient errors 1.68e-3..1.75e-3 with "tf32c" at 1.02x the time of "tf32"
-    (1.8e-3..3.0e-3); "tf32r" 1.69e-3..1.75e-3 at 1.85x the kernel's time; the official kernel 1.65e-3..1.67e-3."""
+    forward's. H200, bench check (bench/results/wkv7.md, run 24): gradient errors 1.68e-3..1.75e-3 with
+    "tf32c" at 1.02x the time of "tf32" (1.8e-3..3.0e-3); "tf32r" 1.69e-3..1.75e-3 at 1.85x the kernel's
+    time; the official kernel 1.65e-3..1.67e-3."""
     precision_state_bwd: str = "tf32c"
     """Dot precision of the backward's sequential state pass (chunk_bwd_dstate_kernel), whose dL/dS feeds
     every gradient ("tf32", "tf32c" and "tf32r" measured the same gradient errors)."""

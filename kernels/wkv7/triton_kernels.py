@@ -95,14 +95,15 @@ def _dot_split(a, b, PREC: tl.constexpr, B_EXACT: tl.constexpr, BIAS: tl.constex
 
 
 @triton.jit
-def _dot_s(a, b, PREC: tl.constexpr, NT: tl.constexpr, BIAS: tl.constexpr, B_EXACT: tl.constexpr):
-    """The gradient kernel's products that set the gradients' errors: _dot_split under "tf32cs", else _dotn.
-    Which ones, from the CPU emulation of the backward's rounding (bench/wkv7_rounding_emulation.py): the
-    [C, C]-sized products of the (r.k) diagonal (M_rk, dM_rk) and of the U / dZ chain."""
+def _dot_s(a, b, PREC: tl.constexpr, B_EXACT: tl.constexpr, BIAS: tl.constexpr):
+    """The gradient kernel's products that set the gradients' errors: _dot_split under "tf32cs", else _dotn
+    (a is always a float32 value computed here; b one unless B_EXACT). Which ones, from the CPU emulation of
+    the backward's rounding (bench/wkv7_rounding_emulation.py): the [C, C]-sized products of the (r.k)
+    diagonal (M_rk, dM_rk) and of the U / dZ chain."""
     if PREC == "tf32cs":
         return _dot_split(a, b, "tf32c", B_EXACT, BIAS)
     else:
-        return _dotn(a, b, PREC, NT, BIAS)
+        return _dotn(a, b, PREC, 2 - B_EXACT, BIAS)
 
 
 @triton.jit
@@ -143,7 +144,7 @@ def _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i,
     L_ab = tl.where(tri_s, _dotn(a_d, tl.trans(b_u), PREC, 2, BIAS), 0.)
     L_ak = tl.where(tri_s, _dotn(a_d, tl.trans(k_u), PREC, 2, BIAS), 0.)
     M_rb = tl.where(tri_i, _dotn(r_d, tl.trans(b_u), PREC, 2, BIAS), 0.)
-    M_rk = tl.where(tri_i, _dot_s(r_d, tl.trans(k_u), PREC, 2, BIAS, False), 0.)
+    M_rk = tl.where(tri_i, _dot_s(r_d, tl.trans(k_u), PREC, False, BIAS), 0.)
     Q = _inv_unit_lower(L_ab, LOG2C, PREC, BIAS)
     return (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk, Q)
 
@@ -377,22 +378,22 @@ def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst
      Q) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, LOG2C, PREC, BIAS)
     # _dotn's third argument: how many of the two operands are float32 values truncation changes
     Z = _dotn(a_d, tl.trans(S), PREC, 2, BIAS) + _dotn(L_ak, vv, PREC, 1 + IO_V, BIAS)
-    U = _dot_s(Q, Z, PREC, 2, BIAS, False) + Z     # [C, V] = (I - L_ab)^{-1} Z
+    U = _dot_s(Q, Z, PREC, False, BIAS) + Z     # [C, V] = (I - L_ab)^{-1} Z
     dSt = tl.trans(dS)                              # [K, V]
-    dU = _dot_s(tl.trans(M_rb), dY, PREC, 1 + IO_DY, BIAS, IO_DY == 0) + _dotn(b_e, dSt, PREC, 2, BIAS)
-    dZ = _dot_s(tl.trans(Q), dU, PREC, 2, BIAS, False) + dU
+    dU = _dot_s(tl.trans(M_rb), dY, PREC, IO_DY == 0, BIAS) + _dotn(b_e, dSt, PREC, 2, BIAS)
+    dZ = _dot_s(tl.trans(Q), dU, PREC, False, BIAS) + dU
     dL_ab = tl.where(tri_s, _dotn(dZ, tl.trans(U), PREC, 2, BIAS), 0.)
-    dL_ak = tl.where(tri_s, _dot_s(dZ, tl.trans(vv), PREC, 1 + IO_V, BIAS, IO_V == 0), 0.)
+    dL_ak = tl.where(tri_s, _dot_s(dZ, tl.trans(vv), PREC, IO_V == 0, BIAS), 0.)
     dM_rb = tl.where(tri_i, _dotn(dY, tl.trans(U), PREC, 1 + IO_DY, BIAS), 0.)
     dM_rk = tl.where(tri_i, _dotn(dY, tl.trans(vv), PREC, IO_DY + IO_V, BIAS), 0.)
-    dV = (_dot_s(tl.trans(M_rk), dY, PREC, 1 + IO_DY, BIAS, IO_DY == 0) + _dotn(tl.trans(L_ak), dZ, PREC, 2, BIAS)
+    dV = (_dot_s(tl.trans(M_rk), dY, PREC, IO_DY == 0, BIAS) + _dotn(tl.trans(L_ak), dZ, PREC, 2, BIAS)
           + _dotn(k_e, dSt, PREC, 2, BIAS))
     dR_d = (_dotn(dY, S, PREC, 1 + IO_DY, BIAS) + _dotn(dM_rb, b_u, PREC, 2, BIAS)
-            + _dot_s(dM_rk, k_u, PREC, 2, BIAS, False))
+            + _dot_s(dM_rk, k_u, PREC, False, BIAS))
     dA_d = (_dotn(dZ, S, PREC, 2, BIAS) + _dotn(dL_ab, b_u, PREC, 2, BIAS)
-            + _dot_s(dL_ak, k_u, PREC, 2, BIAS, False))
-    dB_u = _dot_s(tl.trans(dM_rb), r_d, PREC, 2, BIAS, False) + _dotn(tl.trans(dL_ab), a_d, PREC, 2, BIAS)
-    dK_u = _dot_s(tl.trans(dM_rk), r_d, PREC, 2, BIAS, False) + _dotn(tl.trans(dL_ak), a_d, PREC, 2, BIAS)
+            + _dot_s(dL_ak, k_u, PREC, False, BIAS))
+    dB_u = _dot_s(tl.trans(dM_rb), r_d, PREC, False, BIAS) + _dotn(tl.trans(dL_ab), a_d, PREC, 2, BIAS)
+    dK_u = _dot_s(tl.trans(dM_rk), r_d, PREC, False, BIAS) + _dotn(tl.trans(dL_ak), a_d, PREC, 2, BIAS)
     dB_e = _dotn(U, dS, PREC, 2, BIAS)      # [C, K]
     dK_e = _dotn(vv, dS, PREC, 1 + IO_V, BIAS)
     egC = tl.exp(gC)

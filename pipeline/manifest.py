@@ -432,11 +432,13 @@ def _check_hf_disk(folder: str, pattern: str, mpath: str, line: int, cname: str)
     ``DatasetDict`` folder, which would otherwise read as an empty component. A state.json must
     be JSON with a ``_data_files`` list of ``{"filename": ...}`` whose files all exist (what
     ``pipeline.read.hf_disk_files`` reads), so a broken folder fails here, naming the file.
-    Returns the folder's Arrow files (each is one unit of work and numbers its documents' keys);
-    none for a URL."""
-    if _is_url(folder):
-        return []
+    Returns the folder's Arrow files (each is one unit of work and numbers its documents' keys).
+    A URL is refused here: the reader memory-maps the Arrow files, which needs a local folder."""
     where = _where(mpath, line, cname)
+    if _is_url(folder):
+        raise ManifestError(f"{where}: hf_disk reads a local folder (datasets' save_to_disk output; its Arrow "
+                            f"files are memory-mapped), got the URL {folder!r} (from {pattern!r}): copy it to "
+                            f"local disk, or give the data as parquet/jsonl files, which may be URLs")
     state = os.path.join(folder, "state.json")
     if os.path.exists(state):
         return _check_state_json(state, folder, where)

@@ -462,3 +462,19 @@ def test_a_format_the_paths_do_not_tell_is_named(tmp_path):
     p.write_text("name: t\nroot: d\ncomponents:\n  - name: c1\n    paths: ['*.json']\n")
     with pytest.raises(ManifestError, match=r"m.yaml:5.*cannot tell the format from '\*.json'.*set 'format'"):
         load_manifest(str(p))
+
+
+def test_hf_disk_url_is_an_error_naming_the_line(tmp_path):
+    """An hf_disk component given as a URL passed the manifest check, then crashed the build in os.listdir;
+    the reader memory-maps Arrow files, so it takes local folders only and says so at the manifest line."""
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["one document"]}).save_to_disk(str(tmp_path / "ds"))
+    p = tmp_path / "m.yaml"
+    p.write_text(f"name: t\ncomponents:\n  - name: chat\n    format: hf_disk\n    paths: [{(tmp_path / 'ds').as_uri()}]\n")
+    with pytest.raises(ManifestError) as e:
+        load_manifest(str(p))
+    assert f"{p}:5" in str(e.value) and "hf_disk reads a local folder" in str(e.value)
+    p.write_text("name: t\ncomponents:\n  - name: chat\n    format: hf_disk\n    paths: [memory://nowhere/ds]\n")
+    with pytest.raises(ManifestError, match="hf_disk reads a local folder|matches no dataset folder"):
+        load_manifest(str(p))

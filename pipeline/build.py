@@ -8,7 +8,8 @@ the cluster in ``$RAY_ADDRESS``. Output:
     D/shards/NNNNN.arrow   Arrow IPC stream files, uncompressed: id, component, input_ids (uint16)
     D/index.json           schema, tokenizer, manifest, shards (+sha256), per-component stage counts
     D/report.json          the same counts plus timings, throughput, quarantine and duplicate lists
-    D/quarantine.jsonl     samples of bad rows (file:line, reason) — the counts are exact
+    D/quarantine.jsonl     every bad input row (file:line, reason; the first few with a text sample) and
+                           samples of filtered ones — the counts are exact
     D/duplicates.jsonl     every document removed by dedup with the id it duplicates
     D/work/                completion markers and intermediate files (kept: reruns resume)
 
@@ -435,7 +436,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
               "throughput": {"input_MB_per_s": input_bytes / total / 1e6,
                              "docs_per_s": sum(m["read"]["in"] for m in metas) / total},
               "near_dedup": {"enabled": nd.enabled, "threshold": nd.threshold, **nd.params} if nd.enabled else False,
-              "quarantine": {"path": "quarantine.jsonl", "samples": len(quarantine)},
+              "quarantine": {"path": "quarantine.jsonl", "records": len(quarantine)},
               "duplicates": {"path": "duplicates.jsonl",
                              "exact": int(len(removed["exact_dedup"])), "near": int(len(removed["near_dedup"]))}}
     _sweep_tmp(out)   # a Ray retry's dead attempt may have left its temp file beside the finished one

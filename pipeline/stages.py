@@ -33,7 +33,10 @@ from pipeline.manifest import ComponentSpec, NearDedupSettings
 from pipeline.read import Unit, input_stamp, safe_rows
 
 QUARANTINE_PER_REASON = 5
-"""Bad rows kept as samples per (unit, reason); the totals are always exact."""
+"""Rows per (unit, reason) whose quarantine record carries a text sample (the first 200 characters)."""
+QUARANTINE_LOCATIONS = 100_000
+"""Bad input rows (read stage) per (unit, reason) listed by file:line; past that one record says how many more
+there were. Filter drops (a policy, not bad input) are listed only as samples. Counts are always exact."""
 BATCH_ROWS = 2048
 LIST_TOKENS = 2**30
 """Most tokens in one record batch of token lists (their offsets are int32); a batch of documents holding
@@ -165,7 +168,8 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
         nd = NearDedup(MinHashConfig(threshold=near.threshold, **near.params))
     read, filt = StageCount(), StageCount()
     quarantine: list[dict] = []
-    qcount: Counter = Counter()
+    qcount: Counter = Counter()     # read stage: bad input rows per reason
+    fcount: Counter = Counter()     # filter stage: samples per reason
     clock = Clock()
     bytes_read = bytes_kept = 0
     out = _ArrowOut(os.path.join(work, "ingest", unit.name + ".arrow"), INGEST_SCHEMA)
@@ -180,11 +184,14 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
             read.docs_in += 1
             if row.reason is not None:
                 read.dropped[row.reason] += 1
-                if qcount[row.reason] < QUARANTINE_PER_REASON:
-                    qcount[row.reason] += 1
-                    raw = row.raw.decode("utf-8", "replace") if isinstance(row.raw, bytes) else row.raw
-                    quarantine.append({"component": comp.name, "file": unit.rel, "line": row.line,
-                                       "stage": "read", "reason": row.reason, "sample": (raw or "")[:200]})
+                n = qcount[row.reason] = qcount[row.reason] + 1
+                if n <= QUARANTINE_LOCATIONS:
+                    rec = {"component": comp.name, "file": unit.rel, "line": row.line, "stage": "read",
+                           "reason": row.reason}
+                    if n <= QUARANTINE_PER_REASON:
+                        raw = row.raw.decode("utf-8", "replace") if isinstance(row.raw, bytes) else row.raw
+                        rec["sample"] = (raw or "")[:200]
+                    quarantine.append(rec)
                 continue
             keys.append(key_base | row.line)
             ids.append(f"{comp.name}/{unit.rel}:{row.line}")
@@ -205,8 +212,8 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
                 keep.append(j)
             else:
                 filt.dropped[reason] += 1
-                if qcount[reason] < QUARANTINE_PER_REASON:
-                    qcount[reason] += 1
+                if fcount[reason] < QUARANTINE_PER_REASON:
+                    fcount[reason] += 1
                     quarantine.append({"component": comp.name, "file": unit.rel, "line": keys[j] & 0xFFFFFFFF,
                                        "stage": "filter", "reason": reason, "sample": t[:200]})
         filt.docs_in += len(texts)
@@ -234,6 +241,10 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
         out.abort()
         raise
     out.close()
+    for reason, n in sorted(qcount.items()):
+        if n > QUARANTINE_LOCATIONS:
+            quarantine.append({"component": comp.name, "file": unit.rel, "stage": "read", "reason": reason,
+                               "unlisted_rows": n - QUARANTINE_LOCATIONS})
     if nd is not None:
         sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, nd.cfg.num_perm), np.uint32)  # [n, P]
         tmp = os.path.join(work, "ingest", f"{unit.name}.sig.tmp{os.getpid()}.npy")

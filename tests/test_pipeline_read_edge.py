@@ -298,3 +298,25 @@ def test_zeros_before_the_first_gzip_member_are_unreadable_not_empty(tmp_path, m
         (tmp_path / "p.jsonl.gz").write_bytes(member + b"\0" * 100 + member + b"\0" * 9)
         rows = _rows(str(tmp_path / "p.jsonl.gz"), "jsonl.gz", _comp("jsonl.gz"))
         assert [(r.line, r.reason, r.text) for r in rows] == [(1, None, "a fine document"), (2, None, "a fine document")]
+
+
+def test_every_bad_input_row_is_located_and_the_cap_says_how_many_more(tmp_path, monkeypatch):
+    """Only the first 5 bad rows per reason were listed, so lines 12-40 of 20 invalid ones appeared in no
+    output. Every bad input row now has a file:line record (the first 5 with a text sample); past
+    QUARANTINE_LOCATIONS one record counts the rest. Filter drops stay samples."""
+    good = json.dumps({"text": "A perfectly ordinary sentence about the weather and the sea."}).encode()
+    lines = [good if i % 2 == 0 else b'{"text": "bad \xff byte"}' for i in range(40)]
+    path = _write(tmp_path / "f.jsonl", b"\n".join(lines) + b"\n", "jsonl")
+    (tmp_path / "ingest").mkdir()
+    comp = _comp("jsonl")
+    meta = stages.ingest_unit(Unit(0, 0, path, "jsonl", "f.jsonl"), comp, str(tmp_path), None)
+    assert meta["read"]["dropped"] == {"not_utf8": 20}
+    q = [x for x in meta["quarantine"] if x["reason"] == "not_utf8"]
+    assert [x["line"] for x in q] == list(range(2, 41, 2))
+    assert sum("sample" in x for x in q) == stages.QUARANTINE_PER_REASON and "sample" in q[0]
+
+    monkeypatch.setattr(stages, "QUARANTINE_LOCATIONS", 3)
+    (tmp_path / "w2" / "ingest").mkdir(parents=True)
+    meta = stages.ingest_unit(Unit(0, 0, path, "jsonl", "f.jsonl"), comp, str(tmp_path / "w2"), None)
+    q = [x for x in meta["quarantine"] if x["reason"] == "not_utf8"]
+    assert [x.get("line") for x in q] == [2, 4, 6, None] and q[-1]["unlisted_rows"] == 17

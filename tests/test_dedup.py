@@ -340,3 +340,12 @@ def test_bad_signature_blocks():
     b = a.copy()
     b[96:] = ~a[96:]                                         # 96 / 128 = 0.75 exactly
     assert lsh.duplicates_local(np.array([0, 1]), np.stack([a, b]), exact)[0].tolist() == [1]
+
+
+def test_cli_counts_invalid_utf8_as_not_utf8():
+    """A line with invalid UTF-8 was counted as not_json."""
+    from pipeline.dedup.__main__ import _parse
+
+    assert _parse(b'{"id": 1, "text": "caf\xe9"}')[2] == "not_utf8"
+    assert _parse(b'{"id": 1, "text": ')[2] == "not_json"
+    assert _parse('{"id": 1, "text": "café"}'.encode()) == (1, "café", None)

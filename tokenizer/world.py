@@ -126,7 +126,8 @@ class WorldTokenizer:
 
     def _encode_view(self, data: bytes | bytearray | memoryview) -> np.ndarray:
         if not isinstance(data, bytes):
-            data = np.frombuffer(_byte_buffer(data), np.uint8)
+            view = _byte_buffer(data)
+            data = np.frombuffer(view if view.c_contiguous else view.tobytes(), np.uint8)  # a strided view: copy
         return trie.encode_buffer(data, self._table, self._value)
 
     def encode_bytes_to_array(self, data: bytes | bytearray | memoryview) -> np.ndarray:

@@ -35,6 +35,8 @@ def _parse(line: bytes) -> tuple[object, str | None, str | None]:
     """(id, text, bad reason or None) of one JSONL line."""
     try:
         obj = json.loads(line)
+    except UnicodeDecodeError:
+        return None, None, "not_utf8"
     except ValueError:
         return None, None, "not_json"
     if not isinstance(obj, dict):

@@ -179,8 +179,10 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(args.out_json), exist_ok=True)
-    with open(args.out_json, "w") as f:
+    tmp = f"{args.out_json}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(results, f, indent=1)
+    os.replace(tmp, args.out_json)
     print(f"input {nbytes / 1e6:.0f} MB in {args.files} JSONL files, {cores} cores, Ray start {ray_start_s:.1f} s")
     print(f"{'run':22s} {'wall s':>8s} {'MB/s':>7s} {'MB/s/core':>9s}  stage wall s / cpu s")
     for name, r in results["runs"].items():

@@ -223,7 +223,9 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
 
     def save():  # after every measurement, so a run cut short still leaves its numbers
-        (out / "train.json").write_text(json.dumps(res, indent=1))
+        tmp = out / f"train.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, out / "train.json")   # a run killed mid-write keeps the previous complete file
 
     def timed(p, comp, fused_loss=True):
         r = None

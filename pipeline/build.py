@@ -55,10 +55,10 @@ class BuildError(RuntimeError):
     """A build that cannot start or continue; the message says why."""
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, unit: str = "unit"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="unit", disable=not enabled, file=sys.stderr,
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
                 dynamic_ncols=True, leave=True)
 
 
@@ -319,8 +319,12 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
         if manifest.exact_dedup:
             n_docs = sum(m["filter"]["out"] for m in metas)
             parts = max(1, -(-n_docs // EXACT_DOCS_PER_TASK))  # hash partitions, ~24 B per doc each
-            found = [r for _, r in sorted(executor.exact([(ingest_paths, p, parts) for p in range(parts)]),
-                                          key=lambda x: x[0])]
+            with _progress(parts, "exact dedup", progress, unit="partition") as bar:
+                found = []
+                for i, r in executor.exact([(ingest_paths, p, parts) for p in range(parts)]):
+                    found.append((i, r))
+                    bar.update(1)
+            found = [r for _, r in sorted(found, key=lambda x: x[0])]
             rk = np.concatenate([f[0] for f in found])
             order = np.argsort(rk, kind="stable")
             removed["exact_dedup"], dup_of["exact_dedup"] = rk[order], np.concatenate([f[1] for f in found])[order]
@@ -334,8 +338,14 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
             min_docs = params.get("ray_min_docs", NEAR_RAY_MIN_DOCS)
             params.setdefault("mode", "ray" if on_ray and n_docs >= min_docs else "local")
             nd_run = type(nd)(enabled=True, threshold=nd.threshold, params=params)
-            removed["near_dedup"], dup_of["near_dedup"] = stages.near_duplicates(
-                ingest_paths, removed["exact_dedup"], nd_run)
+            with _progress(1, f"near dedup ({params['mode']}, {n_docs:,} documents)", progress, unit="band") as bar:
+
+                def on_band(done: int, bands: int) -> None:
+                    bar.total = bands
+                    bar.update(1)
+                removed["near_dedup"], dup_of["near_dedup"] = stages.near_duplicates(
+                    ingest_paths, removed["exact_dedup"], nd_run, on_band=on_band)
+                bar.update(bar.total - bar.n)   # Ray mode: one step when its dataflow is done
             timings["near_dedup_wall"] = time.perf_counter() - t1
         if len(removed["near_dedup"]) and len(dup_of["exact_dedup"]):
             # an exact duplicate's kept twin may itself be a near duplicate: point it at what was kept

@@ -312,9 +312,10 @@ def load_signatures(ingest_path: str, removed_exact: np.ndarray) -> tuple[np.nda
 
 
 def near_duplicates(ingest_paths: list[str], removed_exact: np.ndarray,
-                    near: NearDedupSettings) -> tuple[np.ndarray, np.ndarray]:
+                    near: NearDedupSettings, on_band=None) -> tuple[np.ndarray, np.ndarray]:
     """MinHash near duplicates among documents that survived exact dedup. In Ray mode each file's
-    signatures are loaded by a task and handed on as an ObjectRef: the driver never holds them."""
+    signatures are loaded by a task and handed on as an ObjectRef: the driver never holds them.
+    on_band: see NearDedup.duplicates."""
     from pipeline.dedup import MinHashConfig, NearDedup
 
     nd = NearDedup(MinHashConfig(threshold=near.threshold, **near.params))
@@ -328,7 +329,7 @@ def near_duplicates(ingest_paths: list[str], removed_exact: np.ndarray,
         blocks = [b for b in (load_signatures(p, removed_exact) for p in ingest_paths) if len(b[0])]
     if not blocks:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    removed, of = nd.duplicates(blocks)
+    removed, of = nd.duplicates(blocks, on_band)
     return np.asarray(removed, np.int64), np.asarray(of, np.int64)
 
 

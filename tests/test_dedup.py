@@ -349,3 +349,15 @@ def test_cli_counts_invalid_utf8_as_not_utf8():
     assert _parse(b'{"id": 1, "text": "caf\xe9"}')[2] == "not_utf8"
     assert _parse(b'{"id": 1, "text": ')[2] == "not_json"
     assert _parse('{"id": 1, "text": "café"}'.encode()) == (1, "café", None)
+
+
+def test_local_near_dedup_reports_each_band():
+    """The near-dedup stage had no progress bar; local mode now reports every LSH band to a callback."""
+    cfg = MinHashConfig(num_perm=32, threshold=0.7, mode="local")
+    nd = NearDedup(cfg)
+    texts = _random_texts(30, seed=3)
+    sig = nd.signatures(texts + texts[:3])
+    calls = []
+    removed, _ = nd.duplicates([(np.arange(len(sig), dtype=np.int64), sig)], lambda d, b: calls.append((d, b)))
+    assert calls == [(j + 1, cfg.bands) for j in range(cfg.bands)]
+    assert sorted(removed.tolist()) == [30, 31, 32]

@@ -68,11 +68,13 @@ class NearDedup:
 
         return ray.is_initialized() or n_docs >= self.cfg.ray_min_docs
 
-    def duplicates(self, blocks) -> tuple[np.ndarray, np.ndarray]:
+    def duplicates(self, blocks, on_band=None) -> tuple[np.ndarray, np.ndarray]:
         """Near-duplicates across blocks of (keys [n] int64, signatures [n, num_perm]).
 
         Blocks may also be Ray ObjectRefs of such tuples (Ray mode). Keys must be unique across
         blocks. Returns (removed_keys, duplicate_of_keys), int64 [m], sorted by removed key.
+        on_band(done, bands): called after each LSH band in local mode (a progress bar; Ray mode runs the bands as one
+        dataflow and does not call it).
         """
         blocks = [tuple(b) if isinstance(b, list) else b for b in blocks]
         refs = [b for b in blocks if not isinstance(b, tuple)]  # ray.ObjectRef
@@ -91,4 +93,4 @@ class NearDedup:
             else np.zeros((0, self.cfg.num_perm), np.uint32)
         )
         self.last_stats = {"mode": "local"}
-        return duplicates_local(keys, sig, self.cfg)
+        return duplicates_local(keys, sig, self.cfg, on_band)

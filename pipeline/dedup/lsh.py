@@ -237,8 +237,10 @@ def components_reference(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.n
     return np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64)
 
 
-def duplicates_local(keys: np.ndarray, sig: np.ndarray, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray]:
-    """All of LSH + verification + components in one process.  keys [n] int64, sig [n, P] uint32."""
+def duplicates_local(keys: np.ndarray, sig: np.ndarray, cfg: MinHashConfig,
+                     on_band=None) -> tuple[np.ndarray, np.ndarray]:
+    """All of LSH + verification + components in one process.  keys [n] int64, sig [n, P] uint32.
+    on_band(done, bands): called after each band (a progress bar)."""
     if len(keys) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     check_signatures(sig, cfg)
@@ -256,5 +258,7 @@ def duplicates_local(keys: np.ndarray, sig: np.ndarray, cfg: MinHashConfig) -> t
             u, v = star_edges(bk[:, j], keys)
         us.append(u)
         vs.append(v)
+        if on_band is not None:
+            on_band(j + 1, cfg.bands)
     removed, dup = components(np.concatenate(us), np.concatenate(vs))
     return removed, dup

@@ -217,10 +217,10 @@ def test_near_dedup_ray_min_docs_from_the_manifest_decides_the_mode(tmp_path, mo
     seen = []
     orig = stages.near_duplicates
 
-    def spy(paths, removed, nd):
+    def spy(paths, removed, nd, on_band=None):
         seen.append(nd.params["mode"])
         return orig(paths, removed, type(nd)(enabled=True, threshold=nd.threshold,
-                                             params={**nd.params, "mode": "local"}))
+                                             params={**nd.params, "mode": "local"}), on_band)
 
     class RayNamed(LocalExecutor):
         name = "ray"

@@ -133,7 +133,7 @@ class ShardCorpus:
     """The memory-mapped corpus: validated shards, per-component document tables, window reads."""
 
     def __init__(self, data_dir: str | Path, data_ctx_len: int, val_fraction: float = 0.01,
-                 mixture: dict[str, float] | None = None, verify_checksums: bool = True):
+                 mixture: dict[str, float] | None = None, verify_checksums: bool = False):
         self.data_dir = Path(data_dir)
         self.D = int(data_ctx_len)
         self.val_fraction = float(val_fraction)

@@ -284,3 +284,60 @@ def test_data_and_run_dir_default_as_design_writes_the_command(corpus, tmp_path,
     shutil.copy(ROOT / "trainer/configs/debug.yaml", cfg)
     assert main(["--config", str(cfg)] + [f"--set={s}" for s in TINY + ["train.max_steps=1", "train.tensorboard=false"]]) == 0
     assert (tmp_path / "runs" / "tiny" / "metrics.csv").exists()
+
+
+def test_checkpoint_and_log_hygiene(corpus, tmp_path, monkeypatch):
+    """Review findings: resume.pt went through Lightning's _atomic_save (a full copy in memory, then a file in
+    the system temp folder, orphaned by a kill); folders a killed save left stayed forever; a fresh run into a
+    folder whose earlier run died before its first checkpoint kept that run's TensorBoard events; a torn
+    metrics.csv row crashed the end of a resumed run; a resume.pt that fails safe unpickling gave a traceback."""
+    from lightning.fabric.utilities import cloud_io
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def no_atomic_save(*a, **k):
+        raise AssertionError("resume.pt went through _atomic_save")
+    monkeypatch.setattr(cloud_io, "_atomic_save", no_atomic_save)
+    import lightning.fabric.plugins.io.torch_io as torch_io
+    monkeypatch.setattr(torch_io, "_atomic_save", no_atomic_save)
+
+    debug = ROOT / "trainer/configs/debug.yaml"
+    run = tmp_path / "run"
+    fit(load_config(debug, TINY + ["train.max_steps=3", "train.ckpt_every=100"]), corpus, run)
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")                 # as if it died before its first checkpoint
+    fit(load_config(debug, TINY + ["train.max_steps=2", "train.ckpt_every=1"]), corpus, run)
+    ea = EventAccumulator(str(run / "tb")).Reload()
+    assert sorted(e.step for e in ea.Scalars("lr")) == [1, 2]   # the dead run's step 3 is purged
+
+    for stale in (".tmp-step-00000003", ".old-step-00000001"):
+        (run / "checkpoints" / stale).mkdir()
+        (run / "checkpoints" / stale / "resume.pt").write_bytes(b"partial")
+    with open(run / "metrics.csv", "a") as f:
+        f.write("4")                                   # a torn last row (ENOSPC / power loss)
+    fit(load_config(debug, TINY + ["train.max_steps=3", "train.ckpt_every=1"]), corpus, run, resume=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    assert [int(r["step"]) for r in _rows(run)] == [1, 2, 3]
+
+    resume_pt = run / "checkpoints/step-00000003/resume.pt"
+    import fractions
+
+    torch.save({"step": 3, "when": fractions.Fraction(1, 3)}, resume_pt)   # not loadable with weights_only
+    with pytest.raises(ConfigError, match="cannot load .*step-00000003/resume.pt"):
+        fit(load_config(debug, TINY + ["train.max_steps=4"]), corpus, run, resume=True)
+
+
+def test_duplicate_yaml_keys_and_seed_range_are_config_errors(tmp_path):
+    """A second `train:` section silently replaced the first (last one wins); a seed outside numpy's range
+    failed with a bare ValueError after the corpus was read."""
+    p = tmp_path / "dup.yaml"
+    p.write_text("train:\n  max_steps: 3\n  val_every: 25\ndata:\n  ctx_len: 64\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml:6: key 'train' given twice \(first at line 1\)"):
+        load_config(p)
+    p.write_text("train:\n  max_steps: 3\n  max_steps: 4\n")
+    with pytest.raises(ConfigError, match="dup.yaml:3: key 'max_steps'"):
+        load_config(p)
+    debug = ROOT / "trainer/configs/debug.yaml"
+    for seed in ("-1", "4294967296"):
+        with pytest.raises(ConfigError, match=r"train.seed must be in \[0, 2\*\*32\)"):
+            load_config(debug, [f"train.seed={seed}"])

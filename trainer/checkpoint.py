@@ -5,7 +5,10 @@ Layout: RUN/checkpoints/step-00000120/ with
   resume.pt  - Fabric state: the wrapped model (full precision), optimizer, step, samples consumed,
                RNG states (python, numpy, torch, cuda), config
 Each checkpoint is written into `.tmp-step-...` and renamed into place, so a folder named `step-*`
-is always complete; `latest()` picks the highest step among those holding both files.
+is always complete; `latest()` picks the highest step among those holding both files. The files are
+written straight into that folder (`DirectCheckpointIO`: Lightning's default serialises each file into
+memory, then writes it to the system temp folder and moves it). Folders a killed save left behind
+(`.tmp-step-*`, `.old-step-*`) are removed by `remove_stale()` when a run starts.
 """
 from __future__ import annotations
 
@@ -17,9 +20,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 FILES = ("model.pth", "resume.pt")
+
+
+STALE_DIR = re.compile(r"^\.(tmp|old)-step-\d{8}$")
+
+
+class DirectCheckpointIO(TorchCheckpointIO):
+    """Fabric's checkpoint IO for resume.pt: torch.save straight to the path, inside the checkpoint's
+    temporary folder, whose rename is what makes a checkpoint appear (loading is TorchCheckpointIO's)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if storage_options is not None:
+            raise TypeError("DirectCheckpointIO takes no storage_options")
+        torch.save(checkpoint, path)
+
+
+def remove_stale(run_dir: Path) -> list[Path]:
+    """Remove the temporary and replaced checkpoint folders a killed save left (rank 0, at start-up);
+    returns them."""
+    root = Path(run_dir) / "checkpoints"
+    stale = sorted(p for p in root.iterdir() if STALE_DIR.match(p.name)) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p)
+    return stale
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -122,6 +149,8 @@ def save(fabric, run_dir: Path, step: int, state: dict, model, lm, keep: int) ->
             os.replace(tmp, final)
         _fsync_path(final.parent)
         for _, old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
+            trash = old.with_name(".old-" + old.name)   # renamed first: a kill mid-delete leaves no torn step-*
+            os.replace(old, trash)
+            shutil.rmtree(trash)
     fabric.barrier()
     return final

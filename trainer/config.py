@@ -103,6 +103,8 @@ class TrainSection:
         if self.max_steps < 1 or self.keep_checkpoints < 1 or self.val_every < 0 or self.ckpt_every < 0:
             raise ConfigError("train.max_steps and train.keep_checkpoints must be at least 1, "
                               "train.val_every and ckpt_every must not be negative")
+        if not 0 <= self.seed < 2**32:   # numpy's seed range; checked before the corpus is opened
+            raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
         if isinstance(self.precision, int) and not isinstance(self.precision, bool):
             self.precision = str(self.precision)   # YAML `precision: 32` (Lightning takes 32, 16, 64 too)
         if self.precision not in PRECISIONS:
@@ -255,6 +257,21 @@ def apply_overrides(raw: dict, sets: list[str]) -> dict:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently: a
+    second `train:` section replaced the first one's settings with the defaults)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: key {key!r} given twice (first at "
+                                  f"line {seen[key]}); YAML would keep only the last")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None, sets: list[str] | None = None) -> TrainConfig:
     """Read a YAML preset, apply dotted overrides, validate every key."""
     raw: dict = {}
@@ -265,7 +282,7 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Train
             raise ConfigError(f"config file {path} does not exist")
         try:
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
+                raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         where = str(path)

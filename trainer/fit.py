@@ -17,6 +17,7 @@ import argparse
 import csv
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -71,12 +72,14 @@ def train_step(fabric, model, optimizer, micro_batches, lr: float, accumulate: i
 def check_resumable(saved: dict, cfg: TrainConfig, where: Path, saved_corpus: str | None = None,
                     corpus: str | None = None) -> None:
     """The loader position counts samples of one seeded order: a resume that changes what sample i is
-    (settings, or the corpus: its index.json's sha256) would repeat or skip data, so it is refused."""
+    (settings, or the corpus: its fingerprint, a sha256 of the shard list with each shard's sha256 and of the
+    component table) would repeat or skip data, so it is refused."""
     now = cfg.to_dict()
     keys = [("train", "seed"), ("data", "data_ctx_len"), ("data", "mixture"), ("data", "val_fraction")]
     changed = [f"{a}.{b}: {saved[a][b]!r} -> {now[a][b]!r}" for a, b in keys if saved[a][b] != now[a][b]]
     if saved_corpus is not None and corpus is not None and saved_corpus != corpus:
-        changed.append(f"the corpus (index.json sha256 {saved_corpus[:12]}… -> {corpus[:12]}…)")
+        changed.append(f"the corpus (fingerprint of its shards and components {saved_corpus[:12]}… -> "
+                       f"{corpus[:12]}…)")
     if changed:
         raise ConfigError(f"--resume from {where}: these differ from the checkpoint's and would change the "
                           f"data order: {'; '.join(changed)}")
@@ -86,7 +89,7 @@ def _changed_model_settings(resume_pt: Path, cfg: TrainConfig) -> list[str]:
     """`model.key: saved -> now` for each model setting a failed resume's checkpoint disagrees on ([] if the
     file cannot be read either: then it is the damaged one)."""
     try:
-        saved = torch.load(resume_pt, map_location="cpu", weights_only=False, mmap=True)["config"]["model"]
+        saved = torch.load(resume_pt, map_location="cpu", weights_only=True, mmap=True)["config"]["model"]
     except Exception:  # noqa: BLE001 - any failure here leaves the generic message
         return []
     def flat(d, prefix="model."):   # the preset's size overrides read as model.n_layer etc., as --set takes them
@@ -125,10 +128,11 @@ def build_fabric(cfg: TrainConfig, run_dir: Path, purge_step: int | None = None)
             precision = None
         else:
             precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    # purge_step: on resume, TensorBoard drops the abandoned run's events past the checkpoint (as metrics.csv)
+    # purge_step: on resume, TensorBoard drops the abandoned run's events past the checkpoint (as metrics.csv);
+    # checkpoint files are written straight into the checkpoint's temporary folder (ckpt.DirectCheckpointIO)
     loggers = ([TensorBoardLogger(root_dir=str(run_dir), name="tb", version="", purge_step=purge_step)]
                if cfg.train.tensorboard else [])
-    return L.Fabric(precision=precision, loggers=loggers)
+    return L.Fabric(precision=precision, loggers=loggers, plugins=[ckpt.DirectCheckpointIO()])
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -138,9 +142,18 @@ def read_metrics(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _complete_row(r: dict) -> bool:
+    """A row a crash did not tear: an integer step and a float loss (a torn last line has neither)."""
+    try:
+        int(r["step"]), float(r["loss"]), int(r["tokens"])
+        return True
+    except (TypeError, ValueError, KeyError):
+        return False
+
+
 def write_metrics_upto(path: Path, step: int) -> None:
-    """On resume: keep only rows of steps already covered by the checkpoint (atomic rewrite)."""
-    rows = [r for r in read_metrics(path) if int(r["step"]) <= step]
+    """On resume: keep only complete rows of steps already covered by the checkpoint (atomic rewrite)."""
+    rows = [r for r in read_metrics(path) if _complete_row(r) and int(r["step"]) <= step]
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=METRICS)
@@ -155,7 +168,7 @@ def plot_loss(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir / "metrics.csv")
+    rows = [r for r in read_metrics(run_dir / "metrics.csv") if _complete_row(r)]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -226,13 +239,16 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
     if not resume and ckpt.latest(run_dir) is not None:  # pruning would keep the old run's newer steps
         raise FileExistsError(f"{run_dir} already holds checkpoints of a run: pass --resume or use a new --run-dir")
 
-    fabric = build_fabric(cfg, run_dir, ckpt.complete_checkpoints(run_dir)[-1][0] + 1 if resume else None)
+    # purge_step: a fresh run drops every earlier event in tb/ (a run that died before its first checkpoint)
+    fabric = build_fabric(cfg, run_dir, ckpt.complete_checkpoints(run_dir)[-1][0] + 1 if resume else 0)
     if os.environ.get("LT_CLI_USED") != "1":  # `fabric run` has already started the processes
         fabric.launch()
     fabric.seed_everything(cfg.train.seed)
     rank0 = fabric.global_rank == 0
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for p in ckpt.remove_stale(run_dir):
+            fabric.print(f"removed {p} (left by a save that did not finish)")
 
     from trainer.models.rwkv7 import RWKV7
 
@@ -260,7 +276,7 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
         state = {"model": model, "optimizer": optimizer}
         try:
             rest = fabric.load(where / "resume.pt", state)
-        except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
             changed = _changed_model_settings(where / "resume.pt", cfg)
             if changed:
                 raise ConfigError(f"--resume from {where}: the model settings differ from the checkpoint's "

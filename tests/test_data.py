@@ -266,3 +266,31 @@ def test_mixture_weights_that_are_not_finite_are_errors_and_huge_ones_work(corpu
     (d / "index.json").write_text(json.dumps(idx))
     with pytest.raises(DataError, match=r"index.json: components\['code'\].weight must be a finite number"):
         ShardCorpus(d, 16)
+
+
+def test_a_shard_whose_size_differs_from_the_index_is_an_error(corpus_dir, tmp_path):
+    """With verify_checksums off nothing compared a shard with index.json: bytes appended after a stream's
+    end were never noticed, and a truncated shard was blamed on the Arrow format (or on its counts). Its
+    size must equal the index's per-shard "bytes"; an index without "bytes" still opens."""
+    d = _copy(corpus_dir[0], tmp_path / "grown")
+    with open(d / "shards" / "00001.arrow", "ab") as f:
+        f.write(b"\0" * 8)
+    size = (d / "shards" / "00001.arrow").stat().st_size
+    with pytest.raises(DataError, match=rf"00001\.arrow .*shards\[1\].*: {size} bytes on disk, the index says {size - 8}"):
+        ShardCorpus(d, 16)
+    d = _copy(corpus_dir[0], tmp_path / "cut")
+    raw = (d / "shards" / "00002.arrow").read_bytes()
+    (d / "shards" / "00002.arrow").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(DataError, match=rf"00002\.arrow .*shards\[2\].*: {len(raw) // 2} bytes on disk, the index says {len(raw)}"):
+        ShardCorpus(d, 16)
+    idx = json.loads((d / "index.json").read_text())
+    for s in idx["shards"]:
+        del s["bytes"]
+    idx["shards"][0]["bytes"] = "12"
+    (d / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(DataError, match=r"shards\[0\]\.bytes must be an integer"):
+        ShardCorpus(d, 16)
+    del idx["shards"][0]["bytes"]
+    (d / "shards" / "00002.arrow").write_bytes(raw)
+    (d / "index.json").write_text(json.dumps(idx))
+    ShardCorpus(d, 16)

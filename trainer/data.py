@@ -113,6 +113,8 @@ def load_index(data_dir: str | Path) -> dict:
         for key in ("path", "documents", "tokens", "sha256"):
             if not isinstance(s, dict) or key not in s:
                 raise DataError(f"{path}: shards[{i}] lacks {key!r}")
+        if "bytes" in s and (not isinstance(s["bytes"], int) or isinstance(s["bytes"], bool) or s["bytes"] < 0):
+            raise DataError(f"{path}: shards[{i}].bytes must be an integer >= 0, got {s['bytes']!r}")
     if not isinstance(index.get("components", {}), dict):
         raise DataError(f"{path}: 'components' must be an object")
     return index
@@ -172,6 +174,10 @@ class ShardCorpus:
         for i, (path, where) in enumerate(zip(paths, wheres)):
             if not path.exists():
                 raise DataError(f"{where}: shard file is missing")
+            size = path.stat().st_size  # catches a truncated or appended-to shard without reading it
+            if "bytes" in shards[i] and size != shards[i]["bytes"]:
+                raise DataError(f"{where}: {size} bytes on disk, the index says {shards[i]['bytes']} "
+                                f"(truncated or rewritten since the corpus was built)")
             j = first.setdefault(os.path.realpath(path), i)
             if j != i:
                 raise DataError(f"{where}: the same file as shards[{j}]; its documents would be read twice")

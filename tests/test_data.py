@@ -294,3 +294,37 @@ def test_a_shard_whose_size_differs_from_the_index_is_an_error(corpus_dir, tmp_p
     (d / "shards" / "00002.arrow").write_bytes(raw)
     (d / "index.json").write_text(json.dumps(idx))
     ShardCorpus(d, 16)
+
+
+def _offsets_pos(path, batch: int) -> int:
+    """File position of record batch `batch`'s input_ids offsets buffer (int32) in a shard."""
+    buf = pa.py_buffer(path.read_bytes())
+    ids = list(ipc.open_stream(buf))[batch].column("input_ids")
+    return ids.buffers()[1].address - buf.address
+
+
+@pytest.mark.parametrize("case", ["decrease", "negative_start", "end_past_values"])
+def test_corrupt_list_offsets_are_errors(corpus_dir, tmp_path, case):
+    """With verify_checksums off a changed int32 offset inside a shard was accepted (the token count pins
+    only the first and the last one): documents of negative or huge length, silently wrong windows. Each
+    case keeps the shard's token count; each is a DataError naming the shard and the record batch."""
+    d = _copy(corpus_dir[0], tmp_path / case)
+    shard = d / "shards" / "00001.arrow"
+    pos = _offsets_pos(shard, 1)
+    raw = bytearray(shard.read_bytes())
+    off = np.frombuffer(raw, dtype=np.int32, count=8, offset=pos).copy()  # record batch 1: 7 rows
+    n_values = len(list(ipc.open_stream(pa.py_buffer(bytes(raw))))[1].column("input_ids").values)
+    assert off[0] == 0 and off[-1] == n_values
+    if case == "decrease":
+        off[3] = off[4] + 5
+        match = r"record batch 1: input_ids offsets decrease at row 3"
+    elif case == "negative_start":
+        off[0], off[-1] = -10, off[-1] - 10
+        match = r"record batch 1: input_ids offsets start at -10"
+    else:
+        off[0], off[-1] = 10, off[-1] + 10
+        match = rf"record batch 1: input_ids offsets end at {n_values + 10}, past its {n_values} values"
+    raw[pos:pos + 32] = off.tobytes()
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"00001\.arrow .*shards\[1\].*" + match):
+        ShardCorpus(d, 16)

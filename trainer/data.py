@@ -88,6 +88,25 @@ def open_batches(mm: pa.MemoryMappedFile) -> tuple[pa.Schema, list[pa.RecordBatc
         return reader.schema, list(reader)
 
 
+def check_offsets(offsets: np.ndarray, n_values: int, where: str) -> None:
+    """A list column's offsets ([rows + 1]) must start >= 0, never decrease and end within its `n_values`
+    values. Arrow does not validate them when it reads IPC, and the token count only pins the first and
+    the last: a changed offset inside would give documents of negative or huge length (wrong windows).
+    Comparisons, not np.diff: a difference of two int32 offsets can wrap around."""
+    if len(offsets) == 0:
+        return
+    if offsets[0] < 0:
+        raise DataError(f"{where}: input_ids offsets start at {offsets[0]} < 0 (corrupt offsets buffer)")
+    if offsets[-1] > n_values:
+        raise DataError(f"{where}: input_ids offsets end at {offsets[-1]}, past its {n_values} values "
+                        f"(corrupt offsets buffer)")
+    down = np.flatnonzero(offsets[1:] < offsets[:-1])
+    if len(down):
+        r = int(down[0])
+        raise DataError(f"{where}: input_ids offsets decrease at row {r} ({offsets[r]} then {offsets[r + 1]}; "
+                        f"corrupt offsets buffer)")
+
+
 def load_index(data_dir: str | Path) -> dict:
     """Read and validate DATA/index.json (schema version, tokenizer, shard list, components)."""
     data_dir = Path(data_dir)
@@ -202,6 +221,7 @@ class ShardCorpus:
                     raise DataError(f"{where}: record batch {b} has null input_ids")
                 offsets = ids.offsets.to_numpy(zero_copy_only=True)           # [rows + 1]
                 values.append(ids.values.to_numpy(zero_copy_only=True))       # uint16 view of the mmap
+                check_offsets(offsets, len(values[-1]), f"{where}: record batch {b}")
                 comp = batch.column("component")
                 if not pa.types.is_dictionary(comp.type):
                     comp = pc.dictionary_encode(comp)

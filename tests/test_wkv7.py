@@ -113,15 +113,19 @@ def test_chunk_triton_matches_naive(T, H, with_s0, chunk_size, block_v, prefetch
 
 
 @pytest.mark.parametrize("T,H", [(63, 3)])
-@pytest.mark.parametrize("precision_bwd", ["tf32r", "tf32c", "tf32cs"])
-def test_chunk_triton_tf32_matches_naive(T, H, precision_bwd, monkeypatch):
-    """Forward dots on operands rounded to tf32 (10-bit mantissa) with M_rk's products split into hi + lo, as
-    on the GPU by default, and each backward precision: errors near 5e-4. (The interpreter computes "tf32"
-    dots in float32, so only the rounding, the splits and the code paths are exercised here.)"""
+@pytest.mark.parametrize("precision,precision_bwd,precision_state_bwd,tol", [
+    ("tf32r", "tf32r", "tf32c", 2e-3), ("tf32r", "tf32c", "tf32c", 2e-3), ("tf32r", "bf16x3k", "tf32c", 2e-3),
+    ("bf16x3", "bf16x3", "bf16x3", 2e-4)])
+def test_chunk_triton_tf32_matches_naive(T, H, precision, precision_bwd, precision_state_bwd, tol, monkeypatch):
+    """The GPU precisions: forward dots on operands rounded to tf32 (10-bit mantissa) with M_rk's products
+    split into hi + lo, each backward precision, and bf16x3 everywhere (hi + lo bf16 halves: near float32).
+    (The interpreter computes "tf32" dots in float32 and bf16x3's halves as float32 values, so the rounding,
+    the splits and the code paths are exercised here, the tensor cores on the GPU.)"""
     chunk = _triton_modules()
-    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True, precision="tf32r",
-                                                 precision_bwd=precision_bwd, precision_state_bwd="tf32c"))
-    compare(chunk.chunk_wkv7, 2, T, H, True, torch.float32, 2e-3)
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True, precision=precision,
+                                                 precision_cc=precision if precision == "bf16x3" else "tf32r",
+                                                 precision_bwd=precision_bwd, precision_state_bwd=precision_state_bwd))
+    compare(chunk.chunk_wkv7, 2, T, H, True, torch.float32, tol)
 
 
 @pytest.mark.parametrize("T,H,with_s0", [(1, 3, False), (17, 1, True), (63, 3, True)])
@@ -131,12 +135,11 @@ def test_recurrent_triton_matches_naive(T, H, with_s0, monkeypatch):
     compare(chunk.recurrent_wkv7, 1, T, H, with_s0, torch.float32, 1e-3)
 
 
-@pytest.mark.parametrize("dtype,precision_bwd", [(torch.bfloat16, "tf32c"), (torch.bfloat16, "tf32cs"),
-                                                   (torch.float16, "tf32c")])
+@pytest.mark.parametrize("dtype,precision_bwd", [(torch.bfloat16, "tf32c"), (torch.bfloat16, "bf16x3k"),
+                                                   (torch.float16, "bf16x3k")])
 def test_chunk_triton_bf16_inputs(dtype, precision_bwd, monkeypatch):
-    """16-bit inputs, GPU-default tf32 dots (and the hi + lo products of "tf32cs", which take 16-bit operands
-    as exact): y and gradients come back in the input dtype and agree with float64 to its precision; the
-    fp32 final state to tf32 precision."""
+    """16-bit inputs, the GPU-default precisions (and "tf32c" in the gradient kernel): y and gradients come back
+    in the input dtype and agree with float64 to its precision; the fp32 final state to tf32 precision."""
     chunk = _triton_modules()
     monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True, precision_bwd=precision_bwd))
     xs, s0, dy, ds = make_inputs(1, 33, 2)
@@ -306,7 +309,7 @@ def _interpreter_with_gpu_numerics(monkeypatch) -> bool:
 
 
 @pytest.mark.parametrize("dtypes,precision_bwd", [("bf16", "tf32c"), ("w_fp32", "tf32c"), ("r_fp32", "tf32c"),
-                                                  ("v_fp32", "tf32c"), ("bf16", "tf32cs"), ("v_fp32", "tf32cs")])
+                                                  ("v_fp32", "tf32c"), ("bf16", "bf16x3k"), ("v_fp32", "bf16x3k")])
 def test_tf32c_leaves_no_systematic_scale_error(dtypes, precision_bwd, monkeypatch):
     """"tf32c" must cancel the truncation's bias exactly: in the interpreter with the tensor cores' numerics,
     the coherent scale error beta = <out - ref, ref> / <ref, ref> of every gradient is ~0 (< 2.5e-4), while plain
@@ -337,7 +340,7 @@ def test_tf32c_leaves_no_systematic_scale_error(dtypes, precision_bwd, monkeypat
 
     def scale_errors(precision_bwd):
         monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, precision_bwd=precision_bwd,
-                                                     precision_state_bwd=precision_bwd.replace("tf32cs", "tf32c")))
+                                                     precision_state_bwd=precision_bwd.replace("bf16x3k", "tf32c")))
         out = betas(chunk.chunk_wkv7, types)
         return {n: (((o.double() - r) * r).sum() / (r * r).sum()).item()
                 for n, o, r in zip(["y", "sT", "dr", "dw", "dk", "dv", "da", "db", "ds0"], out, ref)}

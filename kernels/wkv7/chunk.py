@@ -6,6 +6,7 @@ Kernels and their math: triton_kernels.py. This module imports triton, so import
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -25,24 +26,27 @@ class WKV7KernelConfig:
     block_v: int = 0
     """Rows of the state (value index) per program in the sequential kernels; N / block_v programs per
     head share its work. 0: 16 when there are few heads (B*H <= 48, e.g. one long sequence), else N."""
-    precision: str = "tf32r"
-    """Dot precision of the forward kernels: "tf32r" (operands rounded to tf32, with M_rk and M_rk V carried
-    as hi + lo terms: y error 1.664e-3 on the benchmark check against the exact reference, where the official
-    kernel's is 1.660e-3 and bf16's own rounding of y 1.656e-3), "tf32c" (1.705e-3, same time), "tf32"
-    (truncated; 2.0e-3), "tf32x3" (1.660e-3 at 1.9x the forward time) or "ieee" (3.4x); the last three
-    measured on the H200 before the hi + lo terms."""
-    precision_bwd: str = "tf32c"
-    """Dot precision of the backward's gradient kernel (chunk_bwd_grads_kernel): "tf32c" (truncated by the
-    tensor cores, the products scaled back by the truncation's mean error; see triton_kernels._dotn),
-    "tf32cs" ("tf32c" with the ten products that set the gradients' errors carried as hi + lo terms,
-    triton_kernels._dot_s: gradient errors 1.66e-3..1.72e-3 at 1.29x the kernel's time, H200 run 23, before
-    the operand-count fix of run 24; B8-T4096-H32 is then slower than the official kernel), or any of the
-    forward's. H200, bench check (bench/results/wkv7.md, run 24): gradient errors 1.68e-3..1.75e-3 with
-    "tf32c" at 1.02x the time of "tf32" (1.8e-3..3.0e-3); "tf32r" 1.69e-3..1.75e-3 at 1.85x the kernel's
-    time; the official kernel 1.65e-3..1.67e-3."""
-    precision_state_bwd: str = "tf32c"
+    precision: str = "auto"
+    """Dot precision of the sequential forward (chunk_fwd_kernel). "auto": "bf16x3" when it runs more programs
+    (B * H * N / block_v) than the GPU has multiprocessors, else "tf32r" (H200, run 26: bf16x3 5-9% faster
+    there, 3-11% slower with fewer programs: it trades shared-memory traffic for a longer dependent chain).
+    "tf32r": operands rounded to tf32, with M_rk and M_rk V carried as hi + lo terms (y error 1.664e-3 on the
+    benchmark check against the exact reference; the official kernel's 1.660e-3, bf16's own rounding of y
+    1.656e-3); "bf16x3": 1.660e-3; also "tf32c", "tf32" (truncated; 2.0e-3), "tf32x3" or "ieee" (slower)."""
+    precision_cc: str = "bf16x3"
+    """Dot precision of chunk_cc_kernel (the [C, C] matrices): "bf16x3" measured 10% faster than "tf32r" on
+    every benchmark shape (run 26), and near float32."""
+    precision_bwd: str = "bf16x3k"
+    """Dot precision of the backward's gradient kernel (chunk_bwd_grads_kernel). "bf16x3k": the seven
+    [C, N] x [N, N] products with the state and its gradient as "tf32c", the ~28 others as "bf16x3"
+    (triton_kernels._dot_big): H200 run 26, gradient errors 1.657-1.672e-3 on the benchmark check (official
+    kernel 1.649-1.661e-3) at 1.03x the time of "tf32c" (1.68-1.75e-3; tensor cores on truncated operands, the
+    products scaled back by the truncation's mean error, triton_kernels._dotn); "bf16x3" everywhere:
+    1.655-1.669e-3 at 1.54x; "tf32r" 1.69-1.75e-3 at 1.85x; "tf32" 1.8-3.0e-3."""
+    precision_state_bwd: str = "auto"
     """Dot precision of the backward's sequential state pass (chunk_bwd_dstate_kernel), whose dL/dS feeds
-    every gradient ("tf32", "tf32c" and "tf32r" measured the same gradient errors)."""
+    every gradient. "auto": "bf16x3" when it runs more programs than the GPU has multiprocessors, else "tf32c"
+    (as `precision`; "tf32", "tf32c" and "tf32r" measured the same gradient errors)."""
     num_warps: int = 4
     """Warps per program for the sequential kernels (chunk_fwd_kernel, chunk_bwd_dstate_kernel)."""
     num_warps_bwd: int = 4
@@ -65,15 +69,16 @@ class WKV7KernelConfig:
     """Fill outputs with NaN before the kernels run (tests: an unwritten element then fails)."""
 
     def __post_init__(self):
-        for name, allowed in (("precision", FORWARD_PRECISIONS), ("precision_bwd", FORWARD_PRECISIONS + ("tf32cs",)),
-                              ("precision_state_bwd", FORWARD_PRECISIONS)):
+        for name, allowed in (("precision", FORWARD_PRECISIONS + ("auto",)), ("precision_cc", FORWARD_PRECISIONS),
+                              ("precision_bwd", FORWARD_PRECISIONS + ("bf16x3k",)),
+                              ("precision_state_bwd", FORWARD_PRECISIONS + ("auto",))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"WKV7KernelConfig.{name} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
 
 
-FORWARD_PRECISIONS = ("tf32r", "tf32c", "tf32", "tf32x3", "ieee")
-"""Dot precisions every kernel takes; the gradient kernel also takes "tf32cs"."""
+FORWARD_PRECISIONS = ("tf32r", "tf32c", "tf32", "tf32x3", "bf16x3", "ieee")
+"""Dot precisions every kernel takes; the gradient kernel also takes "bf16x3k", the sequential ones "auto"."""
 
 
 CONFIG = WKV7KernelConfig()
@@ -113,6 +118,22 @@ def _bias(x):
     return K.TF32_TRUNCATION_BIAS
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sequential_precision(setting: str, fallback: str, x: torch.Tensor, programs: int) -> str:
+    """Resolve "auto" for the sequential kernels: "bf16x3" when they run more programs than the GPU has
+    multiprocessors (shared-memory traffic bound: bf16x3 moves 16-bit operands), else `fallback` (latency
+    bound: the shorter chain of one tf32 product wins). Off a CUDA device (the interpreter): `fallback`."""
+    if setting != "auto":
+        return setting
+    if x.is_cuda and not torch.version.hip and programs > _multiprocessors(x.device.index or 0):
+        return "bf16x3"
+    return fallback
+
+
 def _block_v(B, H, N):
     if CONFIG.block_v:
         return min(CONFIG.block_v, N)
@@ -122,7 +143,7 @@ def _block_v(B, H, N):
 def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
     """Chunked forward. Returns y [B, T, H, N] (dtype of r), final [B, H, N, N] fp32 or None,
     chunk-start states [B, H, NC, N, N] fp32 or None, the chunks' [C, C] matrices [B*H, NC, 4, C, C] fp32
-    (computed with CONFIG.precision; for the backward) or None."""
+    (computed with CONFIG.precision_cc; for the backward) or None."""
     B, T, H, N = r.shape
     C, BV = CONFIG.chunk_size, _block_v(B, H, N)
     NC = triton_cdiv(T, C)
@@ -131,11 +152,12 @@ def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
     st = _alloc((B, H, NC, N, N), torch.float32, r.device) if store_states else None
     cc = _alloc((B * H, NC, 4, C, C), torch.float32, r.device)
     K.chunk_cc_kernel[(NC, B * H)](
-        r, w, k, a, b, cc, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=CONFIG.precision, BIAS=_bias(r),
+        r, w, k, a, b, cc, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=CONFIG.precision_cc, BIAS=_bias(r),
         num_warps=CONFIG.num_warps_cc)
     K.chunk_fwd_kernel[(B * H, N // BV)](
         r, w, k, v, a, b, cc, s0, y, sT, st, T, NC, H, N=N, C=C, BV=BV, HAS_S0=s0 is not None,
-        STORE_FINAL=store_final, STORE_STATES=store_states, PREFETCH=CONFIG.prefetch, PREC=CONFIG.precision,
+        STORE_FINAL=store_final, STORE_STATES=store_states, PREFETCH=CONFIG.prefetch,
+        PREC=_sequential_precision(CONFIG.precision, "tf32r", r, B * H * (N // BV)),
         IO_V=int(v.element_size() > 2), BIAS=_bias(r), num_warps=CONFIG.num_warps)
     return y, sT, st, (cc if store_states else None)
 
@@ -151,7 +173,8 @@ def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0):
     ds0 = _alloc((B, H, N, N), torch.float32, r.device)
     K.chunk_bwd_dstate_kernel[(B * H, N // BV)](
         r, w, a, b, cc, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, BV=BV, HAS_DST=dsT is not None,
-        PREFETCH=CONFIG.prefetch, PREC=CONFIG.precision_state_bwd, IO_DY=int(dy.element_size() > 2),
+        PREFETCH=CONFIG.prefetch, PREC=_sequential_precision(CONFIG.precision_state_bwd, "tf32c", r, B * H * (N // BV)),
+        IO_DY=int(dy.element_size() > 2),
         BIAS=_bias(r), num_warps=CONFIG.num_warps)
     grads = [_alloc(x.shape, x.dtype, x.device) for x in (r, w, k, v, a, b)]
     K.chunk_bwd_grads_kernel[(NC, B * H)](

@@ -29,12 +29,21 @@ Training path, four kernels per forward + backward:
        dV = M_rk^T dY + L_ak^T dZ + k_e dS_C^T
    and the chain rule through the exponentials to r, w, k, a, b (dw by reverse cumsums of dg and dgx).
 Decoding: recurrent_fwd_kernel, one step at a time (its backward is the chunked one).
+Precision: every product goes through _dot / _dotn / _dot_big / _dot_split with a PREC per kernel
+(chunk.WKV7KernelConfig): tf32 tensor-core products with their operands rounded ("tf32r") or their truncation
+bias compensated ("tf32c"), or "bf16x3" (three bf16 tensor-core products on hi + lo halves, near float32).
 The measurements behind these choices, and the variants tried and removed: bench/results/wkv7.md.
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+INTERPRETER: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+"""The Triton interpreter (CPU tests) computes bf16 dots wrongly (triton 3.9: garbage values), so under it
+_dot_bf16x3 multiplies the same bf16 halves as float32 values."""
 
 
 @triton.jit
@@ -47,10 +56,34 @@ def _round_tf32(x):
 
 
 @triton.jit
+def _dot_bf16x3(a, b):
+    """a @ b for float32 a, b on bf16 tensor cores: each operand split as hi + lo (hi = bf16(x), lo =
+    bf16(x - hi): ~16 of float32's 24 mantissa bits), a_hi b_hi + a_hi b_lo + a_lo b_hi accumulated in float32
+    (relative error ~1e-5 per product, vs tf32's ~5e-4). Three MMAs instead of one, but 16-bit operands:
+    H200 (run 26), the [C, C] kernel 10% faster than with "tf32r" operands, the sequential kernels 5-9% faster
+    with more programs than multiprocessors and 3-11% slower with fewer, the gradient kernel 1.54x slower when
+    every product uses it, 1.03x when only the [C, C]-sized ones do ("bf16x3k")."""
+    a_hi = a.to(tl.bfloat16)
+    a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+    b_hi = b.to(tl.bfloat16)
+    b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+    if INTERPRETER:
+        a_hi, a_lo, b_hi, b_lo = a_hi.to(tl.float32), a_lo.to(tl.float32), b_hi.to(tl.float32), b_lo.to(tl.float32)
+        return (tl.dot(a_lo, b_hi, input_precision="ieee") + tl.dot(a_hi, b_lo, input_precision="ieee")
+                + tl.dot(a_hi, b_hi, input_precision="ieee"))
+    acc = tl.dot(a_lo, b_hi)
+    acc = tl.dot(a_hi, b_lo, acc)
+    return tl.dot(a_hi, b_hi, acc)
+
+
+@triton.jit
 def _dot(a, b, PREC: tl.constexpr):
-    """PREC: "tf32r" (operands rounded to tf32, then tensor cores), or a tl.dot input_precision."""
+    """PREC: "tf32r" (operands rounded to tf32, then tensor cores), "bf16x3" (_dot_bf16x3), or a tl.dot
+    input_precision."""
     if PREC == "tf32r":
         return tl.dot(_round_tf32(a), _round_tf32(b), input_precision="tf32")
+    elif PREC == "bf16x3":
+        return _dot_bf16x3(a, b)
     else:
         return tl.dot(a, b, input_precision=PREC)
 
@@ -62,17 +95,33 @@ TF32_TRUNCATION_BIAS = 3.52e-4
 
 @triton.jit
 def _dotn(a, b, PREC: tl.constexpr, NT: tl.constexpr, BIAS: tl.constexpr):
-    """_dot with one more precision, "tf32c": tensor cores on truncated operands, the product scaled by
+    """_dot with two more precisions. "bf16x3k": _dot_bf16x3 (with _dot_big keeping the gradient kernel's
+    seven largest products at "tf32c"). "tf32c": tensor cores on truncated operands, the product scaled by
     1 + NT * BIAS, where NT (0-2) counts the operands truncation changes (float32 values computed here; bf16
     inputs are exact in tf32) and BIAS is one operand's mean relative truncation error. That removes the
     truncation's bias (every product too small by ~7e-4, coherently over long sums) and leaves an error
     spread like rounding's (2.2e-4 vs 2.1e-4 RMS per operand), for one multiply per output element instead of
     rounding every operand ("tf32r", which nearly doubled the gradient kernel's time). BIAS is 0 under the
     interpreter, whose dots do not truncate."""
-    if PREC == "tf32c" or PREC == "tf32cs":
+    if PREC == "tf32c":
         return tl.dot(a, b, input_precision="tf32") * (1.0 + NT * BIAS)
+    elif PREC == "bf16x3k":
+        return _dot_bf16x3(a, b)
     else:
         return _dot(a, b, PREC)
+
+
+@triton.jit
+def _dot_big(a, b, PREC: tl.constexpr, NT: tl.constexpr, BIAS: tl.constexpr):
+    """The gradient kernel's seven [C, N] x [N, N] products with the state or its gradient (a_d S^T, b_e dS^T,
+    k_e dS^T, dY S, dZ S, U dS, V dS): "tf32c" under "bf16x3k", else _dotn. Measured on the H200 (run 26):
+    carrying the other ~28 products, all [C, C]-sized or with C-long sums, as bf16x3 takes the gradients' errors
+    from 1.68-1.75e-3 to 1.657-1.672e-3 (the official kernel's: 1.649-1.661e-3) for +3% of this kernel's
+    time; these seven as bf16x3 too would cost +54% for the last ~1%."""
+    if PREC == "bf16x3k":
+        return tl.dot(a, b, input_precision="tf32") * (1.0 + NT * BIAS)
+    else:
+        return _dotn(a, b, PREC, NT, BIAS)
 
 
 @triton.jit
@@ -90,18 +139,6 @@ def _dot_split(a, b, PREC: tl.constexpr, B_EXACT: tl.constexpr, BIAS: tl.constex
         b_hi = _round_tf32(b)
         return (tl.dot(a_hi, b_hi, input_precision="tf32") + tl.dot(a_hi, b - b_hi, input_precision="tf32")
                 + tl.dot(a - a_hi, b_hi, input_precision="tf32"))
-    else:
-        return _dotn(a, b, PREC, 2 - B_EXACT, BIAS)
-
-
-@triton.jit
-def _dot_s(a, b, PREC: tl.constexpr, B_EXACT: tl.constexpr, BIAS: tl.constexpr):
-    """The gradient kernel's products that set the gradients' errors: _dot_split under "tf32cs", else _dotn
-    (a is always a float32 value computed here; b one unless B_EXACT). Which ones, from the CPU emulation of
-    the backward's rounding (bench/wkv7_rounding_emulation.py): the [C, C]-sized products of the (r.k)
-    diagonal (M_rk, dM_rk) and of the U / dZ chain."""
-    if PREC == "tf32cs":
-        return _dot_split(a, b, "tf32c", B_EXACT, BIAS)
     else:
         return _dotn(a, b, PREC, 2 - B_EXACT, BIAS)
 
@@ -144,7 +181,7 @@ def _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i,
     L_ab = tl.where(tri_s, _dotn(a_d, tl.trans(b_u), PREC, 2, BIAS), 0.)
     L_ak = tl.where(tri_s, _dotn(a_d, tl.trans(k_u), PREC, 2, BIAS), 0.)
     M_rb = tl.where(tri_i, _dotn(r_d, tl.trans(b_u), PREC, 2, BIAS), 0.)
-    M_rk = tl.where(tri_i, _dot_s(r_d, tl.trans(k_u), PREC, False, BIAS), 0.)
+    M_rk = tl.where(tri_i, _dotn(r_d, tl.trans(k_u), PREC, 2, BIAS), 0.)
     Q = _inv_unit_lower(L_ab, LOG2C, PREC, BIAS)
     return (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk, Q)
 
@@ -377,25 +414,25 @@ def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst
     (vv, g, gx, gC, a_d, r_d, b_u, k_u, b_e, k_e, L_ab, L_ak, M_rb, M_rk,
      Q) = _chunk_terms(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, pk, mk, tri_s, tri_i, LOG2C, PREC, BIAS)
     # _dotn's third argument: how many of the two operands are float32 values truncation changes
-    Z = _dotn(a_d, tl.trans(S), PREC, 2, BIAS) + _dotn(L_ak, vv, PREC, 1 + IO_V, BIAS)
-    U = _dot_s(Q, Z, PREC, False, BIAS) + Z     # [C, V] = (I - L_ab)^{-1} Z
+    Z = _dot_big(a_d, tl.trans(S), PREC, 2, BIAS) + _dotn(L_ak, vv, PREC, 1 + IO_V, BIAS)
+    U = _dotn(Q, Z, PREC, 2, BIAS) + Z     # [C, V] = (I - L_ab)^{-1} Z
     dSt = tl.trans(dS)                              # [K, V]
-    dU = _dot_s(tl.trans(M_rb), dY, PREC, IO_DY == 0, BIAS) + _dotn(b_e, dSt, PREC, 2, BIAS)
-    dZ = _dot_s(tl.trans(Q), dU, PREC, False, BIAS) + dU
+    dU = _dotn(tl.trans(M_rb), dY, PREC, 1 + IO_DY, BIAS) + _dot_big(b_e, dSt, PREC, 2, BIAS)
+    dZ = _dotn(tl.trans(Q), dU, PREC, 2, BIAS) + dU
     dL_ab = tl.where(tri_s, _dotn(dZ, tl.trans(U), PREC, 2, BIAS), 0.)
-    dL_ak = tl.where(tri_s, _dot_s(dZ, tl.trans(vv), PREC, IO_V == 0, BIAS), 0.)
+    dL_ak = tl.where(tri_s, _dotn(dZ, tl.trans(vv), PREC, 1 + IO_V, BIAS), 0.)
     dM_rb = tl.where(tri_i, _dotn(dY, tl.trans(U), PREC, 1 + IO_DY, BIAS), 0.)
     dM_rk = tl.where(tri_i, _dotn(dY, tl.trans(vv), PREC, IO_DY + IO_V, BIAS), 0.)
-    dV = (_dot_s(tl.trans(M_rk), dY, PREC, IO_DY == 0, BIAS) + _dotn(tl.trans(L_ak), dZ, PREC, 2, BIAS)
-          + _dotn(k_e, dSt, PREC, 2, BIAS))
-    dR_d = (_dotn(dY, S, PREC, 1 + IO_DY, BIAS) + _dotn(dM_rb, b_u, PREC, 2, BIAS)
-            + _dot_s(dM_rk, k_u, PREC, False, BIAS))
-    dA_d = (_dotn(dZ, S, PREC, 2, BIAS) + _dotn(dL_ab, b_u, PREC, 2, BIAS)
-            + _dot_s(dL_ak, k_u, PREC, False, BIAS))
-    dB_u = _dot_s(tl.trans(dM_rb), r_d, PREC, False, BIAS) + _dotn(tl.trans(dL_ab), a_d, PREC, 2, BIAS)
-    dK_u = _dot_s(tl.trans(dM_rk), r_d, PREC, False, BIAS) + _dotn(tl.trans(dL_ak), a_d, PREC, 2, BIAS)
-    dB_e = _dotn(U, dS, PREC, 2, BIAS)      # [C, K]
-    dK_e = _dotn(vv, dS, PREC, 1 + IO_V, BIAS)
+    dV = (_dotn(tl.trans(M_rk), dY, PREC, 1 + IO_DY, BIAS) + _dotn(tl.trans(L_ak), dZ, PREC, 2, BIAS)
+          + _dot_big(k_e, dSt, PREC, 2, BIAS))
+    dR_d = (_dot_big(dY, S, PREC, 1 + IO_DY, BIAS) + _dotn(dM_rb, b_u, PREC, 2, BIAS)
+            + _dotn(dM_rk, k_u, PREC, 2, BIAS))
+    dA_d = (_dot_big(dZ, S, PREC, 2, BIAS) + _dotn(dL_ab, b_u, PREC, 2, BIAS)
+            + _dotn(dL_ak, k_u, PREC, 2, BIAS))
+    dB_u = _dotn(tl.trans(dM_rb), r_d, PREC, 2, BIAS) + _dotn(tl.trans(dL_ab), a_d, PREC, 2, BIAS)
+    dK_u = _dotn(tl.trans(dM_rk), r_d, PREC, 2, BIAS) + _dotn(tl.trans(dL_ak), a_d, PREC, 2, BIAS)
+    dB_e = _dot_big(U, dS, PREC, 2, BIAS)      # [C, K]
+    dK_e = _dot_big(vv, dS, PREC, 1 + IO_V, BIAS)
     egC = tl.exp(gC)
     dgC = tl.sum(dS * S, axis=0) * egC + tl.sum(dB_e * b_e + dK_e * k_e, axis=0)   # [K]
     e_neg = tl.exp(-g)

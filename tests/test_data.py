@@ -328,3 +328,28 @@ def test_corrupt_list_offsets_are_errors(corpus_dir, tmp_path, case):
     shard.write_bytes(bytes(raw))
     with pytest.raises(DataError, match=r"00001\.arrow .*shards\[1\].*" + match):
         ShardCorpus(d, 16)
+
+
+def test_token_ids_past_the_vocab_are_errors(tmp_path):
+    """Token ids were never compared with the index's vocab_size: one >= it gave an IndexError deep in torch
+    (a device assert on GPU). verify_checksums checks every shard while opening; without it every window
+    read checks its own tokens. Both name the shard and record batch; a window read also the row and id."""
+    docs = random_docs(60, ["web"], seed=2, min_len=5, max_len=100, vocab=999)
+    docs[25][2][3] = 1000  # shard 1 (20 documents each), record batch 0 (7 rows each), row 5
+    d = write_corpus(tmp_path / "c", docs, docs_per_shard=20, rows_per_batch=7, vocab_size=1000)
+    where = r"00001\.arrow \(listed at .*shards\[1\]\)"
+    with pytest.raises(DataError, match=where + r": record batch 0 holds token id 1000, not below the index's vocab_size 1000"):
+        ShardCorpus(d, 16, verify_checksums=True)
+    corpus = ShardCorpus(d, 16, val_fraction=0)  # opening reads no tokens
+    pos = sum(len(x[2]) + 1 for x in docs[:25]) + 3  # stream position of the bad token
+    stream = _stream(docs, "web")
+    assert stream[pos] == 1000
+    out = np.empty(17, dtype=np.int64)
+    for p in range(corpus.components["web"].n_windows):
+        if p * 16 <= pos <= p * 16 + 16:
+            with pytest.raises(DataError, match=where + r": record batch 0, row 5 \(document 'doc25'\) holds token id 1000"):
+                corpus.read_window("web", p, out)
+        else:
+            np.testing.assert_array_equal(corpus.read_window("web", p, out), stream[p * 16:p * 16 + 17])
+    with pytest.raises(DataError, match="doc25"):
+        corpus.read_windows([("web", 0), ("web", pos // 16)])

@@ -107,6 +107,20 @@ def check_offsets(offsets: np.ndarray, n_values: int, where: str) -> None:
                         f"corrupt offsets buffer)")
 
 
+def _scan_shard(path: Path) -> tuple[str, list[int] | None]:
+    """verify_checksums' pass over one shard: its sha256, then the largest token id of each record batch
+    (read right after the hash, so mostly from the page cache). None for a shard that does not parse:
+    the open reports why."""
+    digest = sha256_file(path)
+    try:
+        schema, batches = open_batches(pa.memory_map(str(path), "r"))
+        check_schema(schema, str(path))
+    except (pa.ArrowException, OSError, DataError):
+        return digest, None
+    values = [b.column("input_ids").values.to_numpy(zero_copy_only=True) for b in batches]
+    return digest, [int(v.max()) if len(v) else -1 for v in values]
+
+
 def load_index(data_dir: str | Path) -> dict:
     """Read and validate DATA/index.json (schema version, tokenizer, shard list, components)."""
     data_dir = Path(data_dir)
@@ -167,6 +181,7 @@ class ShardCorpus:
         self.fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
         self._values: list[np.ndarray] | None = None
         self._maps: list = []
+        self._seg_where: np.ndarray | None = None  # [n_segments, 2] int32: (shard, record batch) of a segment
         seg_comp, seg_starts, seg_lens, names = self._open(verify=verify_checksums)
         self.components = self._build_components(seg_comp, seg_starts, seg_lens, names)
         self.weights = self._mixture(mixture or {})
@@ -200,13 +215,15 @@ class ShardCorpus:
             j = first.setdefault(os.path.realpath(path), i)
             if j != i:
                 raise DataError(f"{where}: the same file as shards[{j}]; its documents would be read twice")
+        top: list[list[int] | None] = [None] * len(paths)  # per shard and record batch: the largest token id
         if verify:  # hashlib releases the GIL on large reads: threads hash several shards at once
             with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1, len(paths) or 1)) as pool:
-                digests = list(pool.map(sha256_file, paths))
+                digests, top = zip(*pool.map(_scan_shard, paths))
             for s, digest, where in zip(shards, digests, wheres):
                 if digest != s["sha256"]:
                     raise DataError(f"{where}: sha256 {digest} does not match the index ({s['sha256']})")
-        for path, where, s in zip(paths, wheres, shards):
+        seg_where = []
+        for i, (path, where, s) in enumerate(zip(paths, wheres, shards)):
             try:
                 mm = pa.memory_map(str(path), "r")
                 schema, batches = open_batches(mm)
@@ -222,6 +239,12 @@ class ShardCorpus:
                 offsets = ids.offsets.to_numpy(zero_copy_only=True)           # [rows + 1]
                 values.append(ids.values.to_numpy(zero_copy_only=True))       # uint16 view of the mmap
                 check_offsets(offsets, len(values[-1]), f"{where}: record batch {b}")
+                seg_where.append((i, b))
+                if verify:  # whole shards only here: it reads every token (the windows check what they read)
+                    m = top[i][b] if top[i] is not None else int(values[-1].max()) if len(values[-1]) else -1
+                    if m >= self.vocab_size:
+                        raise DataError(f"{where}: record batch {b} holds token id {m}, not below the index's "
+                                        f"vocab_size {self.vocab_size}")
                 comp = batch.column("component")
                 if not pa.types.is_dictionary(comp.type):
                     comp = pc.dictionary_encode(comp)
@@ -246,6 +269,7 @@ class ShardCorpus:
                 raise DataError(f"{idx_path}: its shards hold {docs} documents / {toks} tokens, its totals say "
                                 f"{totals.get('documents')} / {totals.get('tokens')}")
         self._values = values
+        self._seg_where = np.array(seg_where, dtype=np.int32).reshape(-1, 2)
         return seg_comp, seg_starts, seg_lens, {v: k for k, v in names.items()}
 
     def _build_components(self, seg_comp, seg_starts, seg_lens, names) -> dict[str, _Component]:
@@ -341,7 +365,29 @@ class ShardCorpus:
                 d += 1
             o += take
             pos += take
+        if out.max() >= self.vocab_size:  # O(window): ids past the vocab would fail deep in torch (a device assert)
+            raise self._token_error(comp, p)
         return out
+
+    def _token_error(self, comp: str, p: int) -> DataError:
+        """The DataError for window p of `comp`, which holds a token id >= vocab_size: the first such
+        document, named by shard, record batch, row and id."""
+        c = self.components[comp]
+        idx_path = self.data_dir / "index.json"
+        first = int(np.searchsorted(c.cum, p * self.D, side="right")) - 1
+        last = int(np.searchsorted(c.cum, p * self.D + self.D, side="right"))
+        for d in range(first, last):
+            seg, start, n = int(c.doc_seg[d]), int(c.doc_start[d]), int(c.doc_len[d])
+            m = int(self._values[seg][start:start + n].max()) if n else -1
+            if m >= self.vocab_size:
+                shard, b = (int(x) for x in self._seg_where[seg])
+                path = self.data_dir / self.index["shards"][shard]["path"]
+                batch = open_batches(pa.memory_map(str(path), "r"))[1][b]
+                row = int(np.searchsorted(batch.column("input_ids").offsets.to_numpy(), start, side="right")) - 1
+                return DataError(f"{path} (listed at {idx_path} shards[{shard}]): record batch {b}, row {row} "
+                                 f"(document {batch.column('id')[row].as_py()!r}) holds token id {m}, not below "
+                                 f"the index's vocab_size {self.vocab_size}")
+        return DataError(f"component {comp!r} window {p} holds a token id >= vocab_size {self.vocab_size}")
 
     def read_windows(self, items) -> torch.Tensor:
         """[len(items), D + 1] int64 token windows for (component, window index) pairs."""

@@ -1,9 +1,17 @@
 """Memory-mapped shard loader: fixed-length token windows from the pipeline's Arrow shards.
 
 The corpus is `DATA/index.json` plus Arrow IPC shards (stream or file format; one document per row,
-`input_ids: list<uint16>`). Each shard is opened with `pa.memory_map` + `ipc.open_file` (or
-`ipc.open_stream`, the format `datasets` uses); the `input_ids` column's offsets and values
-buffers are viewed as numpy arrays without copying, so a window read touches only its own pages.
+`input_ids: list<uint16>`). Each shard is mapped with `pa.memory_map`, taken whole as one buffer, and
+the file closed right away: the mapping lives on while buffers use it (no descriptor per shard, so a
+corpus of 46,500 shards stays under `ulimit -n`; Python's `mmap.mmap` would not do: before 3.13 it
+keeps a dup of the descriptor). `ipc.open_file` (or `ipc.open_stream`, the format `datasets` uses)
+reads that buffer; the `input_ids` column's offsets and values buffers are viewed as numpy arrays
+without copying, so a window read touches only its own pages.
+
+Opening reads the metadata and the offsets only (O(documents)): each shard's size must equal
+index.json's `bytes`, each record batch's offsets must start >= 0, never decrease and end inside its
+values. Token ids are checked against the index's `vocab_size` by every window read (O(window)), and
+for whole shards only by `verify_checksums` (which reads every byte anyway, for the sha256).
 
 Per component, the documents (in shard order) are joined with token 0 after each one into one virtual
 stream; window p of a component is stream[p*D : p*D + D + 1] with D = data_ctx_len (inputs are the
@@ -75,16 +83,28 @@ def check_schema(schema: pa.Schema, where: str) -> None:
         raise DataError(f"{where}: column 'input_ids' must be list<uint16>, is {it}")
 
 
-def open_batches(mm: pa.MemoryMappedFile) -> tuple[pa.Schema, list[pa.RecordBatch]]:
-    """Schema and record batches of an Arrow IPC file or stream (the pipeline writes the stream
-    format, which `datasets.Dataset.from_file` reads). Over a memory map both readers return batches
-    whose buffers are slices of the map: nothing is copied."""
+def map_file(path: str | Path) -> pa.Buffer:
+    """The whole file as one read-only buffer over a memory map (zero-copy). The file is closed before
+    this returns: Arrow keeps the mapping while a buffer refers to it and unmaps it after the last one
+    goes, so no descriptor stays open (an open pa.memory_map holds one per file)."""
+    mm = pa.memory_map(str(path), "r")
     try:
-        reader = ipc.open_file(mm)
+        return mm.read_buffer(mm.size())
+    finally:
+        mm.close()
+
+
+def open_batches(src: pa.Buffer | pa.NativeFile) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+    """Schema and record batches of an Arrow IPC file or stream (the pipeline writes the stream
+    format, which `datasets.Dataset.from_file` reads). Over a mapped buffer (or a pa.memory_map) both
+    readers return batches whose buffers are slices of the map: nothing is copied."""
+    try:
+        reader = ipc.open_file(src)
         return reader.schema, [reader.get_batch(b) for b in range(reader.num_record_batches)]
     except pa.ArrowInvalid:
-        mm.seek(0)
-        reader = ipc.open_stream(mm)
+        if isinstance(src, pa.NativeFile):
+            src.seek(0)
+        reader = ipc.open_stream(src)
         return reader.schema, list(reader)
 
 
@@ -113,9 +133,9 @@ def _scan_shard(path: Path) -> tuple[str, list[int] | None]:
     the open reports why."""
     digest = sha256_file(path)
     try:
-        schema, batches = open_batches(pa.memory_map(str(path), "r"))
+        schema, batches = open_batches(map_file(path))
         check_schema(schema, str(path))
-    except (pa.ArrowException, OSError, DataError):
+    except (pa.ArrowException, OSError, ValueError):
         return digest, None
     values = [b.column("input_ids").values.to_numpy(zero_copy_only=True) for b in batches]
     return digest, [int(v.max()) if len(v) else -1 for v in values]
@@ -225,12 +245,12 @@ class ShardCorpus:
         seg_where = []
         for i, (path, where, s) in enumerate(zip(paths, wheres, shards)):
             try:
-                mm = pa.memory_map(str(path), "r")
-                schema, batches = open_batches(mm)
+                buf = map_file(path)
+                schema, batches = open_batches(buf)
             except (pa.ArrowInvalid, OSError) as e:
                 raise DataError(f"{where}: not a readable Arrow IPC file or stream: {e}") from None
             check_schema(schema, where)
-            self._maps.append(mm)
+            self._maps.append(buf)
             rows = tokens = 0
             for b, batch in enumerate(batches):
                 ids = batch.column("input_ids")
@@ -336,9 +356,9 @@ class ShardCorpus:
         if self._values is None:
             values = []
             for s in self.index["shards"]:
-                mm = pa.memory_map(str(self.data_dir / s["path"]), "r")
-                self._maps.append(mm)
-                for batch in open_batches(mm)[1]:
+                buf = map_file(self.data_dir / s["path"])
+                self._maps.append(buf)
+                for batch in open_batches(buf)[1]:
                     values.append(batch.column("input_ids").values.to_numpy(zero_copy_only=True))
             self._values = values
 
@@ -382,7 +402,7 @@ class ShardCorpus:
             if m >= self.vocab_size:
                 shard, b = (int(x) for x in self._seg_where[seg])
                 path = self.data_dir / self.index["shards"][shard]["path"]
-                batch = open_batches(pa.memory_map(str(path), "r"))[1][b]
+                batch = open_batches(map_file(path))[1][b]
                 row = int(np.searchsorted(batch.column("input_ids").offsets.to_numpy(), start, side="right")) - 1
                 return DataError(f"{path} (listed at {idx_path} shards[{shard}]): record batch {b}, row {row} "
                                  f"(document {batch.column('id')[row].as_py()!r}) holds token id {m}, not below "

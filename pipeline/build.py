@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `import pipeline` work fr
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 
 from pipeline import stages  # noqa: E402
 from pipeline.manifest import Manifest, ManifestError, load_manifest  # noqa: E402
@@ -232,8 +233,9 @@ def _shard_plan(tok_paths: list[str], shard_tokens: int) -> list[list[tuple[str,
     return plan
 
 
-def _ids_for(keys: np.ndarray, ingest_paths: list[str]) -> dict[int, tuple[str, str | None]]:
-    """key -> (id, source_id) for the given document keys."""
+def _ids_for_reference(keys: np.ndarray, ingest_paths: list[str]) -> dict[int, tuple[str, str | None]]:
+    """key -> (id, source_id) for the given document keys, read from every ingest file: the plain
+    reference of ``DocIds`` (one ``np.isin`` against all keys per file)."""
     want = np.unique(keys)
     out: dict[int, tuple[str, str | None]] = {}
     for p in ingest_paths:
@@ -246,6 +248,62 @@ def _ids_for(keys: np.ndarray, ingest_paths: list[str]) -> dict[int, tuple[str, 
                                   t.column("source_id").filter(mask).to_pylist()):
                 out[key] = (i, si)
     return out
+
+
+class DocIds:
+    """id and source_id of documents from their keys, as ``_ids_for_reference`` reads them, without reading
+    every ingest file: a key ``ci << 48 | fi << 32 | line`` names its unit, and the ingest stage's id is
+    ``component/rel:line`` (stages.ingest_unit), so ids are computed. Source ids exist only in components with
+    an ``id_field``; those units' ingest files are read once, here, and the wanted keys found in each by
+    ``np.searchsorted`` (an ingest file's keys ascend: its rows are in line order). Memory: the source ids of
+    the wanted keys of such components."""
+
+    def __init__(self, want: np.ndarray, units: list[Unit], comps: list, ingest_paths: list[str]):
+        self.base = np.array([u.key_base for u in units], np.int64)  # [U] ascending: units are in key order
+        self.prefix = pa.array([f"{comps[u.ci].name}/{u.rel}:" for u in units], pa.string())  # [U]
+        want = np.unique(want)  # [W] sorted
+        ui = self._unit(want)
+        cut = np.searchsorted(ui, np.arange(len(units) + 1))  # [U + 1] want[cut[u]:cut[u + 1]] are unit u's
+        keys, vals = [np.zeros(0, np.int64)], [pa.array([], pa.string())]
+        for u, unit in enumerate(units):
+            if comps[unit.ci].id_field is None or cut[u] == cut[u + 1]:
+                continue
+            w = want[cut[u]:cut[u + 1]]
+            t = stages.read_arrow(ingest_paths[u])
+            k = t.column("key").to_numpy()
+            pos = np.searchsorted(k, w)  # [w]
+            if not len(k) or not np.array_equal(k[np.minimum(pos, len(k) - 1)], w):
+                raise BuildError(f"{ingest_paths[u]}: document keys of dedup.arrow are missing from it "
+                                 f"(e.g. line {int(w[0]) & 0xFFFFFFFF}); rebuild with --force")
+            keys.append(w)
+            vals.append(t.column("source_id").take(pa.array(pos)).combine_chunks())
+        self.sk = np.concatenate(keys)  # [S] sorted keys that have a source-id slot
+        self.sv = pa.concat_arrays(vals)  # [S] their source ids (null where the row had none)
+
+    def _unit(self, keys: np.ndarray) -> np.ndarray:
+        ui = np.searchsorted(self.base, keys, side="right") - 1  # [n]
+        bad = (ui < 0) | (self.base[np.maximum(ui, 0)] != keys & ~np.int64(0xFFFFFFFF))
+        if bad.any():
+            raise BuildError(f"document key {int(keys[bad][0])} names no input file of this build; rebuild with --force")
+        return ui
+
+    def ids(self, keys: np.ndarray) -> list[str]:
+        """[n] keys -> their ids ``component/rel:line``."""
+        if not len(keys):
+            return []
+        lines = pa.array(keys & 0xFFFFFFFF).cast(pa.string())
+        return pc.binary_join_element_wise(self.prefix.take(pa.array(self._unit(keys))), lines, "").to_pylist()
+
+    def source_ids(self, keys: np.ndarray) -> list[str | None]:
+        """[n] keys (each one of ``want``) -> their source ids (None without one)."""
+        out: list[str | None] = [None] * len(keys)
+        if not len(self.sk) or not len(keys):
+            return out
+        pos = np.minimum(np.searchsorted(self.sk, keys), len(self.sk) - 1)
+        hit = np.flatnonzero(self.sk[pos] == keys)
+        for j, v in zip(hit.tolist(), self.sv.take(pa.array(pos[hit])).to_pylist()):
+            out[j] = v
+        return out
 
 
 def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
@@ -364,13 +422,13 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
         tmp = dedup_path + f".tmp{os.getpid()}"
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
             w.write_table(table)
-        dup_ids = _ids_for(np.concatenate([keys, ofs]), ingest_paths)
-        lines = [json.dumps({"id": dup_ids[int(k)][0], "duplicate_of": dup_ids[int(o)][0], "stage": names[i],
-                             "component": comps[int(k) >> 48].name,
-                             **({"source_id": dup_ids[int(k)][1], "duplicate_of_source_id": dup_ids[int(o)][1]}
-                                if dup_ids[int(k)][1] is not None or dup_ids[int(o)][1] is not None else {})},
+        keys, ofs, names = keys[order], ofs[order], [names[i] for i in order]
+        ids = DocIds(np.concatenate([keys, ofs]), units, comps, ingest_paths)
+        lines = [json.dumps({"id": i, "duplicate_of": j, "stage": s, "component": comps[c].name,
+                             **({"source_id": a, "duplicate_of_source_id": b} if a is not None or b is not None else {})},
                             ensure_ascii=False)
-                 for i, k, o in ((i, keys[i], ofs[i]) for i in order)]
+                 for i, j, s, c, a, b in zip(ids.ids(keys), ids.ids(ofs), names, (keys >> 48).tolist(),
+                                             ids.source_ids(keys), ids.source_ids(ofs))]
         stages.atomic_write_bytes(os.path.join(out, "duplicates.jsonl"),
                                   ("\n".join(lines) + "\n" if lines else "").encode())
         stages.fsync_file(tmp)

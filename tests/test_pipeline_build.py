@@ -451,3 +451,34 @@ def test_near_threshold_one_and_force_keeps_the_users_files(tmp_path):
     _tiny_build(tmp_path, {}, body, near_threshold=0.9, force=True)   # other settings: discard, rebuild
     assert open(mine).read() == "mine"
     assert sorted(os.listdir(os.path.join(out, "shards"))) == ["00000.arrow", "NOTES.md"]
+
+
+def _sample_units_and_ingest(out: str):
+    from pipeline.read import units_for
+
+    m = load_manifest(SAMPLE)
+    units = [u for ci, c in enumerate(m.components) for u in units_for(ci, c, m.root)]
+    return m, units, [os.path.join(out, "work", "ingest", u.name + ".arrow") for u in units]
+
+
+def test_doc_ids_from_keys_match_the_ingest_files(sample_out):
+    """DocIds computes ids from keys and reads source ids only for id_field components (wiki, code here), by
+    searchsorted; it must give what the plain reference reads out of every ingest file, for random key sets."""
+    import numpy as np
+
+    from pipeline.build import BuildError, DocIds, _ids_for_reference
+
+    out, _ = sample_out
+    m, units, paths = _sample_units_and_ingest(out)
+    every = np.concatenate([stages.read_arrow(p).column("key").to_numpy() for p in paths])
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, len(every) // 3, len(every)):
+        want = rng.choice(every, n, replace=False)
+        ref = _ids_for_reference(want, paths)
+        got = DocIds(want, units, m.components, paths)
+        query = rng.choice(want, 2 * n) if n else want   # repeated and unsorted, as duplicate_of keys are
+        assert got.ids(query) == [ref[int(k)][0] for k in query]
+        assert got.source_ids(query) == [ref[int(k)][1] for k in query]
+    assert any(ref[int(k)][1] is not None for k in every) and any(ref[int(k)][1] is None for k in every)
+    with pytest.raises(BuildError, match="names no input file"):
+        DocIds(every, units, m.components, paths).ids(np.array([(99 << 48) | 1], np.int64))

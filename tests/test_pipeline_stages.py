@@ -331,3 +331,14 @@ def test_check_fast_path_matches_reference():
         text = "".join(rng.choice(pool) + rng.choice(seps) for _ in range(rng.randint(0, 10)))
         for cfg in cfgs:
             assert filters.check(text, cfg) == filters.check_reference(text, cfg), (repr(text), cfg)
+
+
+def test_sorted_member_matches_isin():
+    """sorted_member (binary search on the sorted removed keys, used per file and per batch) against np.isin."""
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n, m, hi = rng.integers(0, 300), rng.integers(0, 300), int(rng.choice([5, 1000, 1 << 54]))
+        keys = rng.integers(0, hi, n, dtype=np.int64)
+        members = np.sort(np.concatenate([rng.integers(0, hi, m, dtype=np.int64), rng.choice(keys, min(n, m // 2))]))
+        assert np.array_equal(stages.sorted_member(keys, members), np.isin(keys, members)), (keys, members)
+    assert stages.sorted_member(np.zeros(0, np.int64), np.arange(3)).shape == (0,)

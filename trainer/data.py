@@ -177,8 +177,8 @@ def load_index(data_dir: str | Path) -> dict:
 class _Component:
     name: str
     doc_seg: np.ndarray     # [n_docs] int32: which (shard, record batch) segment holds the document
-    doc_start: np.ndarray   # [n_docs] int64: first token in that segment's values buffer
-    doc_len: np.ndarray     # [n_docs] int64
+    doc_start: np.ndarray   # [n_docs] int32 (int64 if a shard uses large_list): first token in the segment's values
+    doc_len: np.ndarray     # [n_docs] like doc_start: both are bounded by the list offsets' type
     cum: np.ndarray         # [n_docs + 1] int64: stream position of each document (len + 1 per doc)
     n_windows: int
     n_train: int            # windows [0, n_train) train; [n_train + 1, n_windows) validate (when any)
@@ -275,8 +275,10 @@ class ShardCorpus:
                 codes = remap[comp.indices.to_numpy(zero_copy_only=False)] if len(local) else \
                     np.zeros(0, dtype=np.int32)
                 seg_comp.append(codes)
-                seg_starts.append(offsets[:-1].astype(np.int64))
-                seg_lens.append(np.diff(offsets).astype(np.int64))
+                # in the offsets' type (int32 for list<>): checked to lie in [0, len(values)], so neither the
+                # starts nor their differences can overflow it; the starts stay a view of the mapping
+                seg_starts.append(offsets[:-1])
+                seg_lens.append(np.diff(offsets))
                 rows += len(batch)
                 tokens += int(offsets[-1] - offsets[0])
             if rows != s["documents"] or tokens != s["tokens"]:
@@ -293,16 +295,23 @@ class ShardCorpus:
         return seg_comp, seg_starts, seg_lens, {v: k for k, v in names.items()}
 
     def _build_components(self, seg_comp, seg_starts, seg_lens, names) -> dict[str, _Component]:
+        """Per-component document tables from the per-segment lists, which it empties as it goes (each
+        list is freed once joined: the peak memory per document is what matters at corpus scale)."""
+        seg = np.repeat(np.arange(len(seg_comp), dtype=np.int32), [len(c) for c in seg_comp])  # [n_docs]
         comp = np.concatenate(seg_comp)
-        seg = np.concatenate([np.full(len(c), i, dtype=np.int32) for i, c in enumerate(seg_comp)])
+        seg_comp.clear()
         starts = np.concatenate(seg_starts)
+        seg_starts.clear()
         lens = np.concatenate(seg_lens)
+        seg_lens.clear()
         out = {}
         for code in sorted(names):
             m = comp == code
             dl = lens[m]
             cum = np.zeros(len(dl) + 1, dtype=np.int64)
-            np.cumsum(dl + 1, out=cum[1:])
+            cum[1:] = dl  # in place, in int64: len + 1 per document, summed
+            cum[1:] += 1
+            np.cumsum(cum[1:], out=cum[1:])
             n_windows = max(0, int((cum[-1] - 1) // self.D))
             n_train = n_windows
             if self.val_fraction > 0 and n_windows >= 3:

@@ -69,6 +69,11 @@ class WKV7KernelConfig:
     """Fill outputs with NaN before the kernels run (tests: an unwritten element then fails)."""
 
     def __post_init__(self):
+        if self.chunk_size not in (16, 32, 64):
+            raise ValueError(f"WKV7KernelConfig.chunk_size must be 16, 32 or 64, got {self.chunk_size!r}")
+        if self.block_v not in (0, 16, 32, 64, 128, 256):
+            raise ValueError(f"WKV7KernelConfig.block_v must be 0 (automatic) or a power of two >= 16, "
+                             f"got {self.block_v!r}")
         for name, allowed in (("precision", FORWARD_PRECISIONS + ("auto",)), ("precision_cc", FORWARD_PRECISIONS),
                               ("precision_bwd", FORWARD_PRECISIONS + ("bf16x3k",)),
                               ("precision_state_bwd", FORWARD_PRECISIONS + ("auto",))):
@@ -86,14 +91,19 @@ DECAY_LIMIT = 80.0
 """Largest |sum of w over one chunk| the kernels take: e^{80} is well inside float32 (overflow at e^{88.7})."""
 
 
-def _alloc(shape, dtype, device):
-    if CONFIG.poison_outputs:
+def _alloc(shape, dtype, device, cfg):
+    if cfg.poison_outputs:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _check(r, w, k, v, a, b, initial_state):
     B, T, H, N = check_inputs(r, w, k, v, a, b, initial_state)
+    if not r.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"wkv7: the Triton kernels need CUDA tensors, got {r.device}: use wkv7() or "
+                         f"chunk_wkv7_torch() on the CPU")
+    if any(x.dtype == torch.float64 for x in (r, w, k, v, a, b)):
+        raise ValueError("wkv7: the Triton kernels compute in float32: use chunk_wkv7_torch() for float64")
     if N < 16 or N & (N - 1):
         raise ValueError(f"wkv7: head size N={N} must be a power of two >= 16")
     C = CONFIG.chunk_size
@@ -105,7 +115,7 @@ def _check(r, w, k, v, a, b, initial_state):
                          f"the kernels' int32 offsets: split the batch or the sequence (infctx segments)")
     if CONFIG.check_decay:
         lowest = float(w.min())
-        if lowest < -DECAY_LIMIT / C:
+        if not lowest >= -DECAY_LIMIT / C:   # NaN too
             raise ValueError(f"wkv7: w has {lowest:.3g} < -{DECAY_LIMIT:g} / chunk_size = {-DECAY_LIMIT / C:.3g}: the "
                              f"chunked form would overflow float32 (the model's w is >= -0.6065)")
 
@@ -134,53 +144,53 @@ def _sequential_precision(setting: str, fallback: str, x: torch.Tensor, programs
     return fallback
 
 
-def _block_v(B, H, N):
-    if CONFIG.block_v:
-        return min(CONFIG.block_v, N)
+def _block_v(B, H, N, cfg):
+    if cfg.block_v:
+        return min(cfg.block_v, N)
     return 16 if B * H <= 48 else N
 
 
-def _fwd(r, w, k, v, a, b, s0, store_final, store_states):
+def _fwd(r, w, k, v, a, b, s0, store_final, store_states, cfg):
     """Chunked forward. Returns y [B, T, H, N] (dtype of r), final [B, H, N, N] fp32 or None,
     chunk-start states [B, H, NC, N, N] fp32 or None, the chunks' [C, C] matrices [B*H, NC, 4, C, C] fp32
-    (computed with CONFIG.precision_cc; for the backward) or None."""
+    (computed with cfg.precision_cc; for the backward) or None. cfg: a WKV7KernelConfig."""
     B, T, H, N = r.shape
-    C, BV = CONFIG.chunk_size, _block_v(B, H, N)
+    C, BV = cfg.chunk_size, _block_v(B, H, N, cfg)
     NC = triton_cdiv(T, C)
-    y = _alloc((B, T, H, N), r.dtype, r.device)
-    sT = _alloc((B, H, N, N), torch.float32, r.device) if store_final else None
-    st = _alloc((B, H, NC, N, N), torch.float32, r.device) if store_states else None
-    cc = _alloc((B * H, NC, 4, C, C), torch.float32, r.device)
-    K.chunk_cc_kernel[(NC, B * H)](
-        r, w, k, a, b, cc, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=CONFIG.precision_cc, BIAS=_bias(r),
-        num_warps=CONFIG.num_warps_cc)
+    y = _alloc((B, T, H, N), r.dtype, r.device, cfg)
+    sT = _alloc((B, H, N, N), torch.float32, r.device, cfg) if store_final else None
+    st = _alloc((B, H, NC, N, N), torch.float32, r.device, cfg) if store_states else None
+    cc = _alloc((B * H, NC, 4, C, C), torch.float32, r.device, cfg)
+    K.chunk_cc_kernel[(NC * B * H,)](
+        r, w, k, a, b, cc, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=cfg.precision_cc, BIAS=_bias(r),
+        num_warps=cfg.num_warps_cc)
     K.chunk_fwd_kernel[(B * H, N // BV)](
         r, w, k, v, a, b, cc, s0, y, sT, st, T, NC, H, N=N, C=C, BV=BV, HAS_S0=s0 is not None,
-        STORE_FINAL=store_final, STORE_STATES=store_states, PREFETCH=CONFIG.prefetch,
-        PREC=_sequential_precision(CONFIG.precision, "tf32r", r, B * H * (N // BV)),
-        IO_V=int(v.element_size() > 2), BIAS=_bias(r), num_warps=CONFIG.num_warps)
+        STORE_FINAL=store_final, STORE_STATES=store_states, PREFETCH=cfg.prefetch,
+        PREC=_sequential_precision(cfg.precision, "tf32r", r, B * H * (N // BV)),
+        IO_V=int(v.element_size() > 2), BIAS=_bias(r), num_warps=cfg.num_warps)
     return y, sT, st, (cc if store_states else None)
 
 
-def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0):
+def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0, cfg):
     """Chunked backward from the forward's chunk-start states st and [C, C] matrices cc (both stored when
     it ran with store_states). Returns (dr, dw, dk, dv, da, db, ds0)."""
     B, T, H, N = r.shape
-    C, BV = CONFIG.chunk_size, _block_v(B, H, N)
+    C, BV = cfg.chunk_size, _block_v(B, H, N, cfg)
     NC = st.shape[2]
     dy = dy.contiguous()
-    dst = _alloc((B, H, NC, N, N), torch.float32, r.device)   # dL/dS at each chunk's end
-    ds0 = _alloc((B, H, N, N), torch.float32, r.device)
+    dst = _alloc((B, H, NC, N, N), torch.float32, r.device, cfg)   # dL/dS at each chunk's end
+    ds0 = _alloc((B, H, N, N), torch.float32, r.device, cfg)
     K.chunk_bwd_dstate_kernel[(B * H, N // BV)](
         r, w, a, b, cc, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, BV=BV, HAS_DST=dsT is not None,
-        PREFETCH=CONFIG.prefetch, PREC=_sequential_precision(CONFIG.precision_state_bwd, "tf32c", r, B * H * (N // BV)),
+        PREFETCH=cfg.prefetch, PREC=_sequential_precision(cfg.precision_state_bwd, "tf32c", r, B * H * (N // BV)),
         IO_DY=int(dy.element_size() > 2),
-        BIAS=_bias(r), num_warps=CONFIG.num_warps)
-    grads = [_alloc(x.shape, x.dtype, x.device) for x in (r, w, k, v, a, b)]
-    K.chunk_bwd_grads_kernel[(NC, B * H)](
+        BIAS=_bias(r), num_warps=cfg.num_warps)
+    grads = [_alloc(x.shape, x.dtype, x.device, cfg) for x in (r, w, k, v, a, b)]
+    K.chunk_bwd_grads_kernel[(NC * B * H,)](
         r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
-        PREC=CONFIG.precision_bwd, IO_DY=int(dy.element_size() > 2), IO_V=int(v.element_size() > 2),
-        BIAS=_bias(r), num_warps=CONFIG.num_warps_bwd)
+        PREC=cfg.precision_bwd, IO_DY=int(dy.element_size() > 2), IO_V=int(v.element_size() > 2),
+        BIAS=_bias(r), num_warps=cfg.num_warps_bwd)
     return (*grads, ds0 if need_ds0 else None)
 
 
@@ -193,8 +203,9 @@ class ChunkWKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0, output_final_state):
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         s0 = None if s0 is None else s0.float().contiguous()
-        need_grad = any(ctx.needs_input_grad[:7])
-        y, sT, st, cc = _fwd(r, w, k, v, a, b, s0, output_final_state, need_grad)
+        ctx.cfg = CONFIG   # the backward indexes the forward's saved chunks: it must use the same settings
+        ctx.set_materialize_grads(False)
+        y, sT, st, cc = _fwd(r, w, k, v, a, b, s0, output_final_state, True, ctx.cfg)
         ctx.save_for_backward(r, w, k, v, a, b, st, cc)
         ctx.has_s0 = s0 is not None
         return y, sT
@@ -204,9 +215,9 @@ class ChunkWKV7(torch.autograd.Function):
     def backward(ctx, dy, dsT):
         r, w, k, v, a, b, st, cc = ctx.saved_tensors
         dsT = None if dsT is None else dsT.float().contiguous()
-        if dy is None:
+        if dy is None:   # only the final state has a gradient
             dy = torch.zeros_like(r)
-        grads = _bwd(r, w, k, v, a, b, st, cc, dy, dsT, ctx.has_s0)
+        grads = _bwd(r, w, k, v, a, b, st, cc, dy, dsT, ctx.has_s0, ctx.cfg)
         return (*grads, None)
 
 
@@ -215,10 +226,12 @@ class RecurrentWKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0, output_final_state):
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         s0 = None if s0 is None else s0.float().contiguous()
+        ctx.cfg = CONFIG
+        ctx.set_materialize_grads(False)
         B, T, H, N = r.shape
         BV = min(16, N)
-        y = _alloc((B, T, H, N), r.dtype, r.device)
-        sT = _alloc((B, H, N, N), torch.float32, r.device) if output_final_state else None
+        y = _alloc((B, T, H, N), r.dtype, r.device, ctx.cfg)
+        sT = _alloc((B, H, N, N), torch.float32, r.device, ctx.cfg) if output_final_state else None
         K.recurrent_fwd_kernel[(B * H, N // BV)](
             r, w, k, v, a, b, s0, y, sT, T, H, N=N, BV=BV, HAS_S0=s0 is not None,
             STORE_FINAL=output_final_state, num_warps=1)
@@ -229,11 +242,11 @@ class RecurrentWKV7(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dsT):
         r, w, k, v, a, b, s0 = ctx.saved_tensors
-        _, _, st, cc = _fwd(r, w, k, v, a, b, s0, False, True)
+        _, _, st, cc = _fwd(r, w, k, v, a, b, s0, False, True, ctx.cfg)
         dsT = None if dsT is None else dsT.float().contiguous()
-        if dy is None:
+        if dy is None:   # only the final state has a gradient
             dy = torch.zeros_like(r)
-        grads = _bwd(r, w, k, v, a, b, st, cc, dy, dsT, s0 is not None)
+        grads = _bwd(r, w, k, v, a, b, st, cc, dy, dsT, s0 is not None, ctx.cfg)
         return (*grads, None)
 
 
@@ -245,14 +258,23 @@ def chunk_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
     float32 and y is NaN/inf (CONFIG.check_decay raises instead). initial_state: [B, H, N, N] fp32
     ([value][key]) or None. Returns (y [B, T, H, N] in r's dtype, final_state [B, H, N, N] fp32 or None).
     Gradients flow to all six inputs and initial_state, from y and from final_state (first order only: a
-    second backward through them raises).
+    second backward through them raises). w = -inf (a decay of exactly 0) is outside the bound: NaN. A NaN or
+    inf in v or k at step t also turns y NaN at the earlier steps of its chunk (0 x NaN in the chunk's masked
+    products), unlike the step-by-step loop.
     """
     _check(r, w, k, v, a, b, initial_state)
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))):
+        # no backward will run (no_grad, inference_mode, or nothing requires grad): skip storing chunk states
+        xs = [x.contiguous() for x in (r, w, k, v, a, b)]
+        s0 = None if initial_state is None else initial_state.float().contiguous()
+        y, sT, _, _ = _fwd(*xs, s0, output_final_state, False, CONFIG)
+        return y, sT
     return ChunkWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)
 
 
 def recurrent_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
-    """Step-by-step Triton WKV7 (decoding, short T). Same arguments and results as `chunk_wkv7`;
-    the backward recomputes chunk states and uses the chunked backward kernel."""
+    """Step-by-step Triton WKV7 (decoding, short T). Same arguments and results as `chunk_wkv7`; the backward
+    recomputes chunk states and uses the chunked backward kernel, so the same bound on w holds for gradients
+    (-80 / chunk_size <= w), though this forward alone takes any w <= 0."""
     _check(r, w, k, v, a, b, initial_state)
     return RecurrentWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)

@@ -38,6 +38,10 @@ def chunk_wkv7_torch(r, w, k, v, a, b, initial_state=None, output_final_state=Fa
         return _chunk_wkv7_torch(r, w, k, v, a, b, initial_state, output_final_state, chunk_size)
 
 
+W_FLOOR = 60.0
+"""w below -W_FLOOR is taken as -W_FLOOR: a decay of e^-60 (1e-26) instead of 0 or less, the same to float64."""
+
+
 def _chunk_wkv7_torch(r, w, k, v, a, b, initial_state, output_final_state, chunk_size):
     B, T, H, N = r.shape
     in_dtype = r.dtype
@@ -53,6 +57,7 @@ def _chunk_wkv7_torch(r, w, k, v, a, b, initial_state, output_final_state, chunk
         return x.view(B, NC, C, H, N).permute(0, 3, 1, 2, 4)
 
     r, w, k, v, a, b = (prep(x) for x in (r, w, k, v, a, b))
+    w = w.clamp_min(-W_FLOOR)                       # a decay of exactly 0 (w = -inf) would give inf - inf
     g = torch.cumsum(w, dim=3)                      # [B, H, NC, C, K] inclusive
     gx = g - w                                      # exclusive
     gC = g[:, :, :, -1:, :]                         # [B, H, NC, 1, K]

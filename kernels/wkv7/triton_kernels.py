@@ -205,11 +205,11 @@ def _ldc(cc_ptr, i_bh, NC, n, j: tl.constexpr, offs_cc, C: tl.constexpr):
 @triton.jit
 def chunk_cc_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, cc_ptr, T, NC, H, N: tl.constexpr, C: tl.constexpr,
                     LOG2C: tl.constexpr, PREC: tl.constexpr, BIAS: tl.constexpr):
-    """Parallel, grid (NC, B*H): each chunk's [C, C] matrices Q = (I - L_ab)^{-1} - I, L_ak, M_rb, M_rk into
+    """Parallel, grid (NC * B*H,): each chunk's [C, C] matrices Q = (I - L_ab)^{-1} - I, L_ak, M_rb, M_rk into
     cc [B*H, NC, 4, C, C] fp32. They do not depend on the carried state, so the sequential kernels (and the
     backward's) load them instead of spending their serial steps on ~10 small dependent products."""
-    n = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    n = tl.program_id(0) % NC      # one-dimensional grid (chunks x heads): its second dimension stops at 65535
+    i_bh = tl.program_id(0) // NC
     i_b = i_bh // H
     i_h = i_bh % H
     offs_t = tl.arange(0, C)
@@ -390,13 +390,13 @@ def chunk_bwd_grads_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst
                            dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
                            T, NC, H, N: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
                            PREC: tl.constexpr, IO_DY: tl.constexpr, IO_V: tl.constexpr, BIAS: tl.constexpr):
-    """Parallel pass of the backward, grid (NC, B*H): one chunk each, from its start state st[n] and the
+    """Parallel pass of the backward, grid (NC * B*H,): one chunk each, from its start state st[n] and the
     gradient dst[n] of its end state; writes the chunk's dr, dw, dk, dv, da, db [B, T, H, N]. It recomputes
     the chunk's [C, C] matrices (_chunk_terms) rather than loading chunk_cc_kernel's: measured faster on the
     H200, where this kernel runs many programs at once. IO_DY / IO_V: 1 when dy / v is float32 (then "tf32c"
     counts it as a truncated operand; bf16/fp16 values are exact in tf32), else 0."""
-    n = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    n = tl.program_id(0) % NC      # one-dimensional grid (chunks x heads): its second dimension stops at 65535
+    i_bh = tl.program_id(0) // NC
     i_b = i_bh // H
     i_h = i_bh % H
     offs_t = tl.arange(0, C)

@@ -482,3 +482,31 @@ def test_doc_ids_from_keys_match_the_ingest_files(sample_out):
     assert any(ref[int(k)][1] is not None for k in every) and any(ref[int(k)][1] is None for k in every)
     with pytest.raises(BuildError, match="names no input file"):
         DocIds(every, units, m.components, paths).ids(np.array([(99 << 48) | 1], np.int64))
+
+
+def test_ingest_jobs_carry_no_file_lists(tmp_path):
+    """Each ingest job used to carry its component's whole file list (pickled per Ray task: quadratic in the
+    number of files); jobs now get the component with files/missing emptied, and the build is unchanged."""
+    seen = []
+
+    class Recording(LocalExecutor):
+        def ingest(self, jobs):
+            seen.extend(jobs)
+            return super().ingest(jobs)
+
+    docs = [{"text": f"Document {i} about rivers, hills and boats at dawn."} for i in range(3)]
+    files = {f"p/{i}.jsonl": docs[i:] for i in range(3)}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "m.yaml").write_text("name: t\nroot: data\ncomponents:\n  - name: a\n    paths: ['p/*.jsonl']\n")
+    for rel, d in files.items():
+        (tmp_path / "data" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / rel).write_text("".join(json.dumps(x) + "\n" for x in d))
+    m = load_manifest(str(tmp_path / "m.yaml"))
+    build(m, str(tmp_path / "out"), Recording(), progress=False)
+    assert len(seen) == 3 and all(job[1].files == [] and job[1].missing == [] for job in seen)
+    assert all(job[1].name == "a" and job[1].text_field == "text" for job in seen)
+    assert len(m.components[0].files) == 3   # the caller's manifest is left as it was
+    ref, _ = _tiny_build(tmp_path / "ref", files, "components:\n  - name: a\n    paths: ['p/*.jsonl']\n")
+    a, b = output_files(ref), output_files(str(tmp_path / "out"))
+    ia, ib = json.loads(a.pop("index.json")), json.loads(b.pop("index.json"))
+    assert a == b and ia["shards"] == ib["shards"] and ia["components"] == ib["components"]

@@ -272,12 +272,12 @@ def test_ray_map_and_reduce_accept_an_empty_block(empty_sig):
     empty = (np.zeros(0, np.int64), empty_sig)
     parts = 2
     maps = [_map_block(empty, cfg, parts), _map_block(full, cfg, parts), _map_block(empty, cfg, parts)]
-    edges = [e for i in range(parts) for e in _reduce_bands(cfg, parts, *[m[i] for m in maps])]
+    edges = [_reduce_bands(cfg, *[m[i] for m in maps])[0] for i in range(parts)]
     pairs = {(int(a), int(b)) for x, y in edges for a, b in zip(x, y)}
     assert pairs == {(2, 1), (1, 2)}
     assert nd.duplicates([full])[0].tolist() == [2]
-    only_empty = [_reduce_bands(cfg, parts, *[m[i] for m in maps[::2]]) for i in range(parts)]
-    assert all(len(x) == 0 for red in only_empty for x, _ in red)
+    only_empty = [_reduce_bands(cfg, *[m[i] for m in maps[::2]]) for i in range(parts)]
+    assert all(len(x) == 0 and n == 0 for (x, _), n in only_empty)
 
 
 def _abc():
@@ -305,7 +305,7 @@ def test_verified_members_of_a_bucket_are_linked_whatever_the_input_order():
     for perm in ([0, 1, 2], [1, 2, 0], [2, 0, 1]):
         removed, dup = lsh.duplicates_local(keys[perm], sig[perm], cfg)
         assert (removed.tolist(), dup.tolist()) == ([2], [1])
-    red = ray_exec._reduce_bands(cfg, 1, ray_exec._map_block((keys[[2, 0, 1]], sig[[2, 0, 1]]), cfg, 1))
+    red, _ = ray_exec._reduce_bands(cfg, ray_exec._map_block((keys[[2, 0, 1]], sig[[2, 0, 1]]), cfg, 1))
     u, v, _ = cc.star_components(red[0], red[1], parts=1)
     assert (u.tolist(), v.tolist()) == ([2], [1])
 
@@ -361,3 +361,62 @@ def test_local_near_dedup_reports_each_band():
     removed, _ = nd.duplicates([(np.arange(len(sig), dtype=np.int64), sig)], lambda d, b: calls.append((d, b)))
     assert calls == [(j + 1, cfg.bands) for j in range(cfg.bands)]
     assert sorted(removed.tolist()) == [30, 31, 32]
+
+
+def test_ray_plan_sizes_partitions_from_the_data_and_groups_blocks():
+    """Partitions came from the CPU count (2 x 1,280 on a big cluster) and each block was one map task, so most
+    map pieces were under Ray's 100 KiB inline limit and landed in the driver. The plan sizes both from the data."""
+    from pipeline.dedup.ray_exec import plan, row_bytes
+
+    cfg = MinHashConfig()
+    doc_bytes = cfg.bands * row_bytes(cfg)
+    assert doc_bytes == 14 * (16 + 128)
+    assert plan([10_000] * 16, cfg)[0] == -(-160_000 * doc_bytes // (64 << 20)) == 5
+    assert plan([10_000] * 50_000, cfg)[0] == 512                      # clamped: 3e9-document scale
+    assert plan([3], cfg) == (1, [[0]])
+    for sizes, parts in (([10_000] * 16, 256), ([10_000] * 300, 512), ([7, 70_000, 5] * 40, 64), ([10] * 9, 3)):
+        p, groups = plan(sizes, MinHashConfig(partitions=parts))
+        assert p == parts and sorted(i for g in groups for i in g) == list(range(len(sizes)))
+        assert all(g == list(range(g[0], g[-1] + 1)) for g in groups)      # consecutive blocks
+        docs = [sum(sizes[i] for i in g) for g in groups]
+        if len(groups) > 1:                                               # every piece >= min_piece_kib
+            assert min(docs) * doc_bytes // parts >= cfg.min_piece_kib << 10
+    small = MinHashConfig(map_docs=30, min_piece_kib=0)
+    assert plan([10] * 9, small)[1] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert plan([10] * 7, small)[1] == [[0, 1, 2], [3, 4, 5, 6]]             # a short last group joins the one before
+    with pytest.raises(ValueError, match="max_in_flight"):
+        MinHashConfig(max_in_flight=0)
+
+
+def test_ray_result_is_independent_of_partitions_grouping_and_merges():
+    """Partition counts, block groupings, map tasks in flight, merges of finished maps and component
+    partitions change how the work is cut, never the removed keys or their duplicate_of."""
+    import ray
+
+    from pipeline.dedup import ray_exec
+
+    texts, _ = make_corpus(SynthConfig(docs=1200, seed=8, mean_chars=500))
+    sig = NearDedup(MinHashConfig(mode="local")).signatures(texts)
+    keys = np.random.default_rng(2).permutation(10 * len(texts))[: len(texts)].astype(np.int64)
+    blocks = [(keys[i : i + 40], sig[i : i + 40]) for i in range(0, len(texts), 40)]   # 30 blocks
+    settings = [  # (config, map tasks, merged maps, component partitions)
+        ({}, 1, 0, 1),                                                    # sized from the data: one of each
+        (dict(partitions=7, map_docs=1, min_piece_kib=0, max_in_flight=1, component_partitions=3), 30, 16, 3),
+        (dict(partitions=2, map_docs=100, min_piece_kib=0, max_in_flight=3, component_partitions=5), 10, 0, 5),
+        (dict(partitions=4, map_docs=1, min_piece_kib=0), 30, 16, 1),
+        (dict(partitions=3, verify=False, map_docs=500, min_piece_kib=0), 2, 0, 1),
+    ]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for params, map_tasks, merged, q in settings:
+            cfg = MinHashConfig(mode="ray", **params)
+            want = lsh.duplicates_local(keys, sig, cfg)
+            assert len(want[0]) > 50
+            for blk in (blocks, [ray.put(b) for b in blocks]):
+                removed, dup, stats = ray_exec.duplicates_ray(blk, cfg)
+                np.testing.assert_array_equal(removed, want[0])
+                np.testing.assert_array_equal(dup, want[1])
+                assert (stats["map_tasks"], stats["merged_maps"], stats["component_partitions"]) == (map_tasks, merged, q)
+        assert ray_exec.duplicates_ray([], MinHashConfig())[0].tolist() == []
+    finally:
+        ray.shutdown()

@@ -83,7 +83,24 @@ class MinHashConfig:
     ray_min_docs: int = 20_000_000
     """Input size from which "auto" starts Ray even when it is not running."""
     partitions: int | None = None
-    """Shuffle partitions on Ray; None = 2 x the cluster's CPUs."""
+    """Band-shuffle partitions on Ray (reduce tasks); None: from the data, ceil(band-row bytes / partition_mib)
+    within [1, max_partitions] (a band row is 16 B + num_perm * verify_bits / 8 B with `verify`)."""
+    partition_mib: int = 64
+    """Target size of one partition (MiB of band rows, or of edges for the connected components) when
+    `partitions` / `component_partitions` are None; a task's memory is a few times this."""
+    max_partitions: int = 512
+    """Upper bound on derived partition counts: the driver owns (map tasks in flight + merged maps) x
+    partitions refs of a few KB each, so more partitions cost driver memory."""
+    map_docs: int = 1_000_000
+    """Documents per map task on Ray: consecutive signature blocks are grouped up to this (or more, so that
+    each of a map task's pieces is at least `min_piece_kib`)."""
+    min_piece_kib: int = 1024
+    """Smallest map output piece aimed for: Ray returns objects under 100 KiB inline into the driver's memory."""
+    max_in_flight: int | None = None
+    """Map tasks submitted but not finished, at most; None = 2 x the cluster's CPUs."""
+    component_partitions: int | None = None
+    """Partitions of the connected-components rounds on Ray; None: from the edge count (16 B per directed
+    edge / partition_mib, within [1, max_partitions])."""
     max_rounds: int = 64
     """Upper bound on large-star/small-star rounds of the distributed connected components."""
 
@@ -101,6 +118,11 @@ class MinHashConfig:
             raise ValueError("give both bands and rows, or neither")
         if self.bands is not None and (self.bands < 1 or self.rows < 1):
             raise ValueError(f"bands and rows must be >= 1, got bands={self.bands} rows={self.rows}")
+        for name in ("partitions", "component_partitions", "max_in_flight"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+        if min(self.partition_mib, self.max_partitions, self.map_docs) < 1 or self.min_piece_kib < 0:
+            raise ValueError("partition_mib, max_partitions and map_docs must be >= 1, min_piece_kib >= 0")
         if self.verify_bits not in (8, 16, 32):
             raise ValueError(f"verify_bits must be 8, 16 or 32, got {self.verify_bits}")
         if self.fp_weight is None:

@@ -1,18 +1,24 @@
 """The near-dedup stage on Ray: band shuffle, candidate edges, distributed connected components.
 
-  1. map (one task per input block): band keys [n, bands]; rows (band key, doc key[, low 8 bits of the signature])
-     are split into P partitions by band key and returned as P objects (num_returns=P).
+  1. map (one task per group of consecutive input blocks, ~`map_docs` documents): band keys [n, bands]; rows
+     (band key, doc key[, low b bits of the signature]) are split into P partitions by band key and returned
+     as P objects (num_returns=P). At most `max_in_flight` map tasks run at once; every MERGE_MAPS finished
+     ones are merged, partition by partition, into one object each (Ray's push-based shuffle does the same).
   2. reduce (one task per band partition): star edges inside each bucket, signature verification,
-     then a local union-find that compresses the partition's edges to a forest (node -> local min);
-     the edges are split by node into P partitions for step 3.
-  3. large-star / small-star rounds (components.py): each round is P tasks, task i receiving the
-     i-th output of every task of the previous round; each returns P edge partitions and a checksum.
-     The driver only sees the P checksums per round and stops at the fixed point.
+     then a local union-find that compresses the partition's edges to a forest (node -> local min).
+  3. large-star / small-star rounds (components.py) over Q partitions sized from the forest's edge
+     count: each round is Q tasks, task i receiving the i-th output of every task of the previous round;
+     each returns Q edge partitions and a checksum. The driver only sees the Q checksums per round
+     and stops at the fixed point.
   4. the final edges (u -> component minimum, u > minimum) are gathered, which is the result.
 
-No process holds all signatures (each map task holds one block, each reduce task 1/P of the band
-rows) or all edges (each round task holds 1/P of them); the driver holds object references and the
-final (removed, duplicate_of) arrays.
+Why the sizes: Ray returns an object under 100 KiB inline into the memory of the process that
+submitted the task, and every ObjectRef it owns costs that process a few KB. So the driver must own
+few refs, and the pieces it owns must be large: P is chosen from the band rows' bytes (not the CPU
+count) and blocks are grouped so each map piece is at least `min_piece_kib`. The driver then holds
+(max_in_flight + MERGE_MAPS + groups / MERGE_MAPS) x P refs at most during the shuffle, and no band
+rows. No process holds all signatures or all edges; the result does not depend on P, Q, the grouping
+or the merges (buckets never straddle partitions and each task sorts its input).
 """
 
 from __future__ import annotations
@@ -24,11 +30,48 @@ from . import components as cc
 from .config import MinHashConfig
 from .lsh import band_keys, bucket_edges, components, low_bits, min_agreeing, star_edges
 
+MERGE_MAPS = 16
+"""Finished map tasks whose pieces are concatenated, partition by partition, into one object each."""
+
 
 def _split(parts: int, part: np.ndarray, *cols: np.ndarray) -> list[tuple[np.ndarray, ...]]:
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(parts + 1))
     return [tuple(c[order[bounds[i] : bounds[i + 1]]] for c in cols) for i in range(parts)]
+
+
+def _concat(*pieces: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    return tuple(np.concatenate(cols) for cols in zip(*pieces))
+
+
+def row_bytes(cfg: MinHashConfig) -> int:
+    """Bytes of one band row in the shuffle: band key, doc key and, with `verify`, the b-bit signature."""
+    return 16 + (cfg.num_perm * cfg.verify_bits // 8 if cfg.verify else 0)
+
+
+def plan(sizes: list[int], cfg: MinHashConfig) -> tuple[int, list[list[int]]]:
+    """(band partitions P, groups of consecutive block indices, one map task each) for blocks of `sizes` docs.
+
+    P = cfg.partitions, else ceil(band-row bytes / partition_mib) within [1, max_partitions]. A group
+    collects blocks until it has max(map_docs, docs making each of its P pieces >= min_piece_kib)
+    documents; a short last group joins the one before it, so its pieces are not small either.
+    """
+    doc_bytes = cfg.bands * row_bytes(cfg)
+    total = sum(sizes) * doc_bytes
+    parts = cfg.partitions or int(min(cfg.max_partitions, max(1, -(-total // (cfg.partition_mib << 20)))))
+    target = max(cfg.map_docs, -(-parts * (cfg.min_piece_kib << 10) // doc_bytes))
+    groups: list[list[int]] = []
+    docs = target
+    for i, n in enumerate(sizes):
+        if docs >= target:
+            groups.append([])
+            docs = 0
+        groups[-1].append(i)
+        docs += n
+    if len(groups) > 1 and docs < target // 2:
+        last = groups.pop()
+        groups[-1] += last
+    return parts, groups
 
 
 def _map_block(block, cfg: MinHashConfig, parts: int):
@@ -50,7 +93,16 @@ def _map_block(block, cfg: MinHashConfig, parts: int):
     return out if parts > 1 else out[0]
 
 
-def _reduce_bands(cfg: MinHashConfig, parts: int, *pieces):
+def _map_group(cfg: MinHashConfig, parts: int, *blocks):
+    """_map_block over several blocks, piece i of the result = piece i of every block, concatenated."""
+    outs = [_map_block(b, cfg, parts) for b in blocks]
+    if parts == 1:
+        return _concat(*outs)
+    return [_concat(*[o[i] for o in outs]) for i in range(parts)]
+
+
+def _reduce_bands(cfg: MinHashConfig, *pieces):
+    """Band rows of one partition -> (its edge forest in both directions (a, b) int64 [e], e)."""
     bk = np.concatenate([p[0] for p in pieces])
     keys = np.concatenate([p[1] for p in pieces])
     pos = np.arange(len(keys), dtype=np.int64)
@@ -61,43 +113,100 @@ def _reduce_bands(cfg: MinHashConfig, parts: int, *pieces):
         u, v = star_edges(bk, keys)
     ru, rv = components(u, v)  # local forest: each node -> its local minimum
     a, b = cc.both_directions(ru, rv)
+    return (a, b), len(a)
+
+
+def _split_edges(parts: int, *pieces):
+    a, b = _concat(*pieces)
     out = _split(parts, cc.partition_of(a, parts), a, b)
     return out if parts > 1 else out[0]
 
 
 def _round(kind: str, parts: int, *pieces):
-    a = np.concatenate([p[0] for p in pieces])
-    b = np.concatenate([p[1] for p in pieces])
+    a, b = _concat(*pieces)
     x, y = (cc.large_star if kind == "large" else cc.small_star)(a, b)
     a, b = cc.both_directions(x, y)
     out = _split(parts, cc.partition_of(a, parts), a, b)
     return (*out, cc.checksum(a, b)) if parts > 1 else (out[0], cc.checksum(a, b))
 
 
+def _count(block) -> int:
+    return len(block[0])
+
+
+def _shuffle_bands(blocks, groups: list[list[int]], parts: int, cap: int, cfg: MinHashConfig) -> tuple[list[list], int]:
+    """Submit the map tasks (at most `cap` running), merge finished ones. Returns (pieces, merged maps):
+    pieces[i] are the refs of partition i's band rows."""
+    mapper = ray.remote(num_returns=parts)(_map_group)
+    merger = ray.remote(_concat)
+    pieces: list[list] = [[] for _ in range(parts)]
+    running: dict = {}  # a ref of each running map task -> all its refs
+    done: list[list] = []
+    merged = 0
+
+    def settle(wait_for: int) -> None:
+        nonlocal merged
+        while len(running) > wait_for:
+            ready, _ = ray.wait(list(running), num_returns=len(running) - wait_for)
+            done.extend(running.pop(r) for r in ready)
+        while len(done) >= MERGE_MAPS:
+            batch, done[:] = done[:MERGE_MAPS], done[MERGE_MAPS:]
+            merged += len(batch)
+            for i in range(parts):
+                pieces[i].append(merger.remote(*[m[i] for m in batch]))
+
+    for g in groups:
+        settle(cap - 1)
+        out = mapper.remote(cfg, parts, *[blocks[j] for j in g])
+        out = out if parts > 1 else [out]
+        running[out[-1]] = out
+    settle(0)
+    for m in done:  # fewer than MERGE_MAPS left: not worth another copy
+        for i in range(parts):
+            pieces[i].append(m[i])
+    return pieces, merged
+
+
 def duplicates_ray(blocks, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """(removed, duplicate_of, stats) for blocks of (keys [n] int64, signatures [n, P]) or ObjectRefs."""
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    parts = cfg.partitions or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    mapper = ray.remote(num_returns=parts)(_map_block)
-    reducer = ray.remote(num_returns=parts)(_reduce_bands)
-    rounder = ray.remote(num_returns=parts + 1)(_round)
+    if not blocks:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), {"partitions": 0, "map_tasks": 0, "rounds": 0}
+    count = ray.remote(_count)
+    sizes = [len(b[0]) if isinstance(b, tuple) else count.remote(b) for b in blocks]
+    refs = [s for s in sizes if not isinstance(s, int)]
+    got = iter(ray.get(refs))
+    sizes = [s if isinstance(s, int) else next(got) for s in sizes]
+    parts, groups = plan(sizes, cfg)
+    cap = cfg.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    blocks = [ray.put(b) if isinstance(b, tuple) else b for b in blocks]  # one copy each, whatever the grouping
+    pieces, merged = _shuffle_bands(blocks, groups, parts, cap, cfg)
 
-    def as_list(r):
-        return r if parts > 1 else [r]
-
-    maps = [as_list(mapper.remote(blk, cfg, parts)) for blk in blocks]
-    reds = [as_list(reducer.remote(cfg, parts, *[m[i] for m in maps])) for i in range(parts)]
-    edges = [[r[i] for r in reds] for i in range(parts)]  # edges[i]: pieces routed to partition i
+    reducer = ray.remote(num_returns=2)(_reduce_bands)
+    reds = [reducer.remote(cfg, *pieces[i]) for i in range(parts)]
+    del pieces
+    n_edges = sum(ray.get([r[1] for r in reds]))
+    q = cfg.component_partitions or int(
+        min(cfg.max_partitions, max(1, -(-n_edges * 16 // (cfg.partition_mib << 20))))
+    )
+    if q == 1:
+        edges = [[r[0] for r in reds]]
+    else:
+        splitter = ray.remote(num_returns=q)(_split_edges)
+        outs = [splitter.remote(q, r[0]) for r in reds]
+        edges = [[o[i] for o in outs] for i in range(q)]  # edges[i]: pieces routed to partition i
+    del reds
+    rounder = ray.remote(num_returns=q + 1)(_round)
     prev, rounds = None, 0
     while True:
         rounds += 1
         if rounds > cfg.max_rounds:
             raise RuntimeError(f"connected components did not converge in {cfg.max_rounds} rounds")
         for kind in ("large", "small"):
-            outs = [rounder.remote(kind, parts, *edges[i]) for i in range(parts)]
-            edges = [[o[i] for o in outs] for i in range(parts)]
-        sums = ray.get([o[parts] for o in outs])
+            outs = [rounder.remote(kind, q, *edges[i]) for i in range(q)]
+            edges = [[o[i] for o in outs] for i in range(q)]
+        sums = ray.get([o[q] for o in outs])
         cs = (sum(s[0] for s in sums), sum(s[1] for s in sums) % (1 << 64))
         if cs == prev:
             break
@@ -107,4 +216,6 @@ def duplicates_ray(blocks, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray, 
     b = np.concatenate([f[1] for f in finals]) if finals else np.zeros(0, np.int64)
     sel = b < a
     order = np.argsort(a[sel], kind="stable")
-    return a[sel][order], b[sel][order], {"partitions": parts, "rounds": rounds}
+    stats = {"partitions": parts, "map_tasks": len(groups), "merged_maps": merged, "component_partitions": q,
+             "rounds": rounds}
+    return a[sel][order], b[sel][order], stats

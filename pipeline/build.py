@@ -164,27 +164,38 @@ def _sweep_tmp(out: str) -> None:
                     pass
 
 
+def per_component(keys: np.ndarray, n: int) -> np.ndarray:
+    """[n] documents per component among ``keys`` (a key's top 16 bits are its component), in one pass; the
+    plain form, ``count_nonzero((keys >> 48) == ci)`` per component, is components x keys."""
+    return np.bincount(keys >> 48, minlength=n)[:n] if len(keys) else np.zeros(n, np.int64)
+
+
 def _stage_counts(metas: list[dict], comps: list[str], removed: dict[str, np.ndarray],
                   tok_metas: list[dict], near_enabled: bool) -> dict[str, dict]:
     out: dict[str, dict] = {}
+    by_ci: dict[int, list[dict]] = {}
+    for m in metas:
+        by_ci.setdefault(m["ci"], []).append(m)
+    by_name: dict[str, list[dict]] = {}
+    for t in tok_metas:
+        by_name.setdefault(t["component"], []).append(t)
+    n_removed = {s: per_component(removed.get(s, np.zeros(0, np.int64)), len(comps))
+                 for s in ("exact_dedup", "near_dedup")}
     for ci, name in enumerate(comps):
         st = {s: {"in": 0, "out": 0, "dropped": Counter()} for s in STAGES}
-        for m in metas:
-            if m["ci"] != ci:
-                continue
+        for m in by_ci.get(ci, []):
             for s in ("read", "filter"):
                 st[s]["in"] += m[s]["in"]
                 st[s]["out"] += m[s]["out"]
                 st[s]["dropped"].update(m[s]["dropped"])
         n = st["filter"]["out"]
         for s, reason in (("exact_dedup", "duplicate"), ("near_dedup", "near_duplicate")):
-            r = removed.get(s, np.zeros(0, np.int64))
-            k = int(np.count_nonzero((r >> 48) == ci))
+            k = int(n_removed[s][ci])
             st[s]["in"], st[s]["out"] = n, n - k
             if k:
                 st[s]["dropped"][reason] = k
             n -= k
-        tok = [t for t in tok_metas if t["component"] == name]
+        tok = by_name.get(name, [])
         st["tokenize"]["in"] = n
         st["tokenize"]["out"] = sum(t["docs_out"] for t in tok)
         if not near_enabled:
@@ -193,6 +204,18 @@ def _stage_counts(metas: list[dict], comps: list[str], removed: dict[str, np.nda
                      for s, v in st.items()}
         out[name]["tokenize"]["tokens_out"] = sum(t["tokens"] for t in tok)  # tokens exist from this stage on
     return out
+
+
+def read_dedup(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(removed, duplicate_of) per dedup stage, keys sorted, from ``work/dedup.arrow``; the stage column is
+    compared in Arrow (its strings were made Python objects: ~112 B per removed document)."""
+    t = stages.read_arrow(path)
+    rk, ok = t.column("key").to_numpy(), t.column("duplicate_of").to_numpy()
+    removed, dup_of = {}, {}
+    for s in ("exact_dedup", "near_dedup"):
+        mask = pc.equal(t.column("stage"), s).to_numpy()  # [m] bool
+        removed[s], dup_of[s] = rk[mask], ok[mask]
+    return removed, dup_of
 
 
 def _resumed(run, jobs: list[tuple], markers: list[str]):
@@ -369,11 +392,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     t0 = time.perf_counter()
     dedup_path = os.path.join(work, "dedup.arrow")
     if os.path.exists(dedup_path):
-        t = stages.read_arrow(dedup_path)
-        stage_col = np.array(t.column("stage").to_pylist())
-        rk, ok = t.column("key").to_numpy(), t.column("duplicate_of").to_numpy()
-        removed = {s: rk[stage_col == s] for s in ("exact_dedup", "near_dedup")}
-        dup_of = {s: ok[stage_col == s] for s in ("exact_dedup", "near_dedup")}
+        removed, dup_of = read_dedup(dedup_path)
     else:
         empty = np.zeros(0, np.int64)
         removed, dup_of = {"exact_dedup": empty, "near_dedup": empty}, {"exact_dedup": empty, "near_dedup": empty}
@@ -480,10 +499,9 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     counts = _stage_counts(metas, [c.name for c in comps], removed, tok_metas, nd.enabled)
     components = {}
     for c in comps:
-        tm = [t for t in tok_metas if t["component"] == c.name]
+        tk = counts[c.name]["tokenize"]
         components[c.name] = {"weight": c.weight, "language": c.language, "category": c.category,
-                              "documents": sum(t["docs_out"] for t in tm), "tokens": sum(t["tokens"] for t in tm),
-                              "stages": counts[c.name]}
+                              "documents": tk["out"], "tokens": tk["tokens_out"], "stages": counts[c.name]}
     shards_idx = [{k: m[k] for k in ("path", "documents", "tokens", "bytes", "sha256")} for m in shard_metas]
     index = {"schema_version": SCHEMA_VERSION, "shard_format": "arrow_ipc_stream",
              "tokenizer": {"name": TOKENIZER_NAME, "sha256": tok.vocab_sha256, "eod_id": 0,

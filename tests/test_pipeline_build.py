@@ -555,3 +555,28 @@ def test_ray_executor_takes_every_finished_job_per_wait(tmp_path, monkeypatch):
                 except ProcessLookupError:
                     pass
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_per_component_counts_and_dedup_read_match_plain_forms(tmp_path):
+    """per_component (one bincount) against count_nonzero per component; read_dedup (stage compared in Arrow)
+    against the stage column as Python strings, on random dedup tables (empty ones too)."""
+    import numpy as np
+
+    from pipeline.build import per_component, read_dedup
+
+    rng = np.random.default_rng(2)
+    for i in range(30):
+        n_comp, m = int(rng.integers(1, 40)), int(rng.choice([0, 1, 50, 3000]))
+        keys = np.sort((rng.integers(0, n_comp, m) << 48) | rng.integers(0, 1 << 48, m))
+        assert per_component(keys, n_comp).tolist() == [int(np.count_nonzero((keys >> 48) == c)) for c in range(n_comp)]
+        ofs = rng.integers(0, 1 << 50, m)
+        stage = rng.choice(["exact_dedup", "near_dedup"], m).tolist()
+        table = pa.table({"key": keys, "duplicate_of": ofs, "stage": pa.array(stage, pa.string())})
+        path = str(tmp_path / f"dedup{i}.arrow")
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table, max_chunksize=700)
+        removed, dup_of = read_dedup(path)
+        col = np.array(stage)
+        for s in ("exact_dedup", "near_dedup"):
+            assert np.array_equal(removed[s], keys[col == s]) and np.array_equal(dup_of[s], ofs[col == s])
+            assert removed[s].dtype == dup_of[s].dtype == np.int64

@@ -212,8 +212,8 @@ def ours_raw_fwd_bwd_fn(x, dy):
     args = [x[n] for n in "rwkvab"]
 
     def run():
-        _, _, st, cc = ours._fwd(*args, None, False, True)
-        return ours._bwd(*args, st, cc, dy, None, False)
+        _, _, st, cc = ours._fwd(*args, None, False, True, ours.CONFIG)
+        return ours._bwd(*args, st, cc, dy, None, False, ours.CONFIG)
     return run
 
 

@@ -14,7 +14,7 @@ Each variant is checked against the shipped kernel on the same inputs (RMS-relat
 (median of triton.testing.do_bench) on real chunk-start states and state gradients from the shipped forward
 and state pass. Also runs on the CPU under TRITON_INTERPRET=1 (small shapes, `--check-only`).
 
-    python bench/wkv7_grads.py --shapes 8-4096-32,16-512-12 --variants shipped,shipped-qtf32cs,ks32,ks32-r168
+    python bench/wkv7_grads.py --shapes 8-4096-32,16-512-12 --variants shipped,shipped-qtf32c,ks32,ks32-r168
 """
 from __future__ import annotations
 
@@ -154,12 +154,12 @@ def parse_variant(v):
 def launch(var, x, st, dst, dy, grads, T, NC, H, C, prec):
     kw = {"num_warps": var["warps"], **({"maxnreg": var["maxnreg"]} if var["maxnreg"] else {})}
     prec = var["prec"] or prec
-    if var["kernel"] != "shipped" and prec in ("tf32c", "tf32cs"):
+    if var["kernel"] != "shipped" and prec in ("tf32c", "bf16x3k"):
         prec = "tf32"   # the variants take plain tl.dot precisions (they were timed with "tf32")
     B = x["r"].shape[0]
     args = (x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], st, dst, dy, *grads, T, NC, H)
     if var["kernel"] == "shipped":
-        return K.chunk_bwd_grads_kernel[(NC, B * H)](*args, N=64, C=C, LOG2C=int(math.log2(C)), PREC=prec,
+        return K.chunk_bwd_grads_kernel[(NC * B * H,)](*args, N=64, C=C, LOG2C=int(math.log2(C)), PREC=prec,
                                                      IO_DY=0, IO_V=0, BIAS=ours._bias(x["r"]), **kw)
     return grads_ks_kernel[(NC, B * H)](*args, N=64, C=C, BK=var["BK"], LOG2C=int(math.log2(C)), PREC=prec, **kw)
 
@@ -173,14 +173,15 @@ def setup(B, T, H, device):
     """Real chunk-start states and state gradients from the shipped forward and state pass."""
     x = make_inputs(B, T, H, device)
     dy = torch.randn_like(x["v"])
-    _, _, st, cc = ours._fwd(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], None, False, True)
+    _, _, st, cc = ours._fwd(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], None, False, True, ours.CONFIG)
     C, NC = ours.CONFIG.chunk_size, st.shape[2]
-    BV = ours._block_v(B, H, 64)
+    BV = ours._block_v(B, H, 64, ours.CONFIG)
     dst = torch.empty_like(st)
     ds0 = torch.empty((B, H, 64, 64), dtype=torch.float32, device=device)
     K.chunk_bwd_dstate_kernel[(B * H, 64 // BV)](
         x["r"], x["w"], x["a"], x["b"], cc, dy, None, dst, ds0, T, NC, H, N=64, C=C, BV=BV, HAS_DST=False,
-        PREFETCH=ours.CONFIG.prefetch, PREC=ours.CONFIG.precision_state_bwd, IO_DY=0, BIAS=ours._bias(dy),
+        PREFETCH=ours.CONFIG.prefetch, IO_DY=0, BIAS=ours._bias(dy),
+        PREC=ours._sequential_precision(ours.CONFIG.precision_state_bwd, "tf32c", dy, B * H * (64 // BV)),
         num_warps=ours.CONFIG.num_warps)
     return x, dy, st, dst, C, NC
 

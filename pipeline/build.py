@@ -212,7 +212,7 @@ def read_dedup(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
     t = stages.read_arrow(path)
     rk, ok = t.column("key").to_numpy(), t.column("duplicate_of").to_numpy()
     removed, dup_of = {}, {}
-    for s in ("exact_dedup", "near_dedup"):
+    for s in DEDUP_STAGES:
         mask = pc.equal(t.column("stage"), s).to_numpy()  # [m] bool
         removed[s], dup_of[s] = rk[mask], ok[mask]
     return removed, dup_of
@@ -329,6 +329,32 @@ class DocIds:
         return out
 
 
+DEDUP_STAGES = ("exact_dedup", "near_dedup")
+DUP_CHUNK_ROWS = 100_000
+"""duplicates.jsonl is made and written this many lines at a time: ~600 B per line while its chunk is built
+(Python strings), so ~60 MB, whatever the number of removed documents."""
+
+
+def _write_duplicates(path: str, keys: np.ndarray, ofs: np.ndarray, stage: np.ndarray, comps: list,
+                      ids: DocIds) -> None:
+    """duplicates.jsonl: one line per removed document ([m] ``keys``, sorted), naming the document it
+    duplicates (``ofs``) and the stage (``stage``, an index into DEDUP_STAGES), streamed to a temp file in
+    chunks of DUP_CHUNK_ROWS lines and renamed into place, so the driver never holds the whole file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        for a in range(0, len(keys), DUP_CHUNK_ROWS):
+            k, o = keys[a:a + DUP_CHUNK_ROWS], ofs[a:a + DUP_CHUNK_ROWS]
+            f.write("".join(
+                json.dumps({"id": i, "duplicate_of": j, "stage": DEDUP_STAGES[s], "component": comps[c].name,
+                            **({"source_id": x, "duplicate_of_source_id": y} if x is not None or y is not None else {})},
+                           ensure_ascii=False) + "\n"
+                for i, j, s, c, x, y in zip(ids.ids(k), ids.ids(o), stage[a:a + DUP_CHUNK_ROWS].tolist(),
+                                            (k >> 48).tolist(), ids.source_ids(k), ids.source_ids(o))).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
           near_threshold: float | None = None, progress: bool = True, force: bool = False,
           manifest_arg: str | None = None) -> dict:
@@ -437,22 +463,18 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
             dup_of["exact_dedup"] = np.where(hop, on[pos], dup_of["exact_dedup"])
         keys = np.concatenate([removed["exact_dedup"], removed["near_dedup"]])
         ofs = np.concatenate([dup_of["exact_dedup"], dup_of["near_dedup"]])
-        names = ["exact_dedup"] * len(removed["exact_dedup"]) + ["near_dedup"] * len(removed["near_dedup"])
+        stage = np.repeat(np.arange(len(DEDUP_STAGES), dtype=np.int8),
+                          [len(removed["exact_dedup"]), len(removed["near_dedup"])])  # [m] index into DEDUP_STAGES
         order = np.argsort(keys, kind="stable")
-        table = pa.table({"key": keys[order], "duplicate_of": ofs[order],
-                          "stage": pa.array([names[i] for i in order], pa.string())})
+        keys, ofs, stage = keys[order], ofs[order], stage[order]
+        table = pa.table({"key": keys, "duplicate_of": ofs,
+                          "stage": pa.array(DEDUP_STAGES, pa.string()).take(pa.array(stage))})
         tmp = dedup_path + f".tmp{os.getpid()}"
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
             w.write_table(table)
-        keys, ofs, names = keys[order], ofs[order], [names[i] for i in order]
-        ids = DocIds(np.concatenate([keys, ofs]), units, comps, ingest_paths)
-        lines = [json.dumps({"id": i, "duplicate_of": j, "stage": s, "component": comps[c].name,
-                             **({"source_id": a, "duplicate_of_source_id": b} if a is not None or b is not None else {})},
-                            ensure_ascii=False)
-                 for i, j, s, c, a, b in zip(ids.ids(keys), ids.ids(ofs), names, (keys >> 48).tolist(),
-                                             ids.source_ids(keys), ids.source_ids(ofs))]
-        stages.atomic_write_bytes(os.path.join(out, "duplicates.jsonl"),
-                                  ("\n".join(lines) + "\n" if lines else "").encode())
+        del table
+        _write_duplicates(os.path.join(out, "duplicates.jsonl"), keys, ofs, stage, comps,
+                          DocIds(np.concatenate([keys, ofs]), units, comps, ingest_paths))
         stages.fsync_file(tmp)
         os.replace(tmp, dedup_path)  # the marker of this stage
     timings["dedup_wall"] = time.perf_counter() - t0

@@ -580,3 +580,28 @@ def test_per_component_counts_and_dedup_read_match_plain_forms(tmp_path):
         for s in ("exact_dedup", "near_dedup"):
             assert np.array_equal(removed[s], keys[col == s]) and np.array_equal(dup_of[s], ofs[col == s])
             assert removed[s].dtype == dup_of[s].dtype == np.int64
+
+
+def test_duplicates_jsonl_written_in_chunks_is_the_same_file(tmp_path, monkeypatch):
+    """duplicates.jsonl is streamed DUP_CHUNK_ROWS lines at a time (it was one joined string in the driver):
+    chunks of 2 lines and of 1 give the same bytes as one chunk, with and without source ids."""
+    from pipeline import build as build_mod
+
+    texts = [f"Document {i} about rivers, hills and boats at dawn, with its own words {'x' * i}." for i in range(4)]
+    files = {"a/0.jsonl": [{"id": f"s{i}", "text": t} for i, t in enumerate(texts)],
+             "a/1.jsonl": [{"id": i, "text": t} for i, t in enumerate(texts[::-1])] + [{"text": texts[0]}],
+             "b.jsonl": [{"text": t} for t in texts[1:]]}
+    body = ("components:\n  - name: a\n    paths: ['a/*.jsonl']\n    id_field: id\n"
+            "  - name: b\n    paths: [b.jsonl]\n")
+    got = {}
+    for rows in (build_mod.DUP_CHUNK_ROWS, 2, 1):
+        monkeypatch.setattr(build_mod, "DUP_CHUNK_ROWS", rows)
+        out, report = _tiny_build(tmp_path / str(rows), files, body)
+        got[rows] = open(os.path.join(out, "duplicates.jsonl"), "rb").read()
+    lines = [json.loads(ln) for ln in got[1].splitlines()]
+    assert len(lines) == report["duplicates"]["exact"] == 8
+    assert lines[0] == {"id": "a/a/1.jsonl:1", "duplicate_of": "a/a/0.jsonl:4", "stage": "exact_dedup", "component": "a",
+                        "source_id": "0", "duplicate_of_source_id": "s3"}
+    assert lines[-1] == {"id": "b/b.jsonl:3", "duplicate_of": "a/a/0.jsonl:4", "stage": "exact_dedup", "component": "b",
+                         "source_id": None, "duplicate_of_source_id": "s3"}
+    assert got[1] == got[2] == got[build_mod.DUP_CHUNK_ROWS]

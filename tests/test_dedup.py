@@ -366,13 +366,13 @@ def test_local_near_dedup_reports_each_band():
 def test_ray_plan_sizes_partitions_from_the_data_and_groups_blocks():
     """Partitions came from the CPU count (2 x 1,280 on a big cluster) and each block was one map task, so most
     map pieces were under Ray's 100 KiB inline limit and landed in the driver. The plan sizes both from the data."""
-    from pipeline.dedup.ray_exec import plan, row_bytes
+    from pipeline.dedup.ray_exec import in_flight_cap, plan, row_bytes
 
     cfg = MinHashConfig()
     doc_bytes = cfg.bands * row_bytes(cfg)
     assert doc_bytes == 14 * (16 + 128)
     assert plan([10_000] * 16, cfg)[0] == -(-160_000 * doc_bytes // (64 << 20)) == 5
-    assert plan([10_000] * 50_000, cfg)[0] == 512                      # clamped: 3e9-document scale
+    assert plan([10_000] * 50_000, cfg)[0] == 2048                     # clamped (5e8 documents)
     assert plan([3], cfg) == (1, [[0]])
     for sizes, parts in (([10_000] * 16, 256), ([10_000] * 300, 512), ([7, 70_000, 5] * 40, 64), ([10] * 9, 3)):
         p, groups = plan(sizes, MinHashConfig(partitions=parts))
@@ -384,6 +384,8 @@ def test_ray_plan_sizes_partitions_from_the_data_and_groups_blocks():
     small = MinHashConfig(map_docs=30, min_piece_kib=0)
     assert plan([10] * 9, small)[1] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert plan([10] * 7, small)[1] == [[0, 1, 2], [3, 4, 5, 6]]             # a short last group joins the one before
+    assert (in_flight_cap(cfg, 4, 2), in_flight_cap(cfg, 512, 1280), in_flight_cap(cfg, 1 << 20, 8)) == (4, 128, 1)
+    assert in_flight_cap(MinHashConfig(max_in_flight=3), 512, 1280) == 3
     with pytest.raises(ValueError, match="max_in_flight"):
         MinHashConfig(max_in_flight=0)
 
@@ -398,12 +400,12 @@ def test_ray_result_is_independent_of_partitions_grouping_and_merges():
     texts, _ = make_corpus(SynthConfig(docs=1200, seed=8, mean_chars=500))
     sig = NearDedup(MinHashConfig(mode="local")).signatures(texts)
     keys = np.random.default_rng(2).permutation(10 * len(texts))[: len(texts)].astype(np.int64)
-    blocks = [(keys[i : i + 40], sig[i : i + 40]) for i in range(0, len(texts), 40)]   # 30 blocks
+    blocks = [(keys[i : i + 30], sig[i : i + 30]) for i in range(0, len(texts), 30)]   # 40 blocks
     settings = [  # (config, map tasks, merged maps, component partitions)
         ({}, 1, 0, 1),                                                    # sized from the data: one of each
-        (dict(partitions=7, map_docs=1, min_piece_kib=0, max_in_flight=1, component_partitions=3), 30, 16, 3),
-        (dict(partitions=2, map_docs=100, min_piece_kib=0, max_in_flight=3, component_partitions=5), 10, 0, 5),
-        (dict(partitions=4, map_docs=1, min_piece_kib=0), 30, 16, 1),
+        (dict(partitions=7, map_docs=1, min_piece_kib=0, max_in_flight=1, component_partitions=3), 40, 32, 3),
+        (dict(partitions=2, map_docs=90, min_piece_kib=0, max_in_flight=3, component_partitions=5), 13, 0, 5),
+        (dict(partitions=4, map_docs=1, min_piece_kib=0), 40, 32, 1),
         (dict(partitions=3, verify=False, map_docs=500, min_piece_kib=0), 2, 0, 1),
     ]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

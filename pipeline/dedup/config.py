@@ -88,16 +88,18 @@ class MinHashConfig:
     partition_mib: int = 64
     """Target size of one partition (MiB of band rows, or of edges for the connected components) when
     `partitions` / `component_partitions` are None; a task's memory is a few times this."""
-    max_partitions: int = 512
+    max_partitions: int = 2048
     """Upper bound on derived partition counts: the driver owns (map tasks in flight + merged maps) x
-    partitions refs of a few KB each, so more partitions cost driver memory."""
+    partitions refs of ~1.9 KB each, and map tasks grow so that their pieces stay >= min_piece_kib.
+    2048 keeps 3e9 documents at 3 GB of band rows per reduce task and 1.07M documents per map task."""
     map_docs: int = 1_000_000
     """Documents per map task on Ray: consecutive signature blocks are grouped up to this (or more, so that
     each of a map task's pieces is at least `min_piece_kib`)."""
     min_piece_kib: int = 1024
     """Smallest map output piece aimed for: Ray returns objects under 100 KiB inline into the driver's memory."""
     max_in_flight: int | None = None
-    """Map tasks submitted but not finished, at most; None = 2 x the cluster's CPUs."""
+    """Map tasks submitted but not finished, at most; None = 2 x the cluster's CPUs, but no more than
+    65,536 / partitions (each holds `partitions` refs in the driver)."""
     component_partitions: int | None = None
     """Partitions of the connected-components rounds on Ray; None: from the edge count (16 B per directed
     edge / partition_mib, within [1, max_partitions])."""

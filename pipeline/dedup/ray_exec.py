@@ -3,7 +3,7 @@
   1. map (one task per group of consecutive input blocks, ~`map_docs` documents): band keys [n, bands]; rows
      (band key, doc key[, low b bits of the signature]) are split into P partitions by band key and returned
      as P objects (num_returns=P). At most `max_in_flight` map tasks run at once; every MERGE_MAPS finished
-     ones are merged, partition by partition, into one object each (Ray's push-based shuffle does the same).
+     ones are merged, partition by partition, into one object each (as Ray's push-based shuffle does).
   2. reduce (one task per band partition): star edges inside each bucket, signature verification,
      then a local union-find that compresses the partition's edges to a forest (node -> local min).
   3. large-star / small-star rounds (components.py) over Q partitions sized from the forest's edge
@@ -13,12 +13,17 @@
   4. the final edges (u -> component minimum, u > minimum) are gathered, which is the result.
 
 Why the sizes: Ray returns an object under 100 KiB inline into the memory of the process that
-submitted the task, and every ObjectRef it owns costs that process a few KB. So the driver must own
-few refs, and the pieces it owns must be large: P is chosen from the band rows' bytes (not the CPU
-count) and blocks are grouped so each map piece is at least `min_piece_kib`. The driver then holds
-(max_in_flight + MERGE_MAPS + groups / MERGE_MAPS) x P refs at most during the shuffle, and no band
-rows. No process holds all signatures or all edges; the result does not depend on P, Q, the grouping
-or the merges (buckets never straddle partitions and each task sorts its input).
+submitted the task, and every ObjectRef that process owns costs it ~1.9 KB (measured, object in the
+store). So the driver must own few refs, and the pieces it owns must be large: P is chosen from the
+band rows' bytes (not the CPU count) and blocks are grouped so each map piece is >= `min_piece_kib`.
+During the shuffle the driver owns at most (max_in_flight + MERGE_MAPS + map tasks / MERGE_MAPS) x P
+refs and no band rows. At 3e9 documents (6 TB of band rows): P = 2048 (3 GB of rows per reduce task),
+2,800 map tasks of 1.07M documents (1 MiB pieces), at most 32 in flight: ~310k refs, ~600 MB; the
+component rounds (Q ~ 430 for ~29 GB of forest edges) own Q^2 ~ 190k refs of ~150 KB pieces per
+round. Before (P = 2 x CPUs, one map task
+per block) it was 50k blocks x 2,560 refs, most with their rows inline. No process holds all
+signatures or all edges; the result does not depend on P, Q, the grouping or the merges (buckets
+never straddle partitions and each task sorts its input).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from . import components as cc
 from .config import MinHashConfig
 from .lsh import band_keys, bucket_edges, components, low_bits, min_agreeing, star_edges
 
-MERGE_MAPS = 16
+MERGE_MAPS = 32
 """Finished map tasks whose pieces are concatenated, partition by partition, into one object each."""
+REF_BUDGET = 65_536
+"""Refs of running map tasks' pieces the driver may own by default (~1.9 KB each measured: ~120 MB)."""
 
 
 def _split(parts: int, part: np.ndarray, *cols: np.ndarray) -> list[tuple[np.ndarray, ...]]:
@@ -72,6 +79,11 @@ def plan(sizes: list[int], cfg: MinHashConfig) -> tuple[int, list[list[int]]]:
         last = groups.pop()
         groups[-1] += last
     return parts, groups
+
+
+def in_flight_cap(cfg: MinHashConfig, parts: int, cpus: int) -> int:
+    """Map tasks running at once: cfg.max_in_flight, else 2 x CPUs but at most REF_BUDGET / parts."""
+    return cfg.max_in_flight or max(1, min(2 * cpus, REF_BUDGET // parts))
 
 
 def _map_block(block, cfg: MinHashConfig, parts: int):
@@ -179,7 +191,7 @@ def duplicates_ray(blocks, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray, 
     got = iter(ray.get(refs))
     sizes = [s if isinstance(s, int) else next(got) for s in sizes]
     parts, groups = plan(sizes, cfg)
-    cap = cfg.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    cap = in_flight_cap(cfg, parts, int(ray.cluster_resources().get("CPU", 1)))
     blocks = [ray.put(b) if isinstance(b, tuple) else b for b in blocks]  # one copy each, whatever the grouping
     pieces, merged = _shuffle_bands(blocks, groups, parts, cap, cfg)
 
@@ -216,6 +228,6 @@ def duplicates_ray(blocks, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray, 
     b = np.concatenate([f[1] for f in finals]) if finals else np.zeros(0, np.int64)
     sel = b < a
     order = np.argsort(a[sel], kind="stable")
-    stats = {"partitions": parts, "map_tasks": len(groups), "merged_maps": merged, "component_partitions": q,
-             "rounds": rounds}
+    stats = {"partitions": parts, "map_tasks": len(groups), "max_in_flight": cap, "merged_maps": merged,
+             "component_partitions": q, "rounds": rounds}
     return a[sel][order], b[sel][order], stats

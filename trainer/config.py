@@ -39,8 +39,9 @@ class DataSection:
     val_fraction: float = 0.01          # share of each component's windows held out for validation
     val_windows: int = 32               # held-out windows per validation pass, split across ranks (0: none)
     num_workers: int = 0                # torch DataLoader workers per rank (0: in the training process)
-    verify_checksums: bool = False      # sha256 of every shard against index.json before training (reads the
-    #                                     whole corpus at every start; sizes, counts and offsets are always checked)
+    verify_checksums: bool = False      # sha256 and the largest token id of every shard before training (reads
+    #                                     the whole corpus at every start); sizes, counts and offsets are always
+    #                                     checked, and every window read checks its token ids
 
     def __post_init__(self):
         if self.ctx_len <= 0 or self.data_ctx_len <= 0 or self.data_ctx_len % self.ctx_len:

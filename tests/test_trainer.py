@@ -341,3 +341,22 @@ def test_duplicate_yaml_keys_and_seed_range_are_config_errors(tmp_path):
     for seed in ("-1", "4294967296"):
         with pytest.raises(ConfigError, match=r"train.seed must be in \[0, 2\*\*32\)"):
             load_config(debug, [f"train.seed={seed}"])
+
+
+def test_direct_checkpoint_io_is_given_only_where_the_strategy_takes_it():
+    """Passing DirectCheckpointIO as a Fabric plugin would make FSDP (GPU runs) raise NotImplementedError at
+    start-up: FSDP refuses the CheckpointIO interface. It is set on single-device/DDP strategies only."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.strategies import FSDPStrategy
+
+    from trainer import checkpoint as ckpt
+
+    fsdp = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(NotImplementedError):
+        fsdp.strategy.checkpoint_io = ckpt.DirectCheckpointIO()
+    ckpt.use_direct_io(fsdp)                          # leaves FSDP alone
+    import lightning as L
+    single = L.Fabric(accelerator="cpu", devices=1)
+    ckpt.use_direct_io(single)
+    assert isinstance(single.strategy.checkpoint_io, ckpt.DirectCheckpointIO)

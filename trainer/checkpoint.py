@@ -39,6 +39,15 @@ class DirectCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, path)
 
 
+def use_direct_io(fabric) -> None:
+    """Give the strategy DirectCheckpointIO where it takes a CheckpointIO (single device, DDP); FSDP and
+    model-parallel strategies refuse the interface and already torch.save their files directly."""
+    from lightning.fabric.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if not isinstance(fabric.strategy, (FSDPStrategy, ModelParallelStrategy)):
+        fabric.strategy.checkpoint_io = DirectCheckpointIO()
+
+
 def remove_stale(run_dir: Path) -> list[Path]:
     """Remove the temporary and replaced checkpoint folders a killed save left (rank 0, at start-up);
     returns them."""

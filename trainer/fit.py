@@ -132,7 +132,9 @@ def build_fabric(cfg: TrainConfig, run_dir: Path, purge_step: int | None = None)
     # checkpoint files are written straight into the checkpoint's temporary folder (ckpt.DirectCheckpointIO)
     loggers = ([TensorBoardLogger(root_dir=str(run_dir), name="tb", version="", purge_step=purge_step)]
                if cfg.train.tensorboard else [])
-    return L.Fabric(precision=precision, loggers=loggers, plugins=[ckpt.DirectCheckpointIO()])
+    fabric = L.Fabric(precision=precision, loggers=loggers)
+    ckpt.use_direct_io(fabric)
+    return fabric
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -142,7 +142,7 @@ _BUILD_TMP = {  # folder (relative to --out) -> the names of the temp files and 
     "": re.compile(rf"^((index\.json|report\.json|quarantine\.jsonl|duplicates\.jsonl){_TMP}|work\.discard\d+)$"),
     "shards": re.compile(rf"^\d{{5,}}\.arrow{_TMP}$"),
     "work": re.compile(rf"^((build\.json|dedup\.arrow){_TMP}|\.probe\d+)$"),
-    "work/ingest": re.compile(rf"^({_UNIT}\.(arrow|json){_TMP}|{_UNIT}\.sig{_TMP}\.npy)$"),
+    "work/ingest": re.compile(rf"^({_UNIT}\.(arrow|json|quarantine\.jsonl){_TMP}|{_UNIT}\.sig{_TMP}\.npy)$"),
     "work/tok": re.compile(rf"^{_UNIT}\.(arrow|json){_TMP}$"),
     "work/shards": re.compile(rf"^\d{{5,}}\.json{_TMP}$"),
 }
@@ -216,6 +216,25 @@ def read_dedup(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
         mask = pc.equal(t.column("stage"), s).to_numpy()  # [m] bool
         removed[s], dup_of[s] = rk[mask], ok[mask]
     return removed, dup_of
+
+
+def _write_quarantine(path: str, work: str, units: list[Unit], metas: list[dict]) -> int:
+    """quarantine.jsonl: the units' quarantine files (stages.ingest_unit) concatenated in unit order, streamed
+    to a temp file and renamed into place; returns the number of records."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        for u, m in zip(units, metas):
+            if m["quarantine_records"]:
+                try:
+                    with open(stages.quarantine_path(work, u.name), "rb") as src:
+                        shutil.copyfileobj(src, f, 1 << 20)
+                except FileNotFoundError:
+                    raise BuildError(f"{stages.quarantine_path(work, u.name)} is missing ({m['quarantine_records']} "
+                                     f"records); rebuild with --force") from None
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return sum(m["quarantine_records"] for m in metas)
 
 
 def _resumed(run, jobs: list[tuple], markers: list[str]):
@@ -401,6 +420,12 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     chars = docs = 0
     with _progress(len(units), "ingest", progress) as bar:
         for i, m in _resumed(executor.ingest, jobs, [os.path.join(work, "ingest", u.name + ".json") for u in units]):
+            recs = m.pop("quarantine", None)  # the records are in the unit's quarantine file; only counts stay
+            if recs is not None and "quarantine_records" not in m:
+                # the marker of an older build, which kept its records in it
+                if recs:
+                    stages.atomic_write_bytes(stages.quarantine_path(work, units[i].name), stages.quarantine_bytes(recs))
+                m["quarantine_records"] = len(recs)
             metas[i] = m
             chars += m["chars_read"]
             docs += m["read"]["in"]
@@ -532,9 +557,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
              "shards": shards_idx, "components": components,
              "totals": {"documents": sum(s["documents"] for s in shards_idx),
                         "tokens": sum(s["tokens"] for s in shards_idx)}}
-    quarantine = [q for m in metas for q in m["quarantine"]]
-    stages.atomic_write_bytes(os.path.join(out, "quarantine.jsonl"),
-                              "".join(json.dumps(q, ensure_ascii=False, sort_keys=True) + "\n" for q in quarantine).encode())
+    n_quarantine = _write_quarantine(os.path.join(out, "quarantine.jsonl"), work, units, metas)
     total = time.perf_counter() - t_start
     chars_in = sum(m["chars_read"] for m in metas)
     input_bytes = sum(os.path.getsize(u.path) for u in units if "://" not in u.path)
@@ -547,7 +570,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
               "throughput": {"input_MB_per_s": input_bytes / total / 1e6,
                              "docs_per_s": sum(m["read"]["in"] for m in metas) / total},
               "near_dedup": {"enabled": nd.enabled, "threshold": nd.threshold, **nd.params} if nd.enabled else False,
-              "quarantine": {"path": "quarantine.jsonl", "records": len(quarantine)},
+              "quarantine": {"path": "quarantine.jsonl", "records": n_quarantine},
               "duplicates": {"path": "duplicates.jsonl",
                              "exact": int(len(removed["exact_dedup"])), "near": int(len(removed["near_dedup"]))}}
     _sweep_tmp(out)   # a Ray retry's dead attempt may have left its temp file beside the finished one

@@ -55,7 +55,9 @@ def _ray_remote_defs():
 
     @ray.remote(num_cpus=1, max_retries=4)
     def ingest_task(unit, comp, work, near):
-        return stages.ingest_unit(unit, comp, work, near)
+        meta = stages.ingest_unit(unit, comp, work, near)
+        meta.pop("quarantine", None)  # the records are in the unit's quarantine file: only counts travel
+        return meta
 
     @ray.remote(num_cpus=1, max_retries=4)
     def shard_task(index, pieces, out_dir):

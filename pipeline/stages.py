@@ -1,7 +1,8 @@
 """The pipeline's stages as plain functions over one unit of work (no Ray in here).
 
 ingest_unit    read → filter → content hash (+ MinHash signatures) for one input file;
-               writes ``work/ingest/<unit>.arrow`` + a ``.json`` completion marker.
+               writes ``work/ingest/<unit>.arrow``, its quarantine records to
+               ``<unit>.quarantine.jsonl`` (when it has any) + a ``.json`` completion marker.
 exact_duplicates / near_duplicates
                global decisions over all ingested units (smaller key wins = earliest in
                manifest order), written once to ``work/dedup.arrow``.
@@ -155,9 +156,23 @@ class StageCount:
         return {"in": self.docs_in, "out": self.docs_out, "dropped": dict(sorted(self.dropped.items()))}
 
 
+def quarantine_path(work: str, unit_name: str) -> str:
+    return os.path.join(work, "ingest", unit_name + ".quarantine.jsonl")
+
+
+def quarantine_bytes(records: list[dict]) -> bytes:
+    """Quarantine records as the lines of quarantine.jsonl."""
+    return "".join(json.dumps(q, ensure_ascii=False, sort_keys=True) + "\n" for q in records).encode()
+
+
 def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSettings | None) -> dict:
     """Read, filter and hash one input file; returns (and writes) the unit's meta record. Raises
-    ``InputChanged`` (publishing nothing) if the file's size or mtime is no longer ``unit.stamp``."""
+    ``InputChanged`` (publishing nothing) if the file's size or mtime is no longer ``unit.stamp``.
+
+    The unit's quarantine records go to ``quarantine_path`` (the build concatenates those files in unit
+    order): the marker and what a Ray task returns carry only their number, ``quarantine_records``. The
+    records themselves are also in the returned dict, as ``quarantine``, when this call made them (not when
+    it found the unit finished)."""
     marker = os.path.join(work, "ingest", unit.name + ".json")
     if os.path.exists(marker):
         return read_json(marker)
@@ -251,13 +266,15 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
         np.save(tmp, sigs)
         fsync_file(tmp)
         os.replace(tmp, os.path.join(work, "ingest", unit.name + ".sig.npy"))
+    if quarantine:
+        atomic_write_bytes(quarantine_path(work, unit.name), quarantine_bytes(quarantine))
     meta = {"unit": unit.name, "component": comp.name, "ci": unit.ci, "fi": unit.fi, "file": unit.rel,
             "read": read.as_dict(), "filter": filt.as_dict(), "chars_read": bytes_read,
-            "bytes_kept": bytes_kept, "quarantine": quarantine, "seconds": dict(clock.wall),
+            "bytes_kept": bytes_kept, "quarantine_records": len(quarantine), "seconds": dict(clock.wall),
             "cpu_seconds": dict(clock.cpu),
             "near_dedup": bool(nd is not None)}
     atomic_write_json(marker, meta)
-    return meta
+    return {**meta, "quarantine": quarantine}
 
 
 def _hash_words(h: pa.Array) -> tuple[np.ndarray, np.ndarray]:

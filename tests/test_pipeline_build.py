@@ -403,6 +403,7 @@ def test_sweep_removes_only_the_builds_own_temp_names(tmp_path):
                  "work.discard4242/ingest/c0000_f00000.arrow", "shards/00003.arrow.tmp31", "work/build.json.tmp8",
                  "work/dedup.arrow.tmp8", "work/.probe12", "work/ingest/c0000_f00000.arrow.tmp4",
                  "work/ingest/c0000_f00000.json.tmp4", "work/ingest/c0000_f00000.sig.tmp4.npy",
+                 "work/ingest/c0000_f00000.quarantine.jsonl.tmp4",
                  "work/tok/c0000_f00000.arrow.tmp6", "work/shards/00000.json.tmp6"]
     for rel in mine + leftovers:
         (o / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -605,3 +606,37 @@ def test_duplicates_jsonl_written_in_chunks_is_the_same_file(tmp_path, monkeypat
     assert lines[-1] == {"id": "b/b.jsonl:3", "duplicate_of": "a/a/0.jsonl:4", "stage": "exact_dedup", "component": "b",
                          "source_id": None, "duplicate_of_source_id": "s3"}
     assert got[1] == got[2] == got[build_mod.DUP_CHUNK_ROWS]
+
+
+def test_quarantine_records_stay_in_unit_files(tmp_path):
+    """Quarantine records travelled back with each unit's meta (through Ray) and sat in the driver until the
+    end. Each ingest task now writes work/ingest/<unit>.quarantine.jsonl, markers carry only the count, and
+    quarantine.jsonl is those files concatenated in unit order: the records ingest_unit made, in that order.
+    A work folder of an older build (records inside the markers, no unit files) resumes to the same bytes."""
+    good = "A perfectly ordinary sentence about the weather, the sea and the ships in the harbour."
+    files = {"a/0.jsonl": [{"text": good + " one"}, {"txt": "no text field"}, {"text": good + " two"}],
+             "a/1.jsonl": [{"text": good + " three"}],
+             "a/2.jsonl": [{"text": ""}, {"text": good + " four"}, {"text": 5}]}
+    out, report = _tiny_build(tmp_path, files, "components:\n  - name: a\n    paths: ['a/*.jsonl']\n")
+    ingest = os.path.join(out, "work", "ingest")
+    metas = [json.load(open(os.path.join(ingest, f"c0000_f0000{i}.json"))) for i in range(3)]
+    assert [m["quarantine_records"] for m in metas] == [1, 0, 2] and not any("quarantine" in m for m in metas)
+    assert sorted(n for n in os.listdir(ingest) if "quarantine" in n) == ["c0000_f00000.quarantine.jsonl",
+                                                                          "c0000_f00002.quarantine.jsonl"]
+    q = [json.loads(ln) for ln in open(os.path.join(out, "quarantine.jsonl"))]
+    assert [(x["file"], x["line"], x["reason"]) for x in q] == [
+        ("a/0.jsonl", 2, "missing_text"), ("a/2.jsonl", 1, "empty"), ("a/2.jsonl", 3, "missing_text")]
+    assert report["quarantine"]["records"] == 3
+    before = output_files(out)
+
+    for i in (0, 2):  # as an older build left them
+        marker = os.path.join(ingest, f"c0000_f0000{i}.json")
+        m = json.load(open(marker))
+        path = stages.quarantine_path(os.path.join(out, "work"), f"c0000_f0000{i}")
+        m["quarantine"] = [json.loads(ln) for ln in open(path)]
+        del m["quarantine_records"]
+        os.remove(path)
+        stages.atomic_write_json(marker, m)
+    os.remove(os.path.join(out, "quarantine.jsonl"))
+    report = build(load_manifest(str(tmp_path / "m.yaml")), out, LocalExecutor(), progress=False)
+    assert output_files(out) == before and report["quarantine"]["records"] == 3

@@ -366,7 +366,7 @@ def test_local_near_dedup_reports_each_band():
 def test_ray_plan_sizes_partitions_from_the_data_and_groups_blocks():
     """Partitions came from the CPU count (2 x 1,280 on a big cluster) and each block was one map task, so most
     map pieces were under Ray's 100 KiB inline limit and landed in the driver. The plan sizes both from the data."""
-    from pipeline.dedup.ray_exec import in_flight_cap, plan, row_bytes
+    from pipeline.dedup.ray_exec import in_flight_cap, plan, plan_components, row_bytes
 
     cfg = MinHashConfig()
     doc_bytes = cfg.bands * row_bytes(cfg)
@@ -384,6 +384,11 @@ def test_ray_plan_sizes_partitions_from_the_data_and_groups_blocks():
     small = MinHashConfig(map_docs=30, min_piece_kib=0)
     assert plan([10] * 9, small)[1] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert plan([10] * 7, small)[1] == [[0, 1, 2], [3, 4, 5, 6]]             # a short last group joins the one before
+    assert plan_components([0] * 8, cfg) == (1, [list(range(8))])
+    assert plan_components([10**6] * 4, cfg) == (1, [[0], [1], [2], [3]])   # 61 MiB of edges, >= 1 MiB each
+    assert plan_components([10**7] * 4, cfg) == (10, [[0], [1], [2], [3]])
+    few = MinHashConfig(component_partitions=4, min_piece_kib=1)           # groups of >= 256 edges
+    assert plan_components([100] * 10, few) == (4, [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]])
     assert (in_flight_cap(cfg, 4, 2), in_flight_cap(cfg, 512, 1280), in_flight_cap(cfg, 1 << 20, 8)) == (4, 128, 1)
     assert in_flight_cap(MinHashConfig(max_in_flight=3), 512, 1280) == 3
     with pytest.raises(ValueError, match="max_in_flight"):
@@ -411,6 +416,7 @@ def test_ray_result_is_independent_of_partitions_grouping_and_merges():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for params, map_tasks, merged, q in settings:
+            min_piece = params.get("min_piece_kib", 1024)
             cfg = MinHashConfig(mode="ray", **params)
             want = lsh.duplicates_local(keys, sig, cfg)
             assert len(want[0]) > 50
@@ -419,6 +425,7 @@ def test_ray_result_is_independent_of_partitions_grouping_and_merges():
                 np.testing.assert_array_equal(removed, want[0])
                 np.testing.assert_array_equal(dup, want[1])
                 assert (stats["map_tasks"], stats["merged_maps"], stats["component_partitions"]) == (map_tasks, merged, q)
+                assert stats["split_tasks"] == (1 if min_piece else stats["partitions"])
         assert ray_exec.duplicates_ray([], MinHashConfig())[0].tolist() == []
     finally:
         ray.shutdown()

@@ -7,7 +7,7 @@
   2. reduce (one task per band partition): star edges inside each bucket, signature verification,
      then a local union-find that compresses the partition's edges to a forest (node -> local min).
   3. large-star / small-star rounds (components.py) over Q partitions sized from the forest's edge
-     count: each round is Q tasks, task i receiving the i-th output of every task of the previous round;
+     count (the forests, grouped, are first split into Q pieces each by node): each round is Q tasks, task i receiving the i-th output of every task of the previous round;
      each returns Q edge partitions and a checksum. The driver only sees the Q checksums per round
      and stops at the fixed point.
   4. the final edges (u -> component minimum, u > minimum) are gathered, which is the result.
@@ -56,6 +56,23 @@ def row_bytes(cfg: MinHashConfig) -> int:
     return 16 + (cfg.num_perm * cfg.verify_bits // 8 if cfg.verify else 0)
 
 
+def group(sizes: list[int], target: int) -> list[list[int]]:
+    """Consecutive indices collected until their sizes reach target; a last group under target / 2 joins
+    the one before it."""
+    groups: list[list[int]] = []
+    total = target
+    for i, n in enumerate(sizes):
+        if total >= target:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    if len(groups) > 1 and total < target // 2:
+        last = groups.pop()
+        groups[-1] += last
+    return groups
+
+
 def plan(sizes: list[int], cfg: MinHashConfig) -> tuple[int, list[list[int]]]:
     """(band partitions P, groups of consecutive block indices, one map task each) for blocks of `sizes` docs.
 
@@ -66,19 +83,15 @@ def plan(sizes: list[int], cfg: MinHashConfig) -> tuple[int, list[list[int]]]:
     doc_bytes = cfg.bands * row_bytes(cfg)
     total = sum(sizes) * doc_bytes
     parts = cfg.partitions or int(min(cfg.max_partitions, max(1, -(-total // (cfg.partition_mib << 20)))))
-    target = max(cfg.map_docs, -(-parts * (cfg.min_piece_kib << 10) // doc_bytes))
-    groups: list[list[int]] = []
-    docs = target
-    for i, n in enumerate(sizes):
-        if docs >= target:
-            groups.append([])
-            docs = 0
-        groups[-1].append(i)
-        docs += n
-    if len(groups) > 1 and docs < target // 2:
-        last = groups.pop()
-        groups[-1] += last
-    return parts, groups
+    return parts, group(sizes, max(cfg.map_docs, -(-parts * (cfg.min_piece_kib << 10) // doc_bytes)))
+
+
+def plan_components(edges: list[int], cfg: MinHashConfig) -> tuple[int, list[list[int]]]:
+    """(component partitions Q, groups of consecutive reduce outputs, one split task each) for reduce tasks
+    of `edges` directed edges (16 B each): Q = cfg.component_partitions, else ceil(edge bytes /
+    partition_mib) within [1, max_partitions]; a group's Q pieces are >= min_piece_kib where possible."""
+    q = cfg.component_partitions or int(min(cfg.max_partitions, max(1, -(-sum(edges) * 16 // (cfg.partition_mib << 20)))))
+    return q, group(edges, max(1, -(-q * (cfg.min_piece_kib << 10) // 16)))
 
 
 def in_flight_cap(cfg: MinHashConfig, parts: int, cpus: int) -> int:
@@ -198,16 +211,11 @@ def duplicates_ray(blocks, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray, 
     reducer = ray.remote(num_returns=2)(_reduce_bands)
     reds = [reducer.remote(cfg, *pieces[i]) for i in range(parts)]
     del pieces
-    n_edges = sum(ray.get([r[1] for r in reds]))
-    q = cfg.component_partitions or int(
-        min(cfg.max_partitions, max(1, -(-n_edges * 16 // (cfg.partition_mib << 20))))
-    )
-    if q == 1:
-        edges = [[r[0] for r in reds]]
-    else:
-        splitter = ray.remote(num_returns=q)(_split_edges)
-        outs = [splitter.remote(q, r[0]) for r in reds]
-        edges = [[o[i] for o in outs] for i in range(q)]  # edges[i]: pieces routed to partition i
+    q, split_groups = plan_components(ray.get([r[1] for r in reds]), cfg)
+    splitter = ray.remote(num_returns=q)(_split_edges)
+    outs = [splitter.remote(q, *[reds[j][0] for j in g]) for g in split_groups]
+    outs = outs if q > 1 else [[o] for o in outs]
+    edges = [[o[i] for o in outs] for i in range(q)]  # edges[i]: pieces routed to partition i
     del reds
     rounder = ray.remote(num_returns=q + 1)(_round)
     prev, rounds = None, 0
@@ -229,5 +237,5 @@ def duplicates_ray(blocks, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray, 
     sel = b < a
     order = np.argsort(a[sel], kind="stable")
     stats = {"partitions": parts, "map_tasks": len(groups), "max_in_flight": cap, "merged_maps": merged,
-             "component_partitions": q, "rounds": rounds}
+             "component_partitions": q, "split_tasks": len(split_groups), "rounds": rounds}
     return a[sel][order], b[sel][order], stats

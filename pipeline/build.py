@@ -43,6 +43,7 @@ SCHEMA_VERSION = 1
 TOKENIZER_NAME = "rwkv_vocab_v20230424"
 VOCAB_SIZE = 65536
 STAGES = ("read", "filter", "exact_dedup", "near_dedup", "tokenize")
+DEDUP_STAGES = ("exact_dedup", "near_dedup")
 EXACT_DOCS_PER_TASK = 20_000_000
 """Exact dedup splits the content hashes into this many documents per task (~0.5 GB each)."""
 NEAR_RAY_MIN_DOCS = 2_000_000
@@ -179,8 +180,7 @@ def _stage_counts(metas: list[dict], comps: list[str], removed: dict[str, np.nda
     by_name: dict[str, list[dict]] = {}
     for t in tok_metas:
         by_name.setdefault(t["component"], []).append(t)
-    n_removed = {s: per_component(removed.get(s, np.zeros(0, np.int64)), len(comps))
-                 for s in ("exact_dedup", "near_dedup")}
+    n_removed = {s: per_component(removed.get(s, np.zeros(0, np.int64)), len(comps)) for s in DEDUP_STAGES}
     for ci, name in enumerate(comps):
         st = {s: {"in": 0, "out": 0, "dropped": Counter()} for s in STAGES}
         for m in by_ci.get(ci, []):
@@ -348,7 +348,6 @@ class DocIds:
         return out
 
 
-DEDUP_STAGES = ("exact_dedup", "near_dedup")
 DUP_CHUNK_ROWS = 100_000
 """duplicates.jsonl is made and written this many lines at a time: ~600 B per line while its chunk is built
 (Python strings), so ~60 MB, whatever the number of removed documents."""

@@ -415,12 +415,13 @@ def test_ray_result_is_independent_of_partitions_grouping_and_merges():
     ]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        for params, map_tasks, merged, q in settings:
+        refs = [ray.put(b) for b in blocks]
+        for k, (params, map_tasks, merged, q) in enumerate(settings):
             min_piece = params.get("min_piece_kib", 1024)
             cfg = MinHashConfig(mode="ray", **params)
             want = lsh.duplicates_local(keys, sig, cfg)
             assert len(want[0]) > 50
-            for blk in (blocks, [ray.put(b) for b in blocks]):
+            for blk in ([blocks, refs] if k == 0 else [(blocks, refs)[k % 2]]):    # in-driver blocks or refs
                 removed, dup, stats = ray_exec.duplicates_ray(blk, cfg)
                 np.testing.assert_array_equal(removed, want[0])
                 np.testing.assert_array_equal(dup, want[1])

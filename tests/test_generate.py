@@ -104,7 +104,8 @@ def test_sample_logits_low_temperature_and_bad_values():
 
 
 @pytest.mark.parametrize("args, needle", [(["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"),
-                                          (["--top-p", "1.5"], "--top-p"), (["--max-tokens", "-2"], "--max-tokens")])
+                                          (["--top-p", "1.5"], "--top-p"), (["--max-tokens", "-2"], "--max-tokens"),
+                                          (["--temperature", "inf"], "--temperature")])
 def test_cli_bad_sampling_options_are_usage_errors(args, needle, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", "unused.pth"] + args)
@@ -303,3 +304,22 @@ def test_generation_never_samples_ids_past_the_vocab(debug_model):
     capped += [t for t, _ in stream(model, [1, 2, 3], 8, 1.0, 1.0, seed=0, stop_token=None, n_ids=tok.n_entries + 1)]
     assert max(capped) <= tok.n_entries
     tok.decode(capped)
+
+
+def test_cli_review_fixes(tmp_path, capsys):
+    """Tracebacks a review found in the CLI: a prompt that is not UTF-8 (argv bytes arrive as surrogates),
+    a model whose vocabulary is smaller than the prompt's token ids, --device cuda without CUDA; and a tiny
+    temperature gave NaN probabilities; --max-tokens 0 printed "nan tokens/s"."""
+    small = RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=300, head_size=32)).eval()
+    path = tmp_path / "small.pth"
+    small.save_official(path)
+    assert main(["--model", str(path), "--prompt", "Hello, world", "--device", "cpu"]) == 2
+    assert "past the model's vocabulary (300 ids)" in capsys.readouterr().err
+    assert main(["--model", str(path), "--prompt", os.fsdecode(b"\xff\x01"), "--max-tokens", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nan" not in err
+    if not torch.cuda.is_available():
+        assert main(["--model", str(path), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    assert sample_logits(logits, 1e-40, 1.0, torch.Generator().manual_seed(0)) == 1

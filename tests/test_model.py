@@ -255,3 +255,45 @@ def test_one_token_wkv_step_stays_in_state_precision_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y1, s1 = _wkv_one_step(r, w, k, v, a, b, s)
     assert s1.dtype == torch.float32 and torch.equal(s1, s0) and torch.equal(y1, y0)
+
+
+def test_model_review_fixes(tmp_path):
+    """A review of checkpoint IO and the model's API: a file without layer 0's unused v-LoRA (the `rwkv`
+    package loads it) was refused; {"state_dict": ...} wrappers and DDP / torch.compile prefixes were not
+    taken off; a legacy-format torch file got an mmap message; `step` broadcast a batch-1 state over two
+    tokens and failed on a state of another dtype; forward at T = 0 raised a bare IndexError."""
+    model = _tiny(torch.float32)
+    sd = model.state_dict()
+    idx = torch.tensor([[3, 7, 11]])
+    with torch.no_grad():
+        ref = model(idx)[0]
+
+    def loads_same(obj, name, **save_kw):
+        path = tmp_path / name
+        torch.save(obj, path, **save_kw)
+        with torch.no_grad():
+            got = load_official(path)(idx)[0]
+        assert torch.equal(got, ref), name
+
+    loads_same({k: v for k, v in sd.items() if k not in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")},
+               "no_v0.pth")
+    loads_same({"state_dict": sd, "epoch": 3}, "wrapped.pth")
+    loads_same({"module." + k: v for k, v in sd.items()}, "ddp.pth")
+    loads_same({"_orig_mod." + k: v for k, v in sd.items()}, "compiled.pth")
+    loads_same(dict(sd), "legacy.pth", _use_new_zipfile_serialization=False)
+    torch.save(sd, tmp_path / "bare.pth")
+    with torch.no_grad():
+        assert torch.equal(load_official(tmp_path / "bare")(idx)[0], ref)     # NAME for NAME.pth, as `rwkv`
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="text.pth: cannot be read") as e:
+        load_official(tmp_path / "text.pth")
+    assert "mmap" not in str(e.value)
+
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="T >= 1"):
+            model(torch.zeros(1, 0, dtype=torch.long))
+        state = model.zero_state(1)
+        with pytest.raises(ValueError, match="state is for batch 1, idx has 2"):
+            model.step(torch.tensor([1, 2]), state)
+        s64 = model.zero_state(1, dtype=torch.float64)
+        assert torch.allclose(model.step(torch.tensor([5]), s64)[0], model.step(torch.tensor([5]), state)[0])

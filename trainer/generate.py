@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -63,6 +65,7 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_p: float, gen: t
     if not temperature > 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
     logits = logits.float()
+    logits = logits - logits.max()        # logits / T stays finite for tiny T (no inf - inf = NaN)
     if top_p < 1.0:
         probs = torch.softmax(logits, dim=-1)
         sorted_probs, _ = torch.sort(probs, descending=True)
@@ -157,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-stop", action="store_true", help="keep going past the end-of-document token 0")
     p.add_argument("--cuda-graph", action="store_true", help="replay each token as a CUDA graph (unmeasured)")
     a = p.parse_args(argv)
-    if not a.temperature >= 0:
-        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    if not (a.temperature >= 0 and math.isfinite(a.temperature)):
+        p.error(f"--temperature must be a finite number >= 0, got {a.temperature}")
     if not 0 < a.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.max_tokens < 0:
@@ -173,14 +176,22 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
     try:
-        model = load_official(cfg.model, dtype=dtype, device=cfg.device).eval()
-    except (CheckpointError, OSError) as e:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CheckpointError(f"--device {cfg.device}: CUDA is not available on this machine")
+        model = load_official(cfg.model, dtype=dtype, device=device).eval()
+    except (CheckpointError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tok = WorldTokenizer()
-    prompt_ids = tok.encode(cfg.prompt)
+    prompt_bytes = os.fsencode(cfg.prompt)        # a prompt from argv that is not UTF-8 arrives as surrogates
+    prompt_ids = tok.encode_bytes(prompt_bytes)
+    if prompt_ids and max(prompt_ids) >= model.cfg.vocab_size:
+        print(f"error: the prompt has token id {max(prompt_ids)}, past the model's vocabulary "
+              f"({model.cfg.vocab_size} ids)", file=sys.stderr)
+        return 2
     out = sys.stdout
-    out.write(cfg.prompt)
+    out.write(prompt_bytes.decode("utf-8", "replace"))
     out.flush()
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     t0, n, first = time.perf_counter(), 0, None
@@ -194,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         out.flush()
     out.write(utf8.decode(b"", final=True) + "\n")
     t1 = time.perf_counter()
-    rate = (n - 1) / (t1 - first) if n > 1 else float("nan")
+    rate = f"{(n - 1) / (t1 - first):.1f} tokens/s" if n > 1 else "no rate (fewer than 2 tokens)"
     print(f"[{len(prompt_ids)} prompt tokens in {(first or t1) - t0:.2f}s, {n} generated, "
-          f"{rate:.1f} tokens/s on {cfg.device} {cfg.dtype}]", file=sys.stderr)
+          f"{rate} on {cfg.device} {cfg.dtype}]", file=sys.stderr)
     return 0
 
 

@@ -3,7 +3,10 @@
 `.pth` files are read with `torch.load(weights_only=True)` (no pickled code runs); LoRA widths, layer
 count, width, head size and vocab come from the tensors themselves, since released checkpoints differ
 (0.1B: 64/64/32/128, 1.5B: 96/96/64/256). A file that is not an RWKV-7 state dict, or has missing,
-extra or misshaped tensors, raises one `CheckpointError` that lists everything wrong.
+extra or misshaped tensors, raises one `CheckpointError` that lists everything wrong. Layer 0's v-LoRA
+(`blocks.0.att.v0/v1/v2`) is unused by the model (layer 0 sets v_first = v) and may be absent, as in files
+from tools that drop tensors without gradients; a `{"state_dict": ...}` or `{"model": ...}` wrapper and the
+`module.` / `_orig_mod.` prefixes of DDP and torch.compile are taken off.
 Writes are atomic: a temporary file in the same folder, then `os.replace`.
 """
 from __future__ import annotations
@@ -48,10 +51,30 @@ def official_shapes(cfg: RWKV7Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+UNUSED_IN_LAYER_0 = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+"""Tensors of the official layout that layer 0 never reads; filled with zeros when a file lacks them."""
+
+
+def _unwrap(sd):
+    """A training script's {"state_dict": sd} / {"model": sd} wrapper and DDP / torch.compile key prefixes."""
+    if isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        inner = [sd[k] for k in ("state_dict", "model") if isinstance(sd.get(k), dict)]
+        if len(inner) == 1:
+            sd = inner[0]
+    if isinstance(sd, dict) and sd and all(isinstance(k, str) for k in sd):
+        for prefix in ("module.", "_orig_mod."):
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .pth (weights_only) or .safetensors file into a dict of CPU tensors. A checkpoint folder
-    (runs/NAME/checkpoints/step-N) stands for the model.pth in it."""
+    (runs/NAME/checkpoints/step-N) stands for the model.pth in it; a name without suffix for NAME.pth when
+    only that exists (as the `rwkv` package takes it)."""
     path = Path(path)
+    if not path.exists() and path.suffix != ".pth" and path.with_name(path.name + ".pth").is_file():
+        path = path.with_name(path.name + ".pth")
     if path.is_dir():
         inside = [path / n for n in ("model.pth", "model.safetensors") if (path / n).is_file()]
         if not inside:
@@ -66,17 +89,27 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             sd = load_file(str(path), device="cpu")
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            try:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:   # mmap takes only the zip format: retry the legacy format (or get the real error)
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear error naming the file
-        raise CheckpointError(f"{path}: cannot be read as a {path.suffix or 'torch'} state dict: {e}") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be read as a {path.suffix or 'torch'} state dict: {first}") from e
+    sd = _unwrap(sd)
+    if (not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd)
+            or not all(isinstance(v, torch.Tensor) for v in sd.values())):
+        top = ", ".join(repr(k) for k in list(sd)[:8]) if isinstance(sd, dict) else type(sd).__name__
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors); found: {top}")
     return sd
 
 
 def config_from_state_dict(sd: dict[str, torch.Tensor], where: str = "state dict") -> RWKV7Config:
     """Infer the RWKV7Config (layers, width, vocab, head size, LoRA and FFN widths) from tensor shapes."""
-    need = ["emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", "blocks.0.att.v1",
+    v1 = "blocks.1.att.v1" if "blocks.1.att.v1" in sd else "blocks.0.att.v1"   # layer 0's may be absent
+    need = ["emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", v1,
             "blocks.0.att.g1", "blocks.0.ffn.key.weight"]
     missing = [k for k in need if k not in sd]
     if missing:
@@ -93,7 +126,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], where: str = "state dict
                               f"{V}x{C}: heads x head size must equal the width")
     return RWKV7Config(n_layer=max(layers) + 1, n_embd=C, vocab_size=V, head_size=N,
                        dim_w=sd["blocks.0.att.w1"].shape[1], dim_a=sd["blocks.0.att.a1"].shape[1],
-                       dim_v=sd["blocks.0.att.v1"].shape[1], dim_g=sd["blocks.0.att.g1"].shape[1],
+                       dim_v=sd[v1].shape[1], dim_g=sd["blocks.0.att.g1"].shape[1],
                        dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0])
 
 
@@ -113,13 +146,19 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: RWKV7Config, where: str =
 
 
 def load_official(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device=None) -> RWKV7:
-    """Build an RWKV7 from an official RWKV-LM checkpoint (.pth or .safetensors)."""
+    """Build an RWKV7 from an official RWKV-LM checkpoint (.pth or .safetensors). The module is built on the
+    meta device and takes the file's tensors converted once to `dtype`: peak memory about one model in
+    `dtype` (building it in float32 first took 3.3x a bf16 model's size). Its parameters require grad (for
+    fine-tuning): decode under `torch.no_grad()`, or the carried state keeps every token's graph alive."""
     sd = load_state_dict(path)
     cfg = config_from_state_dict(sd, str(path))
+    shapes = official_shapes(cfg)
+    sd = {**{k: torch.zeros(shapes[k]) for k in UNUSED_IN_LAYER_0 if k in shapes and k not in sd}, **sd}
     check_state_dict(sd, cfg, str(path))
-    model = RWKV7(cfg, init=False)
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()})
-    return model.to(device=device, dtype=dtype)
+    with torch.device("meta"):
+        model = RWKV7(cfg, init=False)
+    model.load_state_dict({k: v.to(dtype=dtype, copy=True) for k, v in sd.items()}, assign=True)
+    return model.to(device=device)
 
 
 def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -334,6 +334,8 @@ class RWKV7(nn.Module):
     def forward(self, idx: torch.Tensor, state: list | None = None):
         """idx [B, T] int64 -> (logits [B, T, V], state: n_layer tuples (att_shift [B, C],
         wkv [B, H, N, N], ffn_shift [B, C])). Passing the state back continues the sequence exactly."""
+        if idx.dim() != 2 or idx.shape[1] < 1:
+            raise ValueError(f"RWKV7.forward: idx must be [B, T] with T >= 1, got {tuple(idx.shape)}")
         x = self.emb(idx)  # [B, T, C]
         v_first = None
         new_state = []
@@ -384,7 +386,12 @@ class RWKV7(nn.Module):
         [B, C] tensors and each parameter read once from `weights` (`self.step_weights()`, made here when
         None: pass it in when stepping many tokens). Inference only: no gradient reaches the parameters."""
         w = self.step_weights() if weights is None else weights
-        state = self.zero_state(idx.shape[0], idx.device) if state is None else state
+        if state is None:
+            state = self.zero_state(idx.shape[0], idx.device)
+        else:   # as forward takes it: the batch must match; shifts in the weights' dtype, WKV state in its own
+            if state[0][0].shape[0] != idx.shape[0]:
+                raise ValueError(f"RWKV7.step: state is for batch {state[0][0].shape[0]}, idx has {idx.shape[0]}")
+            state = [(a.to(w.dtype), s.to(w.state_dtype), f.to(w.dtype)) for a, s, f in state]
         x = F.embedding(idx, w.emb)  # [B, C]
         C = x.shape[1]
         x = F.layer_norm(x, (C,), *w.ln0, w.eps)

@@ -323,3 +323,39 @@ def test_cli_review_fixes(tmp_path, capsys):
         assert "CUDA is not available" in capsys.readouterr().err
     logits = torch.tensor([1.0, 3.0, 2.0])
     assert sample_logits(logits, 1e-40, 1.0, torch.Generator().manual_seed(0)) == 1
+
+
+def test_prompt_pass_computes_the_last_rows_logits_only(debug_model, monkeypatch, tmp_path, capsys):
+    """The prompt chunks run `forward(last_only=True)` (logits [1, 1, V], not [1, chunk, V]) and greedy and
+    sampled tokens are those of the full-logits prompt pass; the CLI takes a run folder (newest checkpoint)."""
+    prompt = [(7 * i) % 65530 + 1 for i in range(11)]
+    shapes = []
+    forward = RWKV7.forward
+
+    def recording(self, idx, state=None, last_only=False):
+        logits, state = forward(self, idx, state, last_only=last_only)
+        shapes.append(tuple(logits.shape))
+        return logits, state
+
+    with monkeypatch.context() as mp:
+        mp.setattr(RWKV7, "forward", recording)
+        greedy = [t for t, _ in stream(debug_model, prompt, 12, temperature=0.0, stop_token=None, prompt_chunk=4)]
+    assert shapes == [(1, 1, 65536)] * 3
+    with torch.no_grad():  # the old prompt pass: full logits per chunk, last row of the last chunk
+        state = None
+        for i in range(0, len(prompt), 4):
+            logits, state = debug_model(torch.tensor([prompt[i:i + 4]]), state)
+        ref = []
+        for _ in range(12):
+            ref.append(int(torch.argmax(logits[0, -1])))
+            logits, state = debug_model(torch.tensor([[ref[-1]]]), state)
+    assert len(set(ref)) > 3 and greedy == ref
+    sampled = [t for t, _ in stream(debug_model, prompt, 12, 0.8, 0.9, seed=5, stop_token=None, prompt_chunk=4)]
+    assert sampled == [t for t, _ in stream(debug_model, prompt, 12, 0.8, 0.9, seed=5, stop_token=None, prompt_chunk=64)]
+    run = tmp_path / "runs" / "demo"
+    for step in (2, 4):
+        (run / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+    debug_model.save_official(run / "checkpoints" / "step-00000002" / "model.pth")
+    assert main(["--model", str(run), "--prompt", "Hi", "--max-tokens", "3", "--no-stop", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"[model: {run / 'checkpoints' / 'step-00000002' / 'model.pth'}]" in err and "3 generated" in err

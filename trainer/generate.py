@@ -1,6 +1,7 @@
 """Text generation with an RWKV-7 checkpoint in RNN mode: constant memory and time per token.
 
-The prompt goes through the model in chunks (`RWKV7.forward`, the parallel WKV path); then each new
+The prompt goes through the model in chunks (`RWKV7.forward`, the parallel WKV path, with `last_only`:
+the [V, C] head runs on the last prompt position only, as the `rwkv` package does); then each new
 token is one `RWKV7.step` (the T = 1 math on [1, C] tensors, parameters gathered once by
 `RWKV7.step_weights`) that carries the fixed-size state (per layer: two [1, C] shifts and one
 [1, H, N, N] WKV state), so nothing grows with the number of tokens generated. Sampling is RWKV's usual
@@ -9,7 +10,7 @@ temperature + nucleus (top-p) rule, as in the `rwkv` package's PIPELINE.sample_l
 `--cuda-graph` (off by default) replays the step as one captured CUDA graph per token (`GraphStep`);
 it is skipped on CPU and has not been run on a GPU yet: no correctness check or speed is recorded for it.
 
-    python -m trainer.generate --model X.pth --prompt "..." --max-tokens N [--temperature T --top-p P --seed S]
+    python -m trainer.generate --model X.pth|runs/NAME --prompt "..." --max-tokens N [--temperature T --top-p P --seed S]
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from trainer.models import CheckpointError, load_official
+from trainer.models.checkpoint import resolve_checkpoint
 from trainer.models.rwkv7 import RWKV7
 
 
@@ -33,7 +36,8 @@ class GenerateConfig:
     """Options of `python -m trainer.generate`."""
 
     model: str
-    """official RWKV-7 checkpoint, .pth or .safetensors"""
+    """official RWKV-7 checkpoint (.pth or .safetensors), a checkpoint folder, or a run folder (its newest
+    complete checkpoint)"""
     prompt: str = ""
     """text to continue (World tokenizer); empty starts from the end-of-document token 0"""
     max_tokens: int = 100
@@ -129,8 +133,8 @@ def stream(model: RWKV7, prompt_ids: list[int], max_tokens: int, temperature: fl
     ids = prompt_ids or [0]
     state = None
     for i in range(0, len(ids), prompt_chunk):
-        logits, state = model(torch.tensor([ids[i:i + prompt_chunk]], device=device), state)
-    last = logits[0, -1]
+        logits, state = model(torch.tensor([ids[i:i + prompt_chunk]], device=device), state, last_only=True)
+    last = logits[0, -1]  # logits [1, 1, V]: only the last prompt position's row is computed
     weights = model.step_weights()  # gathered once; each token then costs one `RWKV7.step`
     graph = GraphStep(model, weights, state) if cuda_graph and device.type == "cuda" else None
     step = torch.empty(1, dtype=torch.long, device=device)  # [B = 1]
@@ -149,7 +153,8 @@ def stream(model: RWKV7, prompt_ids: list[int], max_tokens: int, temperature: fl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="a .pth/.safetensors file, a checkpoint folder, or a run folder "
+                   "(runs/NAME: its newest complete checkpoint)")
     p.add_argument("--prompt", default="")
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -179,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise CheckpointError(f"--device {cfg.device}: CUDA is not available on this machine")
-        model = load_official(cfg.model, dtype=dtype, device=device).eval()
+        path = resolve_checkpoint(cfg.model)
+        if path != Path(cfg.model):
+            print(f"[model: {path}]", file=sys.stderr)
+        model = load_official(path, dtype=dtype, device=device).eval()
     except (CheckpointError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

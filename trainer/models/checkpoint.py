@@ -68,19 +68,57 @@ def _unwrap(sd):
     return sd
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a .pth (weights_only) or .safetensors file into a dict of CPU tensors. A checkpoint folder
-    (runs/NAME/checkpoints/step-N) stands for the model.pth in it; a name without suffix for NAME.pth when
-    only that exists (as the `rwkv` package takes it)."""
+STEP_FOLDER = re.compile(r"^step-(\d+)$")
+"""A run's checkpoint folder name (the trainer writes step-%08d, by atomic rename of a temporary folder)."""
+MODEL_FILES = ("model.pth", "model.safetensors")
+
+
+def _model_file(folder: Path) -> Path | None:
+    """The weights file in a checkpoint folder, or None."""
+    return next((folder / n for n in MODEL_FILES if (folder / n).is_file()), None)
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The step-N folder under `root` (a run's checkpoints/ folder) with the highest N that holds a model
+    file; None when there is none. The same rule as `trainer.checkpoint.latest`, which is not imported
+    here (it loads Lightning) and which also asks for resume.pt, which loading weights does not need."""
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_FOLDER.match(p.name)) and p.is_dir() and _model_file(p) is not None]
+    return max(found)[1] if found else None
+
+
+def _resolve_folder(path: Path) -> Path:
+    """A checkpoint folder -> its model file; a run folder (runs/NAME) or its checkpoints/ folder -> the
+    model file of the newest checkpoint in it (`newest_checkpoint`)."""
+    if (f := _model_file(path)) is not None:
+        return f
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = [p for p in root.iterdir() if STEP_FOLDER.match(p.name) and p.is_dir()]
+    if root is path and not steps:
+        raise CheckpointError(f"{path}: a folder without model.pth or model.safetensors (give a checkpoint "
+                              f"folder such as runs/NAME/checkpoints/step-N, a run folder runs/NAME, or the file)")
+    newest = newest_checkpoint(root)
+    if newest is None:
+        raise CheckpointError(f"{path}: a run folder without a complete checkpoint: no step-N folder in {root} "
+                              f"holds model.pth or model.safetensors ({len(steps)} step folder(s) found)")
+    return _model_file(newest)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The file a checkpoint argument names: a checkpoint folder (runs/NAME/checkpoints/step-N) stands for
+    the model.pth in it; a run folder (runs/NAME) or its checkpoints/ folder for the newest complete
+    checkpoint's (the highest step-N holding model.pth); a name without suffix for NAME.pth when only that
+    exists (as the `rwkv` package takes it). Anything else is returned as given."""
     path = Path(path)
     if not path.exists() and path.suffix != ".pth" and path.with_name(path.name + ".pth").is_file():
         path = path.with_name(path.name + ".pth")
-    if path.is_dir():
-        inside = [path / n for n in ("model.pth", "model.safetensors") if (path / n).is_file()]
-        if not inside:
-            raise CheckpointError(f"{path}: a folder without model.pth or model.safetensors (give a checkpoint "
-                                  f"folder such as runs/NAME/checkpoints/step-N, or the file)")
-        path = inside[0]
+    return _resolve_folder(path) if path.is_dir() else path
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a .pth (weights_only) or .safetensors file into a dict of CPU tensors; folders and suffix-less
+    names as `resolve_checkpoint` takes them (a run folder: its newest complete checkpoint)."""
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -150,6 +188,7 @@ def load_official(path: str | os.PathLike, dtype: torch.dtype = torch.float32, d
     meta device and takes the file's tensors converted once to `dtype`: peak memory about one model in
     `dtype` (building it in float32 first took 3.3x a bf16 model's size). Its parameters require grad (for
     fine-tuning): decode under `torch.no_grad()`, or the carried state keeps every token's graph alive."""
+    path = resolve_checkpoint(path)  # errors below name the file a folder stood for
     sd = load_state_dict(path)
     cfg = config_from_state_dict(sd, str(path))
     shapes = official_shapes(cfg)

@@ -331,9 +331,11 @@ class RWKV7(nn.Module):
         if init:
             self.init_weights()
 
-    def forward(self, idx: torch.Tensor, state: list | None = None):
+    def forward(self, idx: torch.Tensor, state: list | None = None, last_only: bool = False):
         """idx [B, T] int64 -> (logits [B, T, V], state: n_layer tuples (att_shift [B, C],
-        wkv [B, H, N, N], ffn_shift [B, C])). Passing the state back continues the sequence exactly."""
+        wkv [B, H, N, N], ffn_shift [B, C])). Passing the state back continues the sequence exactly.
+        last_only: logits [B, 1, V] of the last position only (ln_out and head on x[:, -1:]), as the `rwkv`
+        package computes by default: a prompt pass needs only that row, and the head is V x C per position."""
         if idx.dim() != 2 or idx.shape[1] < 1:
             raise ValueError(f"RWKV7.forward: idx must be [B, T] with T >= 1, got {tuple(idx.shape)}")
         x = self.emb(idx)  # [B, T, C]
@@ -342,6 +344,8 @@ class RWKV7(nn.Module):
         for i, block in enumerate(self.blocks):
             x, v_first, s = block(x, v_first, None if state is None else state[i])
             new_state.append(s)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, C]
         return self.head(self.ln_out(x)), new_state
 
     def zero_state(self, batch: int, device=None, dtype=None) -> list:

@@ -1,0 +1,83 @@
+"""RWKV-7 model extras: `forward(last_only=True)` (the prompt pass of generation) against the full
+forward's last row, and checkpoint loading from a run folder (its newest complete checkpoint)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.models import RWKV7, CheckpointError, load_official
+from trainer.models.checkpoint import load_state_dict, resolve_checkpoint
+from trainer.models.rwkv7 import RWKV7Config
+from trainer.testing import randomize_weights
+
+TINY = RWKV7Config(n_layer=2, n_embd=64, vocab_size=300, head_size=32)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+def test_last_only_is_the_full_forwards_last_row(dtype, tol):
+    """last_only gives logits [B, 1, V] equal to the full forward's last row (to matmul rounding: the head
+    runs on one row instead of T), and the same state, bit for bit, from the zero state and a carried one."""
+    m = randomize_weights(RWKV7(TINY, init=False), 2).to(dtype).eval()
+    idx = torch.randint(0, TINY.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, prior = m(idx[:, :5])
+        for state in (None, prior):
+            full, s_full = m(idx, state)
+            last, s_last = m(idx, state, last_only=True)
+            assert last.shape == (2, 1, TINY.vocab_size) and last.dtype == dtype
+            err = ((last[:, 0] - full[:, -1]).norm() / full[:, -1].norm()).item()
+            assert err < tol, err
+            assert full[:, :-1].sub(full[:, -1:]).abs().max() > 1e-3  # the rows differ: picking the wrong one fails
+            for a, b in zip(s_full, s_last):
+                assert all(torch.equal(x, y) for x, y in zip(a, b))
+        one, _ = m(idx[:, :1], last_only=True)  # T = 1: the whole output
+        assert torch.equal(one, m(idx[:, :1])[0])
+
+
+def save_tiny(folder, seed):
+    model = randomize_weights(RWKV7(TINY, init=False), seed)
+    folder.mkdir(parents=True)
+    model.save_official(folder / "model.pth")
+    return model.state_dict()
+
+
+def test_run_folder_loads_its_newest_complete_checkpoint(tmp_path):
+    """runs/NAME and runs/NAME/checkpoints stand for the highest step-N folder that holds model.pth: a
+    higher step without it (a folder a killed copy left), temporary folders and other files are passed over."""
+    run = tmp_path / "runs" / "demo"
+    ck = run / "checkpoints"
+    save_tiny(ck / "step-00000010", 1)
+    newest = save_tiny(ck / "step-00000020", 2)
+    (ck / "step-00000030").mkdir()                     # incomplete: no model.pth
+    (ck / "step-00000030" / "resume.pt").write_bytes(b"")
+    save_tiny(ck / ".tmp-step-00000040", 4)           # a save in progress
+    (ck / "step-00000050").write_bytes(b"")            # a file, not a folder
+    (run / "config.json").write_text("{}")
+    for arg in (run, ck, str(run)):
+        assert resolve_checkpoint(arg) == ck / "step-00000020" / "model.pth"
+        sd = load_state_dict(arg)
+        assert sd.keys() == newest.keys() and all(torch.equal(sd[k], newest[k]) for k in sd)
+    got = load_official(run).state_dict()
+    assert all(torch.equal(got[k], newest[k]) for k in newest)
+    # numeric order, not text order: step-9 < step-10 with the trainer's unpadded names too
+    other = tmp_path / "other"
+    save_tiny(other / "checkpoints" / "step-9", 5)
+    save_tiny(other / "checkpoints" / "step-10", 6)
+    assert resolve_checkpoint(other) == other / "checkpoints" / "step-10" / "model.pth"
+    # a checkpoint folder and a file still stand for themselves
+    assert resolve_checkpoint(ck / "step-00000010") == ck / "step-00000010" / "model.pth"
+    assert resolve_checkpoint(ck / "step-00000010" / "model.pth") == ck / "step-00000010" / "model.pth"
+
+
+def test_run_folder_without_a_complete_checkpoint_is_one_clear_error(tmp_path):
+    run = tmp_path / "empty-run"
+    (run / "checkpoints" / "step-00000005").mkdir(parents=True)
+    for arg in (run, run / "checkpoints"):
+        with pytest.raises(CheckpointError, match=r"empty-run.*without a complete checkpoint.*1 step folder"):
+            load_official(arg)
+    (tmp_path / "bare-run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"bare-run.*without a complete checkpoint.*0 step folder"):
+        load_state_dict(tmp_path / "bare-run")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CheckpointError, match="plain: a folder without model.pth"):
+        load_state_dict(tmp_path / "plain")

@@ -250,8 +250,10 @@ def _resumed(run, jobs: list[tuple], markers: list[str]):
             yield todo[j], result
 
 
-def _shard_plan(tok_paths: list[str], shard_tokens: int) -> list[list[tuple[str, int, int]]]:
-    """Split the tokenized units, in key order, into shards of about ``shard_tokens`` tokens."""
+def _shard_plan_reference(tok_paths: list[str], shard_tokens: int) -> list[list[tuple[str, int, int]]]:
+    """Split the tokenized units, in key order, into shards of about ``shard_tokens`` tokens: a shard ends after
+    the document that brings it to ``shard_tokens`` or more. The plain reference of ``_shard_plan`` (a Python
+    step per document: 179 ns each, ~9 min at 3e9 documents)."""
     plan: list[list[tuple[str, int, int]]] = []
     cur: list[tuple[str, int, int]] = []
     cur_tokens = 0
@@ -270,6 +272,45 @@ def _shard_plan(tok_paths: list[str], shard_tokens: int) -> list[list[tuple[str,
                 cur, cur_tokens, start = [], 0, j + 1
         if start < len(lens):
             cur.append((p, start, len(lens)))
+    if cur:
+        plan.append(cur)
+    return plan
+
+
+def _doc_token_ends(path: str) -> np.ndarray:
+    """[n_docs] int64: where each document of a tok file ends in the file's tokens (the cumulative token
+    counts), from the list offsets of each record batch: no per-document step, no copy of the tokens."""
+    parts, base = [], 0
+    for c in stages.read_arrow(path).column("input_ids").chunks:
+        if len(c) == 0:
+            continue
+        o = c.offsets.to_numpy().astype(np.int64)  # [n + 1] int32 offsets of this batch (its own int32 range)
+        parts.append(o[1:] - o[0] + base)
+        base = int(parts[-1][-1])
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _shard_plan(tok_paths: list[str], shard_tokens: int) -> list[list[tuple[str, int, int]]]:
+    """``_shard_plan_reference``'s plan with one ``np.searchsorted`` per shard instead of a step per
+    document: in a file with document ends ``ends`` (cumulative token counts), a shard holding ``cur``
+    tokens before document ``start`` ends at the first ``j >= start`` with
+    ``cur + ends[j] - ends[start - 1] >= shard_tokens`` (``ends`` never decreases)."""
+    plan: list[list[tuple[str, int, int]]] = []
+    cur: list[tuple[str, int, int]] = []
+    cur_tokens = 0
+    for p in tok_paths:
+        ends = _doc_token_ends(p)  # [n]
+        n, start = len(ends), 0
+        while start < n:
+            before = int(ends[start - 1]) if start else 0
+            j = start + int(np.searchsorted(ends[start:], shard_tokens - cur_tokens + before, side="left"))
+            if j == n:
+                cur.append((p, start, n))
+                cur_tokens += int(ends[-1]) - before
+                break
+            cur.append((p, start, j + 1))
+            plan.append(cur)
+            cur, cur_tokens, start = [], 0, j + 1
     if cur:
         plan.append(cur)
     return plan

@@ -39,6 +39,10 @@ QUARANTINE_LOCATIONS = 100_000
 """Bad input rows (read stage) per (unit, reason) listed by file:line; past that one record says how many more
 there were. Filter drops (a policy, not bad input) are listed only as samples. Counts are always exact."""
 BATCH_ROWS = 2048
+BATCH_BYTES = 64 << 20
+"""Ingest and tokenize batches end at BATCH_ROWS documents or once their text reaches BATCH_BYTES of UTF-8,
+whichever comes first: ingest's peak memory is ~4x a batch's text, and 2048 books (~0.5 MB each) made ~4 GB
+per task. Batching changes no output: every stage works per document, quarantine records are in line order."""
 LIST_TOKENS = 2**30
 """Most tokens in one record batch of token lists (their offsets are int32); a batch of documents holding
 more is written as several."""
@@ -195,6 +199,7 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
     while not done:
         clock.lap(None)
         keys, ids, source_ids, texts, datas = [], [], [], [], []
+        batch_bytes = 0
         for row in rows:
             read.docs_in += 1
             if row.reason is not None:
@@ -213,7 +218,8 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
             source_ids.append(row.id)
             texts.append(row.text)
             datas.append(row.data)
-            if len(texts) >= BATCH_ROWS:
+            batch_bytes += len(row.data)
+            if len(texts) >= BATCH_ROWS or batch_bytes >= BATCH_BYTES:
                 break
         else:
             done = True
@@ -256,6 +262,7 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
         out.abort()
         raise
     out.close()
+    quarantine.sort(key=lambda q: q["line"])  # read and filter records of all batches in line order (stable)
     for reason, n in sorted(qcount.items()):
         if n > QUARANTINE_LOCATIONS:
             quarantine.append({"component": comp.name, "file": unit.rel, "stage": "read", "reason": reason,
@@ -380,6 +387,20 @@ def encode_arrow_texts(tokenizer, texts: pa.Array) -> tuple[np.ndarray, np.ndarr
     return ids, np.asarray(tok_offs, np.int64)
 
 
+def _text_batches(table: pa.Table, rows: int, nbytes: int):
+    """Zero-copy slices of ``table``'s record batches, in order: each at most ``rows`` rows and at most ``nbytes``
+    bytes of text plus its first document (a cut before each document holding a multiple of ``nbytes``)."""
+    for batch in table.to_batches(max_chunksize=rows):
+        text = batch.column("text")
+        offs = np.frombuffer(text.buffers()[1], np.int64)[text.offset: text.offset + len(text) + 1]  # [n + 1]
+        offs = offs - offs[0]
+        cuts = np.unique(np.concatenate([[0], np.searchsorted(offs, np.arange(nbytes, offs[-1], nbytes),
+                                                              side="right") - 1]))
+        for a, b in zip(cuts.tolist(), [*cuts[1:].tolist(), batch.num_rows]):
+            if b > a:
+                yield batch.slice(a, b - a)
+
+
 def tokenize_unit(unit_name: str, work: str, removed: np.ndarray, tokenizer) -> dict:
     """Tokenize the unit's surviving documents; ``removed`` holds the unit's removed keys, sorted."""
     marker = os.path.join(work, "tok", unit_name + ".json")
@@ -391,7 +412,7 @@ def tokenize_unit(unit_name: str, work: str, removed: np.ndarray, tokenizer) -> 
     comp = meta_in["component"]
     out = _ArrowOut(os.path.join(work, "tok", unit_name + ".arrow"), TOK_SCHEMA)
     docs_in = docs_out = tokens = nbytes = 0
-    for batch in src.to_batches(max_chunksize=BATCH_ROWS):
+    for batch in _text_batches(src, BATCH_ROWS, BATCH_BYTES):
         keys = batch.column("key").to_numpy()
         docs_in += len(keys)
         live = ~sorted_member(keys, removed)

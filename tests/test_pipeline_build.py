@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -382,6 +383,85 @@ def test_shard_plan_reads_lengths_per_record_batch(tmp_path):
                                     "input_ids": pa.array(part, pa.list_(pa.uint16())),
                                     "source_id": pa.array([None] * len(part), pa.string())}, schema=stages.TOK_SCHEMA))
     assert _shard_plan([path], 5) == [[(path, 0, 3)], [(path, 3, 5)]]   # lengths 3 1 2 | 4 1
+
+
+def _write_tok(path: str, batches: list[list[int]]) -> str:
+    """A tok file whose record batches hold documents of the given token lengths (the tokens are zeros)."""
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, stages.TOK_SCHEMA) as w:
+        for lens in batches:
+            offs = pa.array(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int32))
+            ids = pa.ListArray.from_arrays(offs, pa.array(np.zeros(int(sum(lens)), np.uint16)))
+            n = len(lens)
+            w.write_batch(pa.record_batch([pa.array(range(n), pa.int64()), pa.array(["x"] * n), pa.array(["a"] * n),
+                                           ids, pa.array([None] * n, pa.string())], schema=stages.TOK_SCHEMA))
+    return path
+
+
+def test_shard_plan_matches_the_per_document_reference(tmp_path):
+    """The vectorised plan (searchsorted over each file's document ends) cuts exactly where the per-document
+    loop does: random lengths with zeros, empty files and empty record batches, documents longer than a shard,
+    shard sizes that land exactly on document ends, 1 token, and more than the whole corpus."""
+    from pipeline.build import _shard_plan, _shard_plan_reference
+
+    rng = np.random.default_rng(0)
+    for case in range(40):
+        paths = []
+        for f in range(int(rng.integers(1, 6))):
+            batches = []
+            for _ in range(int(rng.integers(0, 4))):
+                n = int(rng.integers(0, 30))
+                lens = rng.integers(0, 50, n) * (rng.random(n) > 0.2)   # some empty documents
+                if n and rng.random() < 0.3:
+                    lens[rng.integers(0, n)] = 500                      # longer than most shards
+                batches.append(lens.tolist())
+            paths.append(_write_tok(str(tmp_path / f"{case}_{f}.arrow"), batches))
+        total = sum(int(x) for p in paths for x in _doc_lens(p))
+        ends = np.cumsum([x for p in paths for x in _doc_lens(p)])
+        sizes = {1, 2, 7, 64, 100, 499, 500, 501, max(total, 1), total + 1}
+        sizes |= {int(e) for e in ends[:5] if e > 0} | {int(ends[len(ends) // 2])} if len(ends) else set()
+        for size in sorted(s for s in sizes if s > 0):
+            assert _shard_plan(paths, size) == _shard_plan_reference(paths, size), (case, size)
+    empty = _write_tok(str(tmp_path / "empty.arrow"), [])
+    one = _write_tok(str(tmp_path / "one.arrow"), [[3, 0, 4], [], [5]])
+    assert _shard_plan([empty, one, empty], 7) == _shard_plan_reference([empty, one, empty], 7) == [
+        [(one, 0, 3)], [(one, 3, 4)]]
+    assert _shard_plan([empty], 7) == _shard_plan_reference([empty], 7) == []
+
+
+def _doc_lens(path: str) -> list[int]:
+    return [len(x) for x in stages.read_arrow(path).column("input_ids").to_pylist()]
+
+
+def test_shard_plan_matches_the_reference_on_the_sample_build(sample_out):
+    from pipeline.build import _shard_plan, _shard_plan_reference
+
+    out, _ = sample_out
+    tok = os.path.join(out, "work", "tok")
+    paths = [os.path.join(tok, n) for n in sorted(os.listdir(tok)) if n.endswith(".arrow")]
+    lens = [x for p in paths for x in _doc_lens(p)]
+    ends = np.cumsum(lens)
+    for size in (1, 50, 1000, load_manifest(SAMPLE).shard_tokens, int(ends[len(ends) // 3]), int(ends[-1]),
+                 int(ends[-1]) + 1, max(lens)):
+        assert _shard_plan(paths, size) == _shard_plan_reference(paths, size), size
+    assert len(_shard_plan(paths, load_manifest(SAMPLE).shard_tokens)) == len(json.load(open(
+        os.path.join(out, "index.json")))["shards"])
+
+
+def test_tiny_byte_batches_give_the_same_build(sample_out, tmp_path, monkeypatch):
+    """Ingest and tokenize batches also end at BATCH_BYTES of text: a budget of 1 KiB (most batches one to a
+    few documents) gives the same shards, index, duplicates and quarantine bytes as the default batching,
+    and the ingest files really hold that many more record batches."""
+    out, _ = sample_out
+    monkeypatch.setattr(stages, "BATCH_BYTES", 1024)
+    small = str(tmp_path / "out")
+    build(load_manifest(SAMPLE), small, LocalExecutor(), progress=False)
+    assert output_files(small) == output_files(out)
+
+    def batches(o: str) -> int:
+        ing = os.path.join(o, "work", "ingest")
+        return sum(len(stages.read_arrow(os.path.join(ing, n)).to_batches()) for n in os.listdir(ing)
+                   if n.endswith(".arrow"))
+    assert batches(small) > 5 * batches(out)
 
 
 def test_index_records_tokens_out_of_the_tokenize_stage(sample_out):

@@ -342,3 +342,22 @@ def test_sorted_member_matches_isin():
         members = np.sort(np.concatenate([rng.integers(0, hi, m, dtype=np.int64), rng.choice(keys, min(n, m // 2))]))
         assert np.array_equal(stages.sorted_member(keys, members), np.isin(keys, members)), (keys, members)
     assert stages.sorted_member(np.zeros(0, np.int64), np.arange(3)).shape == (0,)
+
+
+def test_text_batches_cut_by_rows_and_bytes_and_keep_every_row():
+    """tokenize_unit's batches: every row once, in order; at most `rows` rows and `nbytes` plus the first
+    document's bytes; a document larger than the budget is a batch of its own."""
+    from pipeline.stages import _text_batches
+
+    rng = np.random.default_rng(1)
+    lens = (rng.integers(0, 40, 300) * (rng.random(300) > 0.1)).tolist()
+    lens[7] = 500
+    texts = ["y" * n for n in lens]
+    t = pa.concat_tables([pa.table({"key": np.arange(a, b), "text": pa.array(texts[a:b], pa.large_string())})
+                          for a, b in ((0, 0), (0, 120), (120, 121), (121, 300))])
+    for rows, nbytes in ((2048, 1 << 20), (7, 1 << 20), (2048, 64), (5, 33), (2048, 1)):
+        parts = list(_text_batches(t, rows, nbytes))
+        assert pa.concat_tables([pa.Table.from_batches([p]) for p in parts]).to_pylist() == t.to_pylist()
+        for p in parts:
+            size = [len(x) for x in p.column("text").to_pylist()]
+            assert 0 < len(size) <= rows and sum(size) <= nbytes + size[0], (rows, nbytes, size)

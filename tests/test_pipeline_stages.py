@@ -361,3 +361,48 @@ def test_text_batches_cut_by_rows_and_bytes_and_keep_every_row():
         for p in parts:
             size = [len(x) for x in p.column("text").to_pylist()]
             assert 0 < len(size) <= rows and sum(size) <= nbytes + size[0], (rows, nbytes, size)
+
+
+def test_ingest_batches_end_at_the_byte_budget(tmp_path, monkeypatch):
+    """Book-sized documents: an ingest batch ends once its text reaches BATCH_BYTES (a document larger than the
+    budget is a batch of its own); the ingest table, signatures and quarantine records are those of the
+    default batching, and so is tokenization of those batches."""
+    from pipeline.manifest import NearDedupSettings
+
+    rng = random.Random(3)
+    words = ["river", "hill", "boat", "dawn", "harbour", "ship", "weather", "meadow", "forest", "signal"]
+    lines = []
+    for i in range(60):
+        n = rng.choice([3, 40, 200, 900])
+        lines.append(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(words) for _ in range(n)) + f" {i}."}))
+        if i % 11 == 5:
+            lines.append("{bad json")
+        if i % 13 == 2:
+            lines.append(json.dumps({"id": f"s{i}", "text": "tiny"}))   # dropped by the min_chars filter
+    src = tmp_path / "b.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    comp = ComponentSpec(name="b", paths=["x"], format="jsonl", id_field="id", filters=FilterConfig(min_chars=20))
+    near = NearDedupSettings(enabled=True, params={"num_perm": 32})
+    tok = None
+    got = {}
+    default = stages.BATCH_BYTES
+    for budget in (default, 1000):
+        monkeypatch.setattr(stages, "BATCH_BYTES", budget)
+        work = tmp_path / str(budget)
+        (work / "ingest").mkdir(parents=True)
+        (work / "tok").mkdir()
+        meta = stages.ingest_unit(Unit(0, 0, str(src), "jsonl", "b.jsonl"), comp, str(work), near)
+        ingest = stages.read_arrow(str(work / "ingest" / "c0000_f00000.arrow"))
+        if tok is None:
+            from tokenizer import WorldTokenizer
+
+            tok = WorldTokenizer()
+        stages.tokenize_unit("c0000_f00000", str(work), np.zeros(0, np.int64), tok)
+        got[budget] = (ingest.to_pylist(), np.load(work / "ingest" / "c0000_f00000.sig.npy").tolist(),
+                       meta["quarantine"], stages.read_arrow(str(work / "tok" / "c0000_f00000.arrow")).to_pylist())
+        sizes = [[len(t.encode()) for t in b.column("text").to_pylist()] for b in ingest.to_batches()]
+    assert got[1000] == got[default]
+    assert len(sizes) > 10 and all(sum(s[:-1]) < 1000 for s in sizes)
+    assert any(len(s) == 1 and s[0] > 1000 for s in sizes) and any(len(s) > 1 for s in sizes)
+    assert [q["line"] for q in got[1000][2]] == sorted(q["line"] for q in got[1000][2])
+    assert {q["stage"] for q in got[1000][2]} == {"read", "filter"}

@@ -314,7 +314,7 @@ def test_checkpoint_and_log_hygiene(corpus, tmp_path, monkeypatch):
         (run / "checkpoints" / stale).mkdir()
         (run / "checkpoints" / stale / "resume.pt").write_bytes(b"partial")
     with open(run / "metrics.csv", "a") as f:
-        f.write("4")                                   # a torn last row (ENOSPC / power loss)
+        f.write("1")                  # a torn last row (ENOSPC / power loss): the start of step 1x's row
     fit(load_config(debug, TINY + ["train.max_steps=3", "train.ckpt_every=1"]), corpus, run, resume=True)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     assert [int(r["step"]) for r in _rows(run)] == [1, 2, 3]
@@ -360,3 +360,30 @@ def test_direct_checkpoint_io_is_given_only_where_the_strategy_takes_it():
     single = L.Fabric(accelerator="cpu", devices=1)
     ckpt.use_direct_io(single)
     assert isinstance(single.strategy.checkpoint_io, ckpt.DirectCheckpointIO)
+
+
+def test_yaml_merge_keys_tiny_temperature_and_an_interrupted_replace(tmp_path):
+    """Second-look review: the duplicate-key loader refused YAML merge keys (`<<: *base`) and crashed on an
+    unhashable key; a temperature below float32's range gave NaN probabilities; remove_stale deleted both
+    halves of a checkpoint whose replacement was killed between its two renames."""
+    p = tmp_path / "merge.yaml"
+    p.write_text("train:\n  <<: {max_steps: 7, val_every: 5}\n  ckpt_every: 3\n")
+    cfg = load_config(p)
+    assert (cfg.train.max_steps, cfg.train.val_every, cfg.train.ckpt_every) == (7, 5, 3)
+    p.write_text("train:\n  ? [a, b]\n  : 1\n")
+    with pytest.raises(ConfigError, match="merge.yaml"):
+        load_config(p)
+
+    from trainer.generate import sample_logits
+    assert sample_logits(torch.tensor([1.0, 3.0, 2.0]), 1e-46, 0.9, torch.Generator().manual_seed(0)) == 1
+
+    from trainer import checkpoint as ckpt
+    root = tmp_path / "run" / "checkpoints"
+    for name, tag in ((".tmp-step-00000005", b"new"), (".old-step-00000005", b"old")):
+        (root / name).mkdir(parents=True)
+        for f in ckpt.FILES:
+            (root / name / f).write_bytes(tag)
+    (root / ".tmp-step-00000006").mkdir()            # an unfinished save: removed
+    ckpt.remove_stale(tmp_path / "run")
+    assert sorted(q.name for q in root.iterdir()) == ["step-00000005"]
+    assert (root / "step-00000005" / "model.pth").read_bytes() == b"new"

@@ -418,3 +418,19 @@ def test_api_review_fixes(monkeypatch):
     y0, s_0 = naive_wkv7(xs[0], w, *xs[2:], initial_state=s0, output_final_state=True)
     y1, s_1 = chunk_wkv7_torch(xs[0], w, *xs[2:], initial_state=s0, output_final_state=True)
     assert torch.isfinite(y1).all() and rel(y1, y0) < 1e-12 and rel(s_1, s_0) < 1e-12
+
+
+def test_backward_keeps_the_forward_config_changed_in_place(monkeypatch):
+    """ctx kept a reference to CONFIG: a field changed in place between forward and backward (chunk_size 16 ->
+    32) made the backward index the forward's saved chunks wrongly: gradients off by thousands, no error."""
+    chunk = _triton_modules()
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, **FP32))
+    xs, _, dy, _ = make_inputs(1, 40, 1, 16)
+    leaves = [x.float().requires_grad_() for x in xs]
+    y, _ = chunk.chunk_wkv7(*leaves)
+    chunk.CONFIG.chunk_size = 32                      # in place, on the object the forward used
+    (y.double() * dy).sum().backward()
+    ref = [x.clone().requires_grad_() for x in xs]
+    (naive_wkv7(*ref)[0] * dy).sum().backward()
+    for a, b in zip(leaves, ref):
+        assert rel(a.grad, b.grad) < 1e-3

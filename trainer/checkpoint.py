@@ -50,9 +50,15 @@ def use_direct_io(fabric) -> None:
 
 def remove_stale(run_dir: Path) -> list[Path]:
     """Remove the temporary and replaced checkpoint folders a killed save left (rank 0, at start-up);
-    returns them."""
+    returns them. A save killed while replacing step-N (between its two renames) leaves no step-N but a
+    complete .tmp-step-N (the new one) and .old-step-N: the complete one is renamed back, newest first."""
     root = Path(run_dir) / "checkpoints"
     stale = sorted(p for p in root.iterdir() if STALE_DIR.match(p.name)) if root.is_dir() else []
+    for p in sorted(stale, key=lambda p: not p.name.startswith(".tmp-")):   # .tmp (newer) before .old
+        final = p.with_name(p.name.split("-", 1)[1])
+        if not final.exists() and all((p / f).exists() for f in FILES):
+            os.replace(p, final)
+    stale = [p for p in stale if p.exists()]
     for p in stale:
         shutil.rmtree(p)
     return stale

@@ -265,8 +265,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *anchor`, resolved by the parent class
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                duplicate = key in seen
+            except TypeError:   # an unhashable key: the parent class reports it
+                continue
+            if duplicate:
                 raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: key {key!r} given twice (first at "
                                   f"line {seen[key]}); YAML would keep only the last")
             seen[key] = key_node.start_mark.line + 1

@@ -64,7 +64,7 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_p: float, gen: t
     """logits [V] -> token id. Top-p cut on the softmax, then temperature on the kept probabilities:
     p^(1/T), renormalised, which is softmax(logits / T) over the kept ids, computed that way so a low T
     cannot underflow every kept probability to 0 (p ** (1/T) did at T = 0.05)."""
-    if temperature == 0:
+    if temperature == 0 or 0 < temperature < 1e-30:   # below float32's range 1/T would be inf: greedy
         return int(torch.argmax(logits))
     if not temperature > 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")

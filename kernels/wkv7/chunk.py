@@ -6,6 +6,7 @@ Kernels and their math: triton_kernels.py. This module imports triton, so import
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -203,7 +204,7 @@ class ChunkWKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0, output_final_state):
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         s0 = None if s0 is None else s0.float().contiguous()
-        ctx.cfg = CONFIG   # the backward indexes the forward's saved chunks: it must use the same settings
+        ctx.cfg = dataclasses.replace(CONFIG)   # a copy: the backward indexes the forward's saved chunks
         ctx.set_materialize_grads(False)
         y, sT, st, cc = _fwd(r, w, k, v, a, b, s0, output_final_state, True, ctx.cfg)
         ctx.save_for_backward(r, w, k, v, a, b, st, cc)
@@ -226,7 +227,7 @@ class RecurrentWKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0, output_final_state):
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         s0 = None if s0 is None else s0.float().contiguous()
-        ctx.cfg = CONFIG
+        ctx.cfg = dataclasses.replace(CONFIG)
         ctx.set_materialize_grads(False)
         B, T, H, N = r.shape
         BV = min(16, N)

@@ -460,13 +460,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
     chars = docs = 0
     with _progress(len(units), "ingest", progress) as bar:
         for i, m in _resumed(executor.ingest, jobs, [os.path.join(work, "ingest", u.name + ".json") for u in units]):
-            recs = m.pop("quarantine", None)  # the records are in the unit's quarantine file; only counts stay
-            if recs is not None and "quarantine_records" not in m:
-                # the marker of an older build, which kept its records in it
-                if recs:
-                    stages.atomic_write_bytes(stages.quarantine_path(work, units[i].name), stages.quarantine_bytes(recs))
-                m["quarantine_records"] = len(recs)
-            metas[i] = m
+            metas[i] = m = stages.meta_counts_only(m, work, units[i].name)
             chars += m["chars_read"]
             docs += m["read"]["in"]
             el = max(time.perf_counter() - t0, 1e-9)

@@ -55,9 +55,7 @@ def _ray_remote_defs():
 
     @ray.remote(num_cpus=1, max_retries=4)
     def ingest_task(unit, comp, work, near):
-        meta = stages.ingest_unit(unit, comp, work, near)
-        meta.pop("quarantine", None)  # the records are in the unit's quarantine file: only counts travel
-        return meta
+        return stages.meta_counts_only(stages.ingest_unit(unit, comp, work, near), work, unit.name)
 
     @ray.remote(num_cpus=1, max_retries=4)
     def shard_task(index, pieces, out_dir):

@@ -169,6 +169,18 @@ def quarantine_bytes(records: list[dict]) -> bytes:
     return "".join(json.dumps(q, ensure_ascii=False, sort_keys=True) + "\n" for q in records).encode()
 
 
+def meta_counts_only(meta: dict, work: str, unit_name: str) -> dict:
+    """A unit's meta as it travels to the driver: its quarantine records dropped (they are in the unit's
+    quarantine file). The marker of an older build kept the records inside: they are written to that file
+    now and counted."""
+    records = meta.pop("quarantine", None)
+    if records is not None and "quarantine_records" not in meta:
+        if records:
+            atomic_write_bytes(quarantine_path(work, unit_name), quarantine_bytes(records))
+        meta["quarantine_records"] = len(records)
+    return meta
+
+
 def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSettings | None) -> dict:
     """Read, filter and hash one input file; returns (and writes) the unit's meta record. Raises
     ``InputChanged`` (publishing nothing) if the file's size or mtime is no longer ``unit.stamp``.
@@ -392,6 +404,8 @@ def _text_batches(table: pa.Table, rows: int, nbytes: int):
     bytes of text plus its first document (a cut before each document holding a multiple of ``nbytes``)."""
     for batch in table.to_batches(max_chunksize=rows):
         text = batch.column("text")
+        if not pa.types.is_large_string(text.type):   # ingest files of older builds hold string (int32 offsets)
+            text = text.cast(pa.large_string())
         offs = np.frombuffer(text.buffers()[1], np.int64)[text.offset: text.offset + len(text) + 1]  # [n + 1]
         offs = offs - offs[0]
         cuts = np.unique(np.concatenate([[0], np.searchsorted(offs, np.arange(nbytes, offs[-1], nbytes),

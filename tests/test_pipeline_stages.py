@@ -406,3 +406,20 @@ def test_ingest_batches_end_at_the_byte_budget(tmp_path, monkeypatch):
     assert any(len(s) == 1 and s[0] > 1000 for s in sizes) and any(len(s) > 1 for s in sizes)
     assert [q["line"] for q in got[1000][2]] == sorted(q["line"] for q in got[1000][2])
     assert {q["stage"] for q in got[1000][2]} == {"read", "filter"}
+
+
+def test_text_batches_take_string_columns_of_older_ingest_files():
+    """Ingest files of builds before 23cd41b hold `string` text (int32 offsets): reading them as int64 offsets
+    raised (odd row counts) or cut at garbage offsets (even ones) on resume."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline import stages
+
+    texts = ["a" * 10, "b" * 20, "c" * 5, "d" * 7, "e" * 3]
+    for n in (4, 5):
+        small = pa.table({"key": np.arange(n), "text": pa.array(texts[:n], pa.string())})
+        large = small.cast(pa.schema([("key", pa.int64()), ("text", pa.large_string())]))
+        got = [b.column("text").to_pylist() for b in stages._text_batches(small, 2048, 16)]
+        assert got == [b.column("text").to_pylist() for b in stages._text_batches(large, 2048, 16)]
+        assert sum(got, []) == texts[:n]

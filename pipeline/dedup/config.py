@@ -92,7 +92,7 @@ class MinHashConfig:
     """Upper bound on derived partition counts: the driver owns (map tasks in flight + merged maps) x
     partitions refs of ~1.9 KB each, and map tasks grow so that their pieces stay >= min_piece_kib.
     2048 keeps 3e9 documents at 3 GB of band rows per reduce task and 1.07M documents per map task."""
-    map_docs: int = 1_000_000
+    map_docs: int = 100_000
     """Documents per map task on Ray: consecutive signature blocks are grouped up to this (or more, so that
     each of a map task's pieces is at least `min_piece_kib`)."""
     min_piece_kib: int = 1024

@@ -172,7 +172,7 @@ def _shuffle_bands(blocks, groups: list[list[int]], parts: int, cap: int, cfg: M
     def settle(wait_for: int) -> None:
         nonlocal merged
         while len(running) > wait_for:
-            ready, _ = ray.wait(list(running), num_returns=len(running) - wait_for)
+            ready, _ = ray.wait(list(running), num_returns=len(running) - wait_for, fetch_local=False)
             done.extend(running.pop(r) for r in ready)
         while len(done) >= MERGE_MAPS:
             batch, done[:] = done[:MERGE_MAPS], done[MERGE_MAPS:]

@@ -20,7 +20,7 @@ threshold 0.8 with verification, D = duplicate-involved documents, usually 10-30
 - Band shuffle: each block emits B rows of (band key 8 B, doc key 8 B) plus, with `verify`, the
   low 8 bits of the signature (P B, b-bit minwise hashing): 14 x 144 B x 1e9 = 2 TB moved once.
   Partitioned by band key into partitions sized from the data (~64 MiB of band rows each, at most
-  2048; map tasks of >= 1M documents so every piece is >= 1 MiB and none comes back inline to the
+  2048; map tasks of >= 100k documents, more where needed so every piece is >= 1 MiB and none comes back inline to the
   driver; at most 2 x CPUs maps in flight; ray_exec.py), so a reduce task holds 1/partitions of the rows; it sorts them
   (O(rows log rows)), emits one star edge per bucket member beyond the first (at most D x B
   edges), checks each edge's b-bit Jaccard estimate, and compresses its edges with a local

@@ -709,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}/index.json ({report['totals']['documents']:,} documents, "
               f"{report['totals']['tokens']:,} tokens)")
         return 0
-    except (ManifestError, BuildError, stages.InputChanged) as e:
+    except (ManifestError, BuildError, stages.InputError) as e:
         # raised in a Ray task, the error is a RayTaskError subclassing it; its text is the remote traceback
         print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return 2

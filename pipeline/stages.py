@@ -109,8 +109,20 @@ class _ArrowOut:
         os.remove(self.tmp)
 
 
-class InputChanged(RuntimeError):
+class InputError(RuntimeError):
+    """An input the build cannot use as it is; the message names the file."""
+
+
+class InputChanged(InputError):
     """An input's size or modification time changed while the build read it."""
+
+
+class InputTooLong(InputError):
+    """A file with more lines (rows) than a document key numbers: MAX_LINE."""
+
+
+MAX_LINE = 2**32 - 1
+"""Largest line (row) number of one file: a document key holds it in its low 32 bits (component and file above)."""
 
 
 def _check_unchanged(unit: Unit) -> None:
@@ -213,6 +225,10 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
         keys, ids, source_ids, texts, datas = [], [], [], [], []
         batch_bytes = 0
         for row in rows:
+            if row.line > MAX_LINE:
+                out.abort()
+                raise InputTooLong(f"{unit.path}: line {row.line:,} is past the {MAX_LINE:,} lines (rows) one file may "
+                                   f"have (document keys number them in 32 bits): split the file")
             read.docs_in += 1
             if row.reason is not None:
                 read.dropped[row.reason] += 1

@@ -320,3 +320,15 @@ def test_every_bad_input_row_is_located_and_the_cap_says_how_many_more(tmp_path,
     meta = stages.ingest_unit(Unit(0, 0, path, "jsonl", "f.jsonl"), comp, str(tmp_path / "w2"), None)
     q = [x for x in meta["quarantine"] if x["reason"] == "not_utf8"]
     assert [x.get("line") for x in q] == [2, 4, 6, None] and q[-1]["unlisted_rows"] == 17
+
+
+def test_a_file_with_more_lines_than_a_key_numbers_is_an_error(tmp_path, monkeypatch):
+    """Document keys hold the line in 32 bits: a longer file would have spilled into the file bits (wrong ids,
+    colliding keys). Shown with the limit lowered to 3 lines."""
+    monkeypatch.setattr(stages, "MAX_LINE", 3)
+    path = _write(tmp_path / "f.jsonl", b"".join(json.dumps({"text": f"document number {i} " * 20}).encode() + b"\n"
+                                                  for i in range(5)), "jsonl")
+    (tmp_path / "ingest").mkdir()
+    with pytest.raises(stages.InputTooLong, match=r"f\.jsonl: line 4 is past the 3 lines"):
+        stages.ingest_unit(Unit(0, 0, path, "jsonl", "f.jsonl"), _comp("jsonl"), str(tmp_path), None)
+    assert not list((tmp_path / "ingest").iterdir())       # nothing published

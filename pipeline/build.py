@@ -221,8 +221,7 @@ def read_dedup(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 def _write_quarantine(path: str, work: str, units: list[Unit], metas: list[dict]) -> int:
     """quarantine.jsonl: the units' quarantine files (stages.ingest_unit) concatenated in unit order, streamed
     to a temp file and renamed into place; returns the number of records."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with stages.atomic_writer(path) as f:
         for u, m in zip(units, metas):
             if m["quarantine_records"]:
                 try:
@@ -231,9 +230,6 @@ def _write_quarantine(path: str, work: str, units: list[Unit], metas: list[dict]
                 except FileNotFoundError:
                     raise BuildError(f"{stages.quarantine_path(work, u.name)} is missing ({m['quarantine_records']} "
                                      f"records); rebuild with --force") from None
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return sum(m["quarantine_records"] for m in metas)
 
 
@@ -343,7 +339,7 @@ class DocIds:
 
     def __init__(self, want: np.ndarray, units: list[Unit], comps: list, ingest_paths: list[str]):
         self.base = np.array([u.key_base for u in units], np.int64)  # [U] ascending: units are in key order
-        self.prefix = pa.array([f"{comps[u.ci].name}/{u.rel}:" for u in units], pa.string())  # [U]
+        self.prefix = pa.array([stages.id_prefix(comps[u.ci].name, u.rel) for u in units], pa.string())  # [U]
         want = np.unique(want)  # [W] sorted
         ui = self._unit(want)
         cut = np.searchsorted(ui, np.arange(len(units) + 1))  # [U + 1] want[cut[u]:cut[u + 1]] are unit u's
@@ -399,8 +395,7 @@ def _write_duplicates(path: str, keys: np.ndarray, ofs: np.ndarray, stage: np.nd
     """duplicates.jsonl: one line per removed document ([m] ``keys``, sorted), naming the document it
     duplicates (``ofs``) and the stage (``stage``, an index into DEDUP_STAGES), streamed to a temp file in
     chunks of DUP_CHUNK_ROWS lines and renamed into place, so the driver never holds the whole file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with stages.atomic_writer(path) as f:
         for a in range(0, len(keys), DUP_CHUNK_ROWS):
             k, o = keys[a:a + DUP_CHUNK_ROWS], ofs[a:a + DUP_CHUNK_ROWS]
             f.write("".join(
@@ -409,9 +404,6 @@ def _write_duplicates(path: str, keys: np.ndarray, ofs: np.ndarray, stage: np.nd
                            ensure_ascii=False) + "\n"
                 for i, j, s, c, x, y in zip(ids.ids(k), ids.ids(o), stage[a:a + DUP_CHUNK_ROWS].tolist(),
                                             (k >> 48).tolist(), ids.source_ids(k), ids.source_ids(o))).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,

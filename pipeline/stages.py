@@ -17,6 +17,7 @@ what makes reruns byte-identical whatever the scheduling.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -66,13 +67,21 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_writer(path: str):
+    """A binary file to write ``path`` through: a temp name, fsynced and renamed into place on a clean exit
+    (a failed write leaves the temp file, which the build's sweep removes)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(data)
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -172,6 +181,11 @@ class StageCount:
         return {"in": self.docs_in, "out": self.docs_out, "dropped": dict(sorted(self.dropped.items()))}
 
 
+def id_prefix(component: str, rel: str) -> str:
+    """A document's id is ``id_prefix(component, file) + str(line)``, e.g. ``wiki/part-0.jsonl:17``."""
+    return f"{component}/{rel}:"
+
+
 def quarantine_path(work: str, unit_name: str) -> str:
     return os.path.join(work, "ingest", unit_name + ".quarantine.jsonl")
 
@@ -218,6 +232,7 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
     out = _ArrowOut(os.path.join(work, "ingest", unit.name + ".arrow"), INGEST_SCHEMA)
     sig_parts: list[np.ndarray] = []
     key_base = unit.key_base
+    prefix = id_prefix(comp.name, unit.rel)
     rows = safe_rows(unit, comp)
     done = False
     while not done:
@@ -242,7 +257,7 @@ def ingest_unit(unit: Unit, comp: ComponentSpec, work: str, near: NearDedupSetti
                     quarantine.append(rec)
                 continue
             keys.append(key_base | row.line)
-            ids.append(f"{comp.name}/{unit.rel}:{row.line}")
+            ids.append(f"{prefix}{row.line}")
             source_ids.append(row.id)
             texts.append(row.text)
             datas.append(row.data)

@@ -73,6 +73,11 @@ def group(sizes: list[int], target: int) -> list[list[int]]:
     return groups
 
 
+def _partitions(nbytes: int, cfg: MinHashConfig) -> int:
+    """Partitions of about cfg.partition_mib each for `nbytes` of shuffled rows, within [1, max_partitions]."""
+    return int(min(cfg.max_partitions, max(1, -(-nbytes // (cfg.partition_mib << 20)))))
+
+
 def plan(sizes: list[int], cfg: MinHashConfig) -> tuple[int, list[list[int]]]:
     """(band partitions P, groups of consecutive block indices, one map task each) for blocks of `sizes` docs.
 
@@ -82,7 +87,7 @@ def plan(sizes: list[int], cfg: MinHashConfig) -> tuple[int, list[list[int]]]:
     """
     doc_bytes = cfg.bands * row_bytes(cfg)
     total = sum(sizes) * doc_bytes
-    parts = cfg.partitions or int(min(cfg.max_partitions, max(1, -(-total // (cfg.partition_mib << 20)))))
+    parts = cfg.partitions or _partitions(total, cfg)
     return parts, group(sizes, max(cfg.map_docs, -(-parts * (cfg.min_piece_kib << 10) // doc_bytes)))
 
 
@@ -90,7 +95,7 @@ def plan_components(edges: list[int], cfg: MinHashConfig) -> tuple[int, list[lis
     """(component partitions Q, groups of consecutive reduce outputs, one split task each) for reduce tasks
     of `edges` directed edges (16 B each): Q = cfg.component_partitions, else ceil(edge bytes /
     partition_mib) within [1, max_partitions]; a group's Q pieces are >= min_piece_kib where possible."""
-    q = cfg.component_partitions or int(min(cfg.max_partitions, max(1, -(-sum(edges) * 16 // (cfg.partition_mib << 20)))))
+    q = cfg.component_partitions or _partitions(sum(edges) * 16, cfg)
     return q, group(edges, max(1, -(-q * (cfg.min_piece_kib << 10) // 16)))
 
 

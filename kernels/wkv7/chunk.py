@@ -6,7 +6,7 @@ Kernels and their math: triton_kernels.py. This module imports triton, so import
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 import functools
 import math
 import os
@@ -204,7 +204,7 @@ class ChunkWKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0, output_final_state):
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         s0 = None if s0 is None else s0.float().contiguous()
-        ctx.cfg = dataclasses.replace(CONFIG)   # a copy: the backward indexes the forward's saved chunks
+        ctx.cfg = copy.copy(CONFIG)   # a copy: the backward indexes the forward's saved chunks
         ctx.set_materialize_grads(False)
         y, sT, st, cc = _fwd(r, w, k, v, a, b, s0, output_final_state, True, ctx.cfg)
         ctx.save_for_backward(r, w, k, v, a, b, st, cc)
@@ -227,7 +227,7 @@ class RecurrentWKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0, output_final_state):
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         s0 = None if s0 is None else s0.float().contiguous()
-        ctx.cfg = dataclasses.replace(CONFIG)
+        ctx.cfg = copy.copy(CONFIG)
         ctx.set_materialize_grads(False)
         B, T, H, N = r.shape
         BV = min(16, N)

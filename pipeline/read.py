@@ -315,7 +315,7 @@ def read_jsonl(path: str, fmt: str, text_field: str, id_field: str | None,
             continue
         try:
             obj = loads(s)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
             yield Row(n, None, None, "bad_json", s[:200])
             continue
         if not isinstance(obj, dict):

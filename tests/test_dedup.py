@@ -430,3 +430,11 @@ def test_ray_result_is_independent_of_partitions_grouping_and_merges():
         assert ray_exec.duplicates_ray([], MinHashConfig())[0].tolist() == []
     finally:
         ray.shutdown()
+
+
+def test_cli_counts_a_deeply_nested_line_as_not_json():
+    """json.loads raises RecursionError on deep nesting; the CLI counts that line instead of crashing."""
+    from pipeline.dedup.__main__ import _parse
+
+    deep = ('{"id": 1, "text": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}").encode()
+    assert _parse(deep) == (None, None, "not_json")

@@ -332,3 +332,14 @@ def test_a_file_with_more_lines_than_a_key_numbers_is_an_error(tmp_path, monkeyp
     with pytest.raises(stages.InputTooLong, match=r"f\.jsonl: line 4 is past the 3 lines"):
         stages.ingest_unit(Unit(0, 0, path, "jsonl", "f.jsonl"), _comp("jsonl"), str(tmp_path), None)
     assert not list((tmp_path / "ingest").iterdir())       # nothing published
+
+
+def test_a_deeply_nested_json_line_is_bad_json_and_reading_goes_on(tmp_path):
+    """json.loads raises RecursionError (not ValueError) on deep nesting: that line alone is bad_json; the
+    lines after it are still read (it used to end the file as one ``unreadable`` row, dropping them)."""
+    deep = '{"text": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    data = "\n".join([json.dumps({"text": "first document"}), deep, json.dumps({"text": "third document"})]) + "\n"
+    path = _write(tmp_path / "deep.jsonl", data.encode(), "jsonl")
+    rows = _rows(path, "jsonl", _comp("jsonl", max_doc_bytes=10**6))
+    assert [(r.line, r.reason, r.text) for r in rows] == [(1, None, "first document"), (2, "bad_json", None),
+                                                          (3, None, "third document")]

@@ -37,7 +37,7 @@ def _parse(line: bytes) -> tuple[object, str | None, str | None]:
         obj = json.loads(line)
     except UnicodeDecodeError:
         return None, None, "not_utf8"
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         return None, None, "not_json"
     if not isinstance(obj, dict):
         return None, None, "not_object"

@@ -318,6 +318,8 @@ def load_manifest(path: str, root: str | None = None, allow_missing: bool = Fals
         if req not in doc:
             raise ManifestError(f"{path}:{doc.line}: missing required key {req!r}")
     name = _typed(doc["name"], (str,), mpath, doc.key_lines["name"], None, "name")
+    for key, types in (("description", (str, type(None))), ("total_tokens", (int, type(None)))):
+        _typed(doc.get(key), types, mpath, doc.key_lines.get(key, doc.line), None, key)
 
     root_spec = root if root is not None else doc.get("root", ".")
     _typed(root_spec, (str,), mpath, doc.key_lines.get("root", doc.line), None, "root")
@@ -399,17 +401,24 @@ def _check_disjoint(spec: ComponentSpec, origin: dict[str, tuple[str, str, int]]
         owner[ident] = (spec, f, pattern, line)
 
 
+_ANNOTATION_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+"""The YAML values each annotation of a ``MinHashConfig`` field takes (an int where a float is meant)."""
+
+
 def _check_near_dedup(nd: NearDedupSettings, mpath: str, d: _LineDict, line: int) -> None:
     """Unknown keys name their own line; bad values are a manifest error too, not a crash mid-build."""
     try:
         from pipeline.dedup import MinHashConfig
     except ImportError:
         return
-    allowed = {f.name for f in dataclasses.fields(MinHashConfig)}
-    for k in nd.params:
-        if k not in allowed:
+    fields = {f.name: f for f in dataclasses.fields(MinHashConfig)}
+    for k, v in nd.params.items():
+        if k not in fields:
             raise ManifestError(f"{_where(mpath, d.key_lines.get(k, d.line))}: unknown key {k!r} in "
-                                f"near_dedup (allowed: enabled, {', '.join(sorted(allowed))})")
+                                f"near_dedup (allowed: enabled, {', '.join(sorted(fields))})")
+        # the field's annotation ("int", "float | None", ...): MinHashConfig takes 128.5 or 'no' as they are
+        types = tuple(t for name in str(fields[k].type).split(" | ") for t in _ANNOTATION_TYPES[name])
+        _typed(v, types, mpath, d.key_lines.get(k, line), None, f"near_dedup.{k}")
     try:
         MinHashConfig(threshold=nd.threshold, **nd.params)
     except (TypeError, ValueError, OverflowError) as e:
@@ -523,10 +532,15 @@ def _component(c: _LineDict, cname: str, defaults: _LineDict, base_filters: Filt
         wline = kl["weight"] if "weight" in c else defaults.key_lines.get("weight", c.line)
         raise ManifestError(f"{_where(mpath, wline, cname)}: 'weight' must be a finite number > 0, "
                             f"got {_show(raw_weight)}")
+    language = get("language", (str, list, type(None)), None)
+    if isinstance(language, list) and not all(isinstance(x, str) and x for x in language):
+        lline = kl["language"] if "language" in c else defaults.key_lines.get("language", c.line)
+        raise ManifestError(f"{_where(mpath, lline, cname)}: 'language' must be a string or a list of "
+                            f"strings, got {_show(language)}")
     spec = ComponentSpec(
         name=cname, paths=paths, format=fmt, text_field=get("text_field", (str,), "text"),
         id_field=get("id_field", (str, type(None)), None),
-        language=get("language", (str, list, type(None)), None),
+        language=language,
         category=get("category", (str, type(None)), None), weight=weight,
         filters=_filters(c.get("filters"), base_filters, mpath, kl.get("filters", c.line), cname),
         source=get("source", (str, type(None)), None), license=get("license", (str, type(None)), None),

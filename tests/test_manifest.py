@@ -478,3 +478,42 @@ def test_hf_disk_url_is_an_error_naming_the_line(tmp_path):
     p.write_text("name: t\ncomponents:\n  - name: chat\n    format: hf_disk\n    paths: [memory://nowhere/ds]\n")
     with pytest.raises(ManifestError, match="hf_disk reads a local folder|matches no dataset folder"):
         load_manifest(str(p))
+
+
+@pytest.mark.parametrize("top, comp, needle, line", [
+    ("near_dedup:\n  num_perm: 128.5\n", "", "'near_dedup.num_perm' must be int, got 128.5", 3),
+    ("near_dedup:\n  seed: 1.5\n", "", "'near_dedup.seed' must be int", 3),
+    ("near_dedup:\n  bands: 2.0\n  rows: 3\n", "", "'near_dedup.bands' must be int/NoneType", 3),
+    ("near_dedup:\n  verify: 'no'\n", "", "'near_dedup.verify' must be bool, got 'no'", 3),
+    ("near_dedup:\n  shingle_size: true\n", "", "'near_dedup.shingle_size' must be int, got True", 3),
+    ("", "    language: [en, 5]\n", "'language' must be a string or a list of strings", 5),
+    ("", "    language: [en, 2024-01-01]\n", "'language' must be a string or a list of strings", 5),
+    ("description: [a, b]\n", "", "'description' must be str/NoneType", 2),
+    ("total_tokens: lots\n", "", "'total_tokens' must be int/NoneType", 2),
+])
+def test_values_of_the_wrong_type_are_errors_before_the_build(tmp_path, top, comp, needle, line):
+    """Typed validation of near_dedup settings, language lists and the top-level metadata: these were accepted and
+    then crashed the build half way (num_perm 128.5, seed 1.5, bands 2.0: a bare TypeError in the ingest; a date
+    in a language list: when index.json was written, after every stage; an int: in --dry-run), or silently meant
+    something else (verify: 'no' turned verification on)."""
+    body = "name: t\n" + top + "components:\n  - name: c1\n    paths: [d/a.jsonl]\n" + comp
+    p = _write(tmp_path, body)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(p)
+    assert needle in str(e.value) and f"{p}:{line}" in str(e.value), str(e.value)
+
+
+def test_every_near_dedup_setting_has_a_yaml_type_and_good_values_load(tmp_path):
+    import dataclasses
+
+    from pipeline.dedup import MinHashConfig
+    from pipeline.manifest import _ANNOTATION_TYPES
+
+    for f in dataclasses.fields(MinHashConfig):
+        assert all(name in _ANNOTATION_TYPES for name in str(f.type).split(" | ")), f
+    p = _write(tmp_path, "name: t\nnear_dedup:\n  num_perm: 64\n  threshold: 1\n  fp_weight: 1\n  bands: null\n"
+                         "  rows: null\n  verify: false\n  mode: local\ncomponents:\n  - name: c1\n"
+                         "    paths: [d/a.jsonl]\n    language: [en, de]\n")
+    m = load_manifest(p)
+    assert m.near_dedup.params["num_perm"] == 64 and m.near_dedup.params["verify"] is False
+    assert m.components[0].language == ["en", "de"]

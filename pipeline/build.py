@@ -19,7 +19,9 @@ Re-running on the same ``--out`` skips finished units; the index is written last
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -406,10 +408,49 @@ def _write_duplicates(path: str, keys: np.ndarray, ofs: np.ndarray, stage: np.nd
                                             (k >> 48).tolist(), ids.source_ids(k), ids.source_ids(o))).encode())
 
 
+LOCK_NAME = ".build.lock"
+"""The file in --out that a running build holds an exclusive lock on (``_out_lock``)."""
+
+
+@contextlib.contextmanager
+def _out_lock(out: str):
+    """Hold an exclusive ``flock`` on ``out/.build.lock`` for the whole build: a second build into the same --out
+    swept the first one's temp files (which then crashed on its rename) and, with --force, discarded its work/
+    while it still wrote markers there. The kernel drops the lock when the process dies, so a killed build
+    leaves none behind. A file system without locks (some network mounts) builds unguarded."""
+    path = os.path.join(out, LOCK_NAME)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise BuildError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise BuildError(f"another build (pid {holder}) is writing to --out {out!r}; wait for it to finish "
+                             f"or use another --out") from None
+        except OSError:
+            pass
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
           near_threshold: float | None = None, progress: bool = True, force: bool = False,
           manifest_arg: str | None = None) -> dict:
-    """Run every stage (resuming finished units) and return the report dict."""
+    """Run every stage (resuming finished units) and return the report dict; one build at a time per --out."""
+    with _out_lock(out):
+        return _build(manifest, out, executor, near, near_threshold, progress, force, manifest_arg)
+
+
+def _build(manifest: Manifest, out: str, executor, near: bool | None, near_threshold: float | None,
+           progress: bool, force: bool, manifest_arg: str | None) -> dict:
     from tokenizer import WorldTokenizer
 
     t_start = time.perf_counter()

@@ -720,3 +720,40 @@ def test_quarantine_records_stay_in_unit_files(tmp_path):
     os.remove(os.path.join(out, "quarantine.jsonl"))
     report = build(load_manifest(str(tmp_path / "m.yaml")), out, LocalExecutor(), progress=False)
     assert output_files(out) == before and report["quarantine"]["records"] == 3
+
+
+def test_a_second_build_into_the_same_out_is_refused_while_one_runs(tmp_path):
+    """Two builds into one --out: the second swept the first one's temp files (it crashed with FileNotFoundError
+    on its rename; reproduced with two CLI runs 0.6 s apart) and, with --force, could discard its work/ while it
+    still wrote markers. A build holds an exclusive flock on out/.build.lock; a process holding it (here a real
+    child process, as a running build would) makes another build fail with one message naming its pid, and once
+    that process is killed the lock is gone with it."""
+    import fcntl
+
+    from pipeline.build import BuildError
+
+    body = "components:\n  - name: a\n    paths: [a.jsonl]\n"
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(out / '.build.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.pwrite(fd, f'{os.getpid()}\\n'.encode(), 0)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(BuildError, match=f"another build \\(pid {holder.pid}\\) is writing to --out"):
+            _tiny_build(tmp_path, {"a.jsonl": [{"text": "One document about rivers and hills."}]}, body)
+        assert not (out / "work").exists()   # refused before touching anything
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    _, report = _tiny_build(tmp_path, {}, body)
+    assert report["totals"]["documents"] == 1
+    fd = os.open(out / ".build.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # released when the build returned
+    finally:
+        os.close(fd)

@@ -408,6 +408,29 @@ def _write_duplicates(path: str, keys: np.ndarray, ofs: np.ndarray, stage: np.nd
                                             (k >> 48).tolist(), ids.source_ids(k), ids.source_ids(o))).encode())
 
 
+def _is_own_output(rel: str) -> bool:
+    """Whether ``rel`` (a path relative to --out) is a file this build writes there."""
+    return (rel in ("index.json", "report.json", "quarantine.jsonl", "duplicates.jsonl", LOCK_NAME)
+            or rel.startswith("work" + os.sep) or bool(re.fullmatch(rf"shards{re.escape(os.sep)}{_SHARD}", rel)))
+
+
+def _without_own_outputs(comp, out: str):
+    """``comp`` without the files the build itself wrote into --out: a glob over a folder that holds --out
+    (``**/*.jsonl`` with ``--out data/built``) matched quarantine.jsonl, duplicates.jsonl and work/'s files on the
+    next run, which was then refused as 'inputs added' (and --force read them back as documents). Any other
+    input inside --out is an error: the build removes and replaces files there."""
+    root = os.path.realpath(out)
+    keep = []
+    for f in comp.files:
+        real = os.path.realpath(f) if "://" not in f else ""
+        if real != root and not real.startswith(root + os.sep):
+            keep.append(f)
+        elif not _is_own_output(os.path.relpath(real, root)):
+            raise BuildError(f"component {comp.name!r}: input {f} lies inside --out {out!r}, where the build writes "
+                             f"and deletes files; move it or use another --out")
+    return comp if len(keep) == len(comp.files) else dataclasses.replace(comp, files=keep)
+
+
 LOCK_NAME = ".build.lock"
 """The file in --out that a running build holds an exclusive lock on (``_out_lock``)."""
 
@@ -463,7 +486,7 @@ def _build(manifest: Manifest, out: str, executor, near: bool | None, near_thres
         nd.threshold = near_threshold
         nd.enabled = True if near is None else near
     tok = WorldTokenizer()
-    comps = manifest.components
+    comps = [_without_own_outputs(c, out) for c in manifest.components]
     units: list[Unit] = [dataclasses.replace(u, stamp=tuple(_input_stamp(u.path)))
                          for ci, c in enumerate(comps) for u in units_for(ci, c, manifest.root)]
     fingerprint = {"manifest_sha256": manifest.sha256,

@@ -757,3 +757,34 @@ def test_a_second_build_into_the_same_out_is_refused_while_one_runs(tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # released when the build returned
     finally:
         os.close(fd)
+
+
+def test_an_out_folder_inside_the_inputs_glob_is_not_read_back(tmp_path):
+    """--out inside a folder a component globs (``**/*.jsonl``, --out data/built): the re-run matched the build's
+    own quarantine.jsonl, duplicates.jsonl and work/ files as inputs and was refused ('inputs added'); --force then
+    failed on them. They are skipped now, so the re-run resumes byte-identical; a user's file inside --out is a
+    BuildError naming it (the build deletes and replaces files there)."""
+    from pipeline.build import BuildError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    docs = [{"text": f"document {i} about rivers and hills"} for i in range(3)] + [{"text": "x"}, {"bad": 1}]
+    (data / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs + docs[:1]))
+    (tmp_path / "m.yaml").write_text("name: t\nroot: data\ncomponents:\n  - name: c\n    paths: ['**/*.jsonl']\n"
+                                     "    filters: {min_chars: 5}\n")
+    out = str(data / "built")
+
+    def run(**kw):
+        return build(load_manifest(str(tmp_path / "m.yaml")), out, LocalExecutor(), progress=False, **kw)
+
+    first = run()
+    files = output_files(out)
+    assert first["quarantine"]["records"] == 2 and first["duplicates"]["exact"] == 1
+    assert os.path.exists(os.path.join(out, "work", "ingest", "c0000_f00000.quarantine.jsonl"))
+    second = run()
+    assert output_files(out) == files and second["components"] == first["components"]
+    run(force=True)
+    assert output_files(out) == files
+    (data / "built" / "mine.jsonl").write_text(json.dumps({"text": "a document of the user's"}) + "\n")
+    with pytest.raises(BuildError, match="mine.jsonl lies inside --out"):
+        run()

@@ -736,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="discard an --out built with other settings")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
+    if args.num_cpus is not None and args.num_cpus < 1:  # Ray's ValueError traceback for -1; 0 meant all cores
+        ap.error(f"--num-cpus must be >= 1, got {args.num_cpus}")
     try:
         manifest = load_manifest(args.manifest, root=args.root, allow_missing=args.dry_run)
         if args.dry_run:

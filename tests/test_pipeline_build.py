@@ -788,3 +788,14 @@ def test_an_out_folder_inside_the_inputs_glob_is_not_read_back(tmp_path):
     (data / "built" / "mine.jsonl").write_text(json.dumps({"text": "a document of the user's"}) + "\n")
     with pytest.raises(BuildError, match="mine.jsonl lies inside --out"):
         run()
+
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_num_cpus_below_one_is_a_usage_error(tmp_path, capsys, n):
+    """--num-cpus -1 ended in Ray's ValueError traceback after Ray started; 0 silently meant all cores."""
+    from pipeline.build import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--manifest", SAMPLE, "--out", str(tmp_path / "o"), "--executor", "local", "--num-cpus", n])
+    assert e.value.code == 2 and f"--num-cpus must be >= 1, got {n}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -139,18 +139,19 @@ def copy_bandwidth():
 def cfg_tag(cfg):
     return (f"ours_C{cfg.chunk_size}_BV{cfg.block_v}_W{cfg.num_warps}_Wb{cfg.num_warps_bwd}_{cfg.precision}"
             f"_{cfg.precision_bwd}_s{cfg.precision_state_bwd}_x{cfg.precision_cc}_f{int(cfg.prefetch)}"
-            f"_c{cfg.num_warps_cc}")
+            f"_c{cfg.num_warps_cc}_g{cfg.grads_kernel}")
 
 
 def parse_cfg(c):
-    """C-BV-warps-warpsbwd-precision-precisionbwd[-fF-cW-sP-xQ]: F prefetch (0/1), W num_warps_cc, P
-    precision_state_bwd, Q precision_cc; omitted ones keep chunk.CONFIG's defaults."""
+    """C-BV-warps-warpsbwd-precision-precisionbwd[-fF-cW-sP-xQ-gG]: F prefetch (0/1), W num_warps_cc, P
+    precision_state_bwd, Q precision_cc, G grads_kernel; omitted ones keep chunk.CONFIG's defaults."""
     f = c.split("-")
     cfg = replace(ours.CONFIG, chunk_size=int(f[0]), block_v=int(f[1]), num_warps=int(f[2]), num_warps_bwd=int(f[3]),
                   precision=f[4], precision_bwd=f[5])
     for x in f[6:]:
-        key = {"f": "prefetch", "c": "num_warps_cc", "s": "precision_state_bwd", "x": "precision_cc"}[x[0]]
-        val = x[1:] if key.startswith("precision") else int(x[1:])
+        key = {"f": "prefetch", "c": "num_warps_cc", "s": "precision_state_bwd", "x": "precision_cc",
+               "g": "grads_kernel"}[x[0]]
+        val = x[1:] if key.startswith("precision") or key == "grads_kernel" else int(x[1:])
         cfg = replace(cfg, **{key: bool(val) if key == "prefetch" else val})
     return cfg
 

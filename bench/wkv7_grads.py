@@ -138,8 +138,8 @@ def grads_ks_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, d
 
 
 def parse_variant(v):
-    """shipped | ksBK, then [-wW][-rR][-qPREC]: warps W (default 4), register cap R, dot precision PREC
-    (default: the config's precision_bwd)."""
+    """shipped | gluon | ksBK, then [-wW][-rR][-qPREC]: warps W (default 4), register cap R, dot precision PREC
+    (default: the config's precision_bwd; the gluon kernel is "bf16x3k" only)."""
     f = v.split("-")
     kernel = "ks" if f[0].startswith("ks") else f[0]
     out = {"name": v, "kernel": kernel, "warps": 4, "maxnreg": None, "prec": None}
@@ -158,6 +158,10 @@ def launch(var, x, st, dst, dy, grads, T, NC, H, C, prec):
         prec = "tf32"   # the variants take plain tl.dot precisions (they were timed with "tf32")
     B = x["r"].shape[0]
     args = (x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], st, dst, dy, *grads, T, NC, H)
+    if var["kernel"] == "gluon":
+        from kernels.wkv7.gluon_kernels import chunk_bwd_grads_gluon
+        return chunk_bwd_grads_gluon[(NC * B * H,)](*args, N=64, C=C, LOG2C=int(math.log2(C)), IO_DY=0, IO_V=0,
+                                                    BIAS=ours._bias(x["r"]), **kw)
     if var["kernel"] == "shipped":
         return K.chunk_bwd_grads_kernel[(NC * B * H,)](*args, N=64, C=C, LOG2C=int(math.log2(C)), PREC=prec,
                                                      IO_DY=0, IO_V=0, BIAS=ours._bias(x["r"]), **kw)

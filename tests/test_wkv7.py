@@ -252,6 +252,46 @@ def test_gpu_default_gradients_at_the_bf16_floor(monkeypatch):
     assert worst["bf16x3k"] < 1.02 < worst["tf32c"], worst
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gluon_gradient_kernel_matches_triton(dtype, monkeypatch):
+    """The Gluon gradient kernel (the default on an NVIDIA GPU) against its reference, the Triton kernel, on
+    the same forward and state pass: T not a multiple of the chunk, an odd head count, initial state and
+    final-state gradient; every gradient agrees to float32 rounding (bf16 outputs: to their last bit's
+    flips), and both stay close to float64."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from kernels.wkv7 import chunk
+    xs, s0, dy, ds = make_inputs(3, 201, 3)
+    xs = tuple(x.to(dtype).double().cuda() for x in xs)
+    s0, dy, ds = s0.cuda(), dy.to(dtype).double().cuda(), ds.cuda()
+    _, _, g0 = run_with_grads(chunk_wkv7_torch, xs, s0, dy, ds, torch.float64)
+    grads = {}
+    for kernel in ("triton", "gluon"):
+        monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, grads_kernel=kernel, poison_outputs=True))
+        _, _, grads[kernel] = run_with_grads(chunk.chunk_wkv7, xs, s0, dy, ds, dtype)
+    agree = 1e-4 if dtype == torch.float32 else 2e-3
+    for name, a, b, ref in zip(["dr", "dw", "dk", "dv", "da", "db", "ds0"], grads["gluon"], grads["triton"], g0):
+        assert rel(a, b) < agree, (name, rel(a, b))
+        assert rel(a, ref) < 1e-2, (name, rel(a, ref))
+
+
+def test_grads_kernel_setting(monkeypatch):
+    """grads_kernel: a bad value is refused at once; "gluon" where it cannot run (here: the interpreter or a
+    CPU) is a clear error naming what is missing; "auto" then runs the Triton kernel (the tests above)."""
+    chunk = _triton_modules()
+    with pytest.raises(ValueError, match="grads_kernel"):
+        chunk.WKV7KernelConfig(grads_kernel="cuda")
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("checks the fallback off the GPU")
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, grads_kernel="gluon"))
+    xs, _, dy, _ = make_inputs(1, 20, 1)
+    leaves = [x.float().requires_grad_() for x in xs]
+    y, _ = chunk.chunk_wkv7(*leaves)
+    with pytest.raises(ValueError, match="compute capability"):
+        y.backward(dy.float())
+
+
 def test_cpu_path_gives_clear_errors():
     """The CPU path checks arguments as the Triton path does (it used to fail inside view/stack)."""
     xs, s0, _, _ = make_inputs(2, 16, 2)

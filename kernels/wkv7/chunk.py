@@ -44,6 +44,12 @@ class WKV7KernelConfig:
     kernel 1.649-1.661e-3) at 1.03x the time of "tf32c" (1.68-1.75e-3; tensor cores on truncated operands, the
     products scaled back by the truncation's mean error, triton_kernels._dotn); "bf16x3" everywhere:
     1.655-1.669e-3 at 1.54x; "tf32r" 1.69-1.75e-3 at 1.85x; "tf32" 1.8-3.0e-3."""
+    grads_kernel: str = "auto"
+    """The backward's gradient kernel: "gluon" (gluon_kernels.chunk_bwd_grads_gluon, explicit layouts: H200,
+    session 6, 3.13 vs 4.10 ms on B8-T4096-H32, 0.311 vs 0.400 ms on B16-T512-H12, same errors), "triton"
+    (triton_kernels.chunk_bwd_grads_kernel: the reference, any chunk size, head size and precision, and the
+    CPU interpreter's), or "auto": "gluon" where it applies (a CUDA device, chunk_size 16, head size 64,
+    precision_bwd "bf16x3k", num_warps_bwd 4, a triton with Gluon), else "triton"."""
     precision_state_bwd: str = "auto"
     """Dot precision of the backward's sequential state pass (chunk_bwd_dstate_kernel), whose dL/dS feeds
     every gradient. "auto": "bf16x3" when it runs more programs than the GPU has multiprocessors, else "tf32c"
@@ -72,6 +78,8 @@ class WKV7KernelConfig:
     def __post_init__(self):
         if self.chunk_size not in (16, 32, 64):
             raise ValueError(f"WKV7KernelConfig.chunk_size must be 16, 32 or 64, got {self.chunk_size!r}")
+        if self.grads_kernel not in ("auto", "gluon", "triton"):
+            raise ValueError(f"WKV7KernelConfig.grads_kernel must be auto, gluon or triton, got {self.grads_kernel!r}")
         if self.block_v not in (0, 16, 32, 64, 128, 256):
             raise ValueError(f"WKV7KernelConfig.block_v must be 0 (automatic) or a power of two >= 16, "
                              f"got {self.block_v!r}")
@@ -145,6 +153,33 @@ def _sequential_precision(setting: str, fallback: str, x: torch.Tensor, programs
     return fallback
 
 
+@functools.cache
+def _gluon_importable() -> bool:
+    try:
+        from . import gluon_kernels  # noqa: F401
+    except Exception:  # noqa: BLE001  (no Gluon, or a Gluon whose API differs from triton 3.6's)
+        return False
+    return True
+
+
+def _gluon_grads(cfg, x, N) -> bool:
+    """Whether the backward runs the Gluon gradient kernel (cfg.grads_kernel; see WKV7KernelConfig)."""
+    if cfg.grads_kernel == "triton":
+        return False
+    on_gpu = x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not torch.version.hip
+    unmet = [why for why, bad in (
+        ("an NVIDIA GPU of compute capability >= 8.0 (not the interpreter or ROCm)",
+         not on_gpu or torch.cuda.get_device_capability(x.device) < (8, 0)),
+        ("chunk_size 16", cfg.chunk_size != 16), ("head size 64", N != 64),
+        ('precision_bwd "bf16x3k"', cfg.precision_bwd != "bf16x3k"), ("num_warps_bwd 4", cfg.num_warps_bwd != 4))
+        if bad]
+    if not unmet and not _gluon_importable():
+        unmet.append("a triton with Gluon's 3.6 API")
+    if unmet and cfg.grads_kernel == "gluon":
+        raise ValueError(f"wkv7: grads_kernel='gluon' needs {', '.join(unmet)}: use 'auto' or 'triton'")
+    return not unmet
+
+
 def _block_v(B, H, N, cfg):
     if cfg.block_v:
         return min(cfg.block_v, N)
@@ -188,10 +223,15 @@ def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0, cfg):
         IO_DY=int(dy.element_size() > 2),
         BIAS=_bias(r), num_warps=cfg.num_warps)
     grads = [_alloc(x.shape, x.dtype, x.device, cfg) for x in (r, w, k, v, a, b)]
-    K.chunk_bwd_grads_kernel[(NC * B * H,)](
-        r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
-        PREC=cfg.precision_bwd, IO_DY=int(dy.element_size() > 2), IO_V=int(v.element_size() > 2),
-        BIAS=_bias(r), num_warps=cfg.num_warps_bwd)
+    io = dict(IO_DY=int(dy.element_size() > 2), IO_V=int(v.element_size() > 2), BIAS=_bias(r))
+    if _gluon_grads(cfg, r, N):
+        from .gluon_kernels import chunk_bwd_grads_gluon
+        chunk_bwd_grads_gluon[(NC * B * H,)](
+            r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), **io, num_warps=4)
+    else:
+        K.chunk_bwd_grads_kernel[(NC * B * H,)](
+            r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
+            PREC=cfg.precision_bwd, **io, num_warps=cfg.num_warps_bwd)
     return (*grads, ds0 if need_ds0 else None)
 
 

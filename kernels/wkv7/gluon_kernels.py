@@ -1,0 +1,312 @@
+"""WKV7's backward gradient kernel in Gluon (Triton's explicit-layout dialect): the same math and precision as
+triton_kernels.chunk_bwd_grads_kernel ("bf16x3k", C = 16, N = 64, 4 warps), which stays the reference (it
+also runs in the CPU interpreter, which Gluon does not) and the path for every other configuration.
+
+Why: the Triton kernel lets the compiler route every product's operands through shared memory, ~99 CTA
+barriers and ~0.9 KB of register spills per program (offline SASS, triton 3.6); here each tile is staged in
+shared memory once, in a bank-conflict-free swizzle, behind ~21 barriers: 2,792 vs 4,440 SASS instructions,
+no spills to speak of, and on the H200 (session 6) 3.13 vs 4.10 ms on B8-T4096-H32, 0.311 vs 0.400 ms on
+B16-T512-H12 (bench/results/wkv7.md).
+
+Layout plan: every [C, N] tile is "column-owned" (the MMA accumulator layout with warps_per_cta [1, 4]: warp w
+holds columns 16w..16w+15 of all 16 rows), so elementwise work, column sums and cumsums stay inside a warp.
+Products:
+  (i)   [C, C] x [C, N] -> [C, N]: A = a [C, C] matrix (every warp needs all of it: staged in shared memory),
+        B = a column-owned tile (each warp needs its own columns: intra-warp conversion);
+  (ii)  [C, N] x [N, C] -> [C, C] (contraction over N): both operands from shared memory (all columns);
+  (iii) [C, N] x [N, N] with S / dS: A from shared memory (all columns), B = the warp's 16 columns of S / dS,
+        loaded from global memory straight into the operand layout (S and dS never sit whole in registers).
+Precision as "bf16x3k": (i) and (ii) as bf16x3 (hi + lo bf16 halves, three MMAs), (iii) as tf32c.
+Products are named as in triton_kernels.chunk_bwd_grads_kernel, whose docstring has the equations.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8]))
+A16 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+B16 = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
+A32 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1))
+B32 = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1))
+ROW = gl.constexpr(gl.SliceLayout(1, MMA))
+COL = gl.constexpr(gl.SliceLayout(0, MMA))
+SCAN = gl.constexpr(gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[2, 16], warps_per_cta=[1, 4],
+                                     order=[0, 1]))
+"""For cumsums over the C rows (scans do not take MMA layouts): also column-owned, so the conversions stay
+inside a warp."""
+SMEM_CN = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
+SMEM_CC = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=4, max_phase=2, order=[1, 0]))
+SMEM_32 = gl.constexpr(gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
+"""Swizzles with no bank conflicts (gl.bank_conflicts, triton 3.6) for the bf16 [C, N] and [C, C] tiles in
+every layout they are stored from and loaded into (transposed too), and for the fp32 tiles' A-operand loads
+(their stores: 1 extra wavefront); unswizzled, they had up to 7."""
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _cumsum(x, REVERSE: gl.constexpr):
+    """Cumulative sum over the rows of a column-owned [C, N] tile (inclusive; from the end when REVERSE)."""
+    return gl.convert_layout(gl.associative_scan(gl.convert_layout(x, SCAN), 0, _add, reverse=REVERSE), MMA)
+
+
+@gluon.jit
+def _split(x):
+    hi = x.to(gl.bfloat16)
+    lo = (x - hi.to(gl.float32)).to(gl.bfloat16)
+    return hi, lo
+
+
+@gluon.jit
+def _x3(a_hi, a_lo, b_hi, b_lo, acc):
+    """acc + a b as bf16x3 (operands already in A16 / B16)."""
+    acc = mma_v2(a_lo, b_hi, acc)
+    acc = mma_v2(a_hi, b_lo, acc)
+    return mma_v2(a_hi, b_hi, acc)
+
+
+@gluon.jit
+def _buf(R: gl.constexpr, K: gl.constexpr):
+    """A staging slot: separate shared allocations for the hi and lo halves of an [R, K] tile (one
+    allocation per tile, so the barrier analysis sees that different tiles do not overlap)."""
+    if R == K:
+        return (gl.allocate_shared_memory(gl.bfloat16, [R, K], SMEM_CC),
+                gl.allocate_shared_memory(gl.bfloat16, [R, K], SMEM_CC))
+    else:
+        return (gl.allocate_shared_memory(gl.bfloat16, [R, K], SMEM_CN),
+                gl.allocate_shared_memory(gl.bfloat16, [R, K], SMEM_CN))
+
+
+@gluon.jit
+def _stage(slot, x):
+    """Store the hi and lo halves of x into slot."""
+    hi, lo = _split(x)
+    slot[0].store(hi)
+    slot[1].store(lo)
+
+
+@gluon.jit
+def _opnd(slot, LAYOUT: gl.constexpr, TRANS: gl.constexpr):
+    """The hi and lo halves of a staged tile, loaded in LAYOUT (transposed when TRANS)."""
+    if TRANS:
+        return slot[0].permute((1, 0)).load(LAYOUT), slot[1].permute((1, 0)).load(LAYOUT)
+    else:
+        return slot[0].load(LAYOUT), slot[1].load(LAYOUT)
+
+
+@gluon.jit
+def _buf32(R: gl.constexpr, K: gl.constexpr):
+    """A float32 staging slot (A operands of the tf32 products with S / dS)."""
+    return gl.allocate_shared_memory(gl.float32, [R, K], SMEM_32)
+
+
+@gluon.jit
+def _mm_cs(m, TRANS: gl.constexpr, x, acc):
+    """(i): acc + M X, M a staged [C, C] matrix (M^T when TRANS), X a staged [C, N] tile (each warp reads its
+    own columns)."""
+    m_hi, m_lo = _opnd(m, A16, TRANS)
+    x_hi, x_lo = _opnd(x, B16, False)
+    return _x3(m_hi, m_lo, x_hi, x_lo, acc)
+
+
+@gluon.jit
+def _mm_nt(x, y, acc):
+    """(ii): acc + X Y^T over N, X and Y staged [C, N] tiles -> [C, C]."""
+    x_hi, x_lo = _opnd(x, A16, False)
+    y_hi, y_lo = _opnd(y, B16, True)
+    return _x3(x_hi, x_lo, y_hi, y_lo, acc)
+
+
+@gluon.jit
+def _ld_s(ptr, TRANS: gl.constexpr, N: gl.constexpr):
+    """[N, N] B operand of a tf32 product from a [V, K] row-major state: S (TRANS False: B[k, n] = S[k][n]) or
+    S^T (B[k, n] = S[n][k]); each warp loads only the columns it owns."""
+    kk = gl.arange(0, N, layout=gl.SliceLayout(1, B32))
+    nn = gl.arange(0, N, layout=gl.SliceLayout(0, B32))
+    if TRANS:
+        off = nn[None, :] * N + kk[:, None]
+    else:
+        off = kk[:, None] * N + nn[None, :]
+    return gl.load(ptr + off)
+
+
+@gluon.jit
+def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
+                          dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
+                          T, NC, H, N: gl.constexpr, C: gl.constexpr, LOG2C: gl.constexpr,
+                          IO_DY: gl.constexpr, IO_V: gl.constexpr, BIAS: gl.constexpr):
+    """Grid (NC * B*H,), 4 warps, C = 16, N = 64: chunk n of head (b, h), from its start state st[n] and the
+    gradient dst[n] of its end state; writes the chunk's dr, dw, dk, dv, da, db [B, T, H, N]. IO_DY / IO_V:
+    1 when dy / v is float32 (its truncation to tf32 is then compensated), else 0."""
+    n = gl.program_id(0) % NC
+    i_bh = gl.program_id(0) // NC
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_t = gl.arange(0, C, layout=ROW)
+    offs_k = gl.arange(0, N, layout=COL)
+    t = n * C + offs_t
+    mk = (t < T)[:, None] & (offs_k < N)[None, :]
+    pk = (((i_b * T + t) * H + i_h) * N)[:, None] + offs_k[None, :]         # [C, N] column-owned
+    ti = gl.arange(0, C, layout=ROW)
+    tj = gl.arange(0, C, layout=COL)
+    tri_s = ti[:, None] > tj[None, :]
+    tri_i = ti[:, None] >= tj[None, :]
+    ps = st_ptr + (i_bh * NC + n) * N * N
+    pds = dst_ptr + (i_bh * NC + n) * N * N
+
+    rr = gl.load(r_ptr + pk, mask=mk, other=0.).to(gl.float32)
+    ww = gl.load(w_ptr + pk, mask=mk, other=0.).to(gl.float32)
+    kk = gl.load(k_ptr + pk, mask=mk, other=0.).to(gl.float32)
+    vv = gl.load(v_ptr + pk, mask=mk, other=0.).to(gl.float32)
+    aa = gl.load(a_ptr + pk, mask=mk, other=0.).to(gl.float32)
+    bb = gl.load(b_ptr + pk, mask=mk, other=0.).to(gl.float32)
+    dY = gl.load(dy_ptr + pk, mask=mk, other=0.).to(gl.float32)
+    St = _ld_s(ps, True, N)                     # B = S^T: [K, V], this warp's value columns
+    dSt = _ld_s(pds, True, N)
+
+    offs_ts = gl.arange(0, C, layout=gl.SliceLayout(1, SCAN))
+    offs_ks = gl.arange(0, N, layout=gl.SliceLayout(0, SCAN))
+    ts = n * C + offs_ts
+    pks = (((i_b * T + ts) * H + i_h) * N)[:, None] + offs_ks[None, :]
+    ww_s = gl.load(w_ptr + pks, mask=(ts < T)[:, None] & (offs_ks < N)[None, :], other=0.).to(gl.float32)
+    g = gl.convert_layout(gl.associative_scan(ww_s, 0, _add), MMA)    # [C, N] inclusive cumsum of w
+    gx = g - ww
+    gC = gl.sum(ww, axis=0)                     # [N]
+    a_d = aa * gl.exp(gx)
+    r_d = rr * gl.exp(g)
+    e_neg = gl.exp(-g)
+    b_u = bb * e_neg
+    k_u = kk * e_neg
+    e_end = gl.exp(gC[None, :] - g)
+    b_e = bb * e_end
+    k_e = kk * e_end
+
+    s_ad = _buf(C, N)
+    s_rd = _buf(C, N)
+    s_bu = _buf(C, N)
+    s_ku = _buf(C, N)
+    f_be = _buf32(C, N)
+    f_ke = _buf32(C, N)
+    f_ad = _buf32(C, N)
+    f_dy = _buf32(C, N)
+    f_v = _buf32(C, N)
+    f_u = _buf32(C, N)
+    f_dz = _buf32(C, N)
+    s_dy = _buf(C, N)
+    s_v = _buf(C, N)
+    s_u = _buf(C, N)
+    s_dz = _buf(C, N)
+    s_z = _buf(C, N)
+    s_du = _buf(C, N)
+    s_q = _buf(C, C)
+    s_lak = _buf(C, C)
+    s_mrb = _buf(C, C)
+    s_mrk = _buf(C, C)
+    s_dlab = _buf(C, C)
+    s_dlak = _buf(C, C)
+    s_dmrb = _buf(C, C)
+    s_dmrk = _buf(C, C)
+    _stage(s_ad, a_d)
+    _stage(s_rd, r_d)
+    _stage(s_bu, b_u)
+    _stage(s_ku, k_u)
+    f_be.store(b_e)
+    f_ke.store(k_e)
+    f_ad.store(a_d)
+    f_dy.store(dY)
+    f_v.store(vv)
+    _stage(s_dy, dY)
+    _stage(s_v, vv)
+    gl.thread_barrier()
+
+    zcc = gl.full([C, C], 0.0, gl.float32, MMA)
+    L_ab = gl.where(tri_s, _mm_nt(s_ad, s_bu, zcc), 0.)
+    L_ak = gl.where(tri_s, _mm_nt(s_ad, s_ku, zcc), 0.)
+    M_rb = gl.where(tri_i, _mm_nt(s_rd, s_bu, zcc), 0.)
+    M_rk = gl.where(tri_i, _mm_nt(s_rd, s_ku, zcc), 0.)
+
+    # Q = (I - L_ab)^{-1} - I by doubling: Lp <- Lp Lp, Q <- Q + Lp + Q Lp (each step's operands staged)
+    Q = L_ab
+    Lp = L_ab
+    for _ in gl.static_range(LOG2C - 1):
+        s_lp = _buf(C, C)
+        _stage(s_lp, Lp)
+        gl.thread_barrier()
+        a_hi, a_lo = _opnd(s_lp, A16, False)
+        b_hi, b_lo = _opnd(s_lp, B16, False)
+        Lp = _x3(a_hi, a_lo, b_hi, b_lo, zcc)
+        s_lp2 = _buf(C, C)
+        s_qs = _buf(C, C)
+        _stage(s_lp2, Lp)
+        _stage(s_qs, Q)
+        gl.thread_barrier()
+        b_hi, b_lo = _opnd(s_lp2, B16, False)
+        q_hi, q_lo = _opnd(s_qs, A16, False)
+        Q = Q + Lp + _x3(q_hi, q_lo, b_hi, b_lo, zcc)
+
+    _stage(s_q, Q)
+    _stage(s_lak, L_ak)
+    _stage(s_mrb, M_rb)
+    _stage(s_mrk, M_rk)
+    gl.thread_barrier()
+
+    zcn = gl.full([C, N], 0.0, gl.float32, MMA)
+    c_big_v = 1.0 + (1 + IO_V) * BIAS
+    c_big = 1.0 + 2 * BIAS
+    Z = mma_v2(f_ad.load(A32), St, zcn, input_precision="tf32") * c_big      # a_d S^T
+    Z = _mm_cs(s_lak, False, s_v, Z)                                      # + L_ak V
+    dU = mma_v2(f_be.load(A32), dSt, zcn, input_precision="tf32") * c_big    # b_e dS^T
+    dU = _mm_cs(s_mrb, True, s_dy, dU)                                     # + M_rb^T dY
+    dV = mma_v2(f_ke.load(A32), dSt, zcn, input_precision="tf32") * c_big    # k_e dS^T
+    dV = _mm_cs(s_mrk, True, s_dy, dV)                                     # + M_rk^T dY
+    _stage(s_z, Z)
+    _stage(s_du, dU)
+    gl.thread_barrier()
+    U = _mm_cs(s_q, False, s_z, Z)                                     # Q Z + Z
+    dZ = _mm_cs(s_q, True, s_du, dU)                                    # Q^T dU + dU
+    _stage(s_u, U)
+    _stage(s_dz, dZ)
+    f_u.store(U)
+    f_dz.store(dZ)
+    gl.thread_barrier()
+
+    dL_ab = gl.where(tri_s, _mm_nt(s_dz, s_u, zcc), 0.)
+    dL_ak = gl.where(tri_s, _mm_nt(s_dz, s_v, zcc), 0.)
+    dM_rb = gl.where(tri_i, _mm_nt(s_dy, s_u, zcc), 0.)
+    dM_rk = gl.where(tri_i, _mm_nt(s_dy, s_v, zcc), 0.)
+    _stage(s_dlab, dL_ab)
+    _stage(s_dlak, dL_ak)
+    _stage(s_dmrb, dM_rb)
+    _stage(s_dmrk, dM_rk)
+    gl.thread_barrier()
+
+    dV = _mm_cs(s_lak, True, s_dz, dV)                                     # + L_ak^T dZ
+    S_ = _ld_s(ps, False, N)                    # B = S: [V, K], this warp's key columns
+    dS_ = _ld_s(pds, False, N)
+    dR_d = mma_v2(f_dy.load(A32), S_, zcn, input_precision="tf32") * (1.0 + (1 + IO_DY) * BIAS)
+    dR_d = _mm_cs(s_dmrb, False, s_bu, dR_d)
+    dR_d = _mm_cs(s_dmrk, False, s_ku, dR_d)
+    dA_d = mma_v2(f_dz.load(A32), S_, zcn, input_precision="tf32") * c_big
+    dA_d = _mm_cs(s_dlab, False, s_bu, dA_d)
+    dA_d = _mm_cs(s_dlak, False, s_ku, dA_d)
+    dB_u = _mm_cs(s_dmrb, True, s_rd, zcn)
+    dB_u = _mm_cs(s_dlab, True, s_ad, dB_u)
+    dK_u = _mm_cs(s_dmrk, True, s_rd, zcn)
+    dK_u = _mm_cs(s_dlak, True, s_ad, dK_u)
+    dB_e = mma_v2(f_u.load(A32), dS_, zcn, input_precision="tf32") * c_big
+    dK_e = mma_v2(f_v.load(A32), dS_, zcn, input_precision="tf32") * c_big_v
+
+    egC = gl.exp(gC)
+    dgC = gl.convert_layout(gl.sum(dS_ * S_, axis=0), COL) * egC + gl.sum(dB_e * b_e + dK_e * k_e, axis=0)
+    dg = dR_d * r_d - dB_u * b_u - dB_e * b_e - dK_u * k_u - dK_e * k_e
+    dgx = dA_d * a_d
+    dw = _cumsum(dg + dgx, True) - dgx + dgC[None, :]     # reverse cumsums of dg and dgx in one scan
+    gl.store(dr_ptr + pk, (dR_d * gl.exp(g)).to(dr_ptr.dtype.element_ty), mask=mk)
+    gl.store(dw_ptr + pk, dw.to(dw_ptr.dtype.element_ty), mask=mk)
+    gl.store(dk_ptr + pk, (dK_u * e_neg + dK_e * e_end).to(dk_ptr.dtype.element_ty), mask=mk)
+    gl.store(dv_ptr + pk, dV.to(dv_ptr.dtype.element_ty), mask=mk)
+    gl.store(da_ptr + pk, (dA_d * gl.exp(gx)).to(da_ptr.dtype.element_ty), mask=mk)
+    gl.store(db_ptr + pk, (dB_u * e_neg + dB_e * e_end).to(db_ptr.dtype.element_ty), mask=mk)

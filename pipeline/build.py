@@ -417,17 +417,14 @@ def _is_own_output(rel: str) -> bool:
 def _without_own_outputs(comp, out: str):
     """``comp`` without the files the build itself wrote into --out: a glob over a folder that holds --out
     (``**/*.jsonl`` with ``--out data/built``) matched quarantine.jsonl, duplicates.jsonl and work/'s files on the
-    next run, which was then refused as 'inputs added' (and --force read them back as documents). Any other
-    input inside --out is an error: the build removes and replaces files there."""
+    next run, which was then refused as 'inputs added' (and --force read them back as documents). Other files
+    inside --out (``data/built/raw/*.jsonl``) are inputs like any other: the build never touches them."""
     root = os.path.realpath(out)
     keep = []
     for f in comp.files:
         real = os.path.realpath(f) if "://" not in f else ""
-        if real != root and not real.startswith(root + os.sep):
+        if not real.startswith(root + os.sep) or not _is_own_output(os.path.relpath(real, root)):
             keep.append(f)
-        elif not _is_own_output(os.path.relpath(real, root)):
-            raise BuildError(f"component {comp.name!r}: input {f} lies inside --out {out!r}, where the build writes "
-                             f"and deletes files; move it or use another --out")
     return comp if len(keep) == len(comp.files) else dataclasses.replace(comp, files=keep)
 
 

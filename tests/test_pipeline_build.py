@@ -762,10 +762,8 @@ def test_a_second_build_into_the_same_out_is_refused_while_one_runs(tmp_path):
 def test_an_out_folder_inside_the_inputs_glob_is_not_read_back(tmp_path):
     """--out inside a folder a component globs (``**/*.jsonl``, --out data/built): the re-run matched the build's
     own quarantine.jsonl, duplicates.jsonl and work/ files as inputs and was refused ('inputs added'); --force then
-    failed on them. They are skipped now, so the re-run resumes byte-identical; a user's file inside --out is a
-    BuildError naming it (the build deletes and replaces files there)."""
-    from pipeline.build import BuildError
-
+    failed on them. They are skipped now, so the re-run resumes byte-identical; a user's own file inside --out is
+    still an input."""
     data = tmp_path / "data"
     data.mkdir()
     docs = [{"text": f"document {i} about rivers and hills"} for i in range(3)] + [{"text": "x"}, {"bad": 1}]
@@ -785,9 +783,11 @@ def test_an_out_folder_inside_the_inputs_glob_is_not_read_back(tmp_path):
     assert output_files(out) == files and second["components"] == first["components"]
     run(force=True)
     assert output_files(out) == files
-    (data / "built" / "mine.jsonl").write_text(json.dumps({"text": "a document of the user's"}) + "\n")
-    with pytest.raises(BuildError, match="mine.jsonl lies inside --out"):
-        run()
+    (data / "built" / "raw").mkdir()
+    (data / "built" / "raw" / "mine.jsonl").write_text(json.dumps({"text": "a document of the user's"}) + "\n")
+    report = run(force=True)
+    assert report["totals"]["documents"] == first["totals"]["documents"] + 1
+    assert _shard_rows(out)[-1]["id"] == "c/built/raw/mine.jsonl:1"
 
 
 @pytest.mark.parametrize("n", ["0", "-1"])

@@ -410,8 +410,10 @@ def _write_duplicates(path: str, keys: np.ndarray, ofs: np.ndarray, stage: np.nd
 
 def _is_own_output(rel: str) -> bool:
     """Whether ``rel`` (a path relative to --out) is a file this build writes there."""
+    top, _, below = rel.partition(os.sep)
     return (rel in ("index.json", "report.json", "quarantine.jsonl", "duplicates.jsonl", LOCK_NAME)
-            or rel.startswith("work" + os.sep) or bool(re.fullmatch(rf"shards{re.escape(os.sep)}{_SHARD}", rel)))
+            or bool(below and re.fullmatch(r"work(\.discard\d+)?", top))   # work/, or one a --force discard left
+            or (top == "shards" and bool(re.fullmatch(_SHARD, below))))
 
 
 def _without_own_outputs(comp, out: str):

@@ -799,3 +799,12 @@ def test_num_cpus_below_one_is_a_usage_error(tmp_path, capsys, n):
         main(["--manifest", SAMPLE, "--out", str(tmp_path / "o"), "--executor", "local", "--num-cpus", n])
     assert e.value.code == 2 and f"--num-cpus must be >= 1, got {n}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_own_outputs_are_told_from_the_users_files_inside_out():
+    from pipeline.build import _is_own_output
+
+    own = ["index.json", "quarantine.jsonl", "duplicates.jsonl", ".build.lock", "shards/00003.arrow",
+           "work/ingest/c0000_f00000.quarantine.jsonl", "work.discard77/ingest/c0000_f00000.quarantine.jsonl"]
+    users = ["raw/a.jsonl", "shards/notes.jsonl", "workers/a.jsonl", "work.discard/a.jsonl", "work", "a/index.json"]
+    assert [_is_own_output(r.replace("/", os.sep)) for r in own + users] == [True] * len(own) + [False] * len(users)

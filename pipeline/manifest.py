@@ -216,6 +216,9 @@ def _filters(d: Any, base: FilterConfig, mpath: str, line: int, comp: str | None
                 raise ManifestError(f"{where}: 'filters.max_doc_bytes' must be at most 2**30 (1 GiB), "
                                     f"got {_show(v)}")
             setattr(out, f.name, v)
+    if out.min_chars > out.max_chars:  # with the defaults' values: every document would be dropped
+        raise ManifestError(f"{_where(mpath, line, comp)}: 'filters.min_chars' ({_show(out.min_chars)}) is above "
+                            f"'filters.max_chars' ({_show(out.max_chars)}): every document would be dropped")
     return out
 
 

@@ -490,12 +490,16 @@ def test_hf_disk_url_is_an_error_naming_the_line(tmp_path):
     ("", "    language: [en, 2024-01-01]\n", "'language' must be a string or a list of strings", 5),
     ("description: [a, b]\n", "", "'description' must be str/NoneType", 2),
     ("total_tokens: lots\n", "", "'total_tokens' must be int/NoneType", 2),
+    ("", "    filters: {min_chars: 10, max_chars: 5}\n", "'filters.min_chars' (10) is above 'filters.max_chars' (5)", 5),
+    ("defaults:\n  filters: {min_chars: 20}\n", "    filters:\n      max_chars: 10\n",
+     "'filters.min_chars' (20) is above 'filters.max_chars' (10)", 7),
 ])
 def test_values_of_the_wrong_type_are_errors_before_the_build(tmp_path, top, comp, needle, line):
     """Typed validation of near_dedup settings, language lists and the top-level metadata: these were accepted and
     then crashed the build half way (num_perm 128.5, seed 1.5, bands 2.0: a bare TypeError in the ingest; a date
     in a language list: when index.json was written, after every stage; an int: in --dry-run), or silently meant
-    something else (verify: 'no' turned verification on)."""
+    something else (verify: 'no' turned verification on); so is a min_chars above max_chars (defaults included),
+    which silently dropped every document."""
     body = "name: t\n" + top + "components:\n  - name: c1\n    paths: [d/a.jsonl]\n" + comp
     p = _write(tmp_path, body)
     with pytest.raises(ManifestError) as e:

@@ -467,6 +467,7 @@ def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
           near_threshold: float | None = None, progress: bool = True, force: bool = False,
           manifest_arg: str | None = None) -> dict:
     """Run every stage (resuming finished units) and return the report dict; one build at a time per --out."""
+    out = os.path.abspath(out)  # tasks get paths under it: Ray workers do not run in the driver's working directory
     with _out_lock(out):
         return _build(manifest, out, executor, near, near_threshold, progress, force, manifest_arg)
 

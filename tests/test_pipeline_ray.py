@@ -163,6 +163,25 @@ def test_ray_build_is_byte_identical_to_in_process(cluster, reference, tmp_path,
     assert seen and all(t is ray.ObjectRef for t in seen[0])  # the driver handed on references only
 
 
+def test_a_relative_out_works_on_a_cluster_started_elsewhere(cluster, reference, tmp_path, monkeypatch):
+    """Ray workers do not run in the driver's working directory: with a relative --out every ingest task failed
+    (FileNotFoundError on rel_out/work/ingest/..., reproduced with RAY_ADDRESS and the CLI). The build makes --out
+    absolute before any task gets a path under it."""
+    import ray
+
+    from pipeline.executor import RayExecutor
+
+    monkeypatch.chdir(tmp_path)
+    init_ray(cluster["address"])
+    try:
+        ex = RayExecutor()
+        build(load_manifest(SAMPLE), "rel_out", ex, progress=False)
+        ex.close()
+    finally:
+        ray.shutdown()
+    assert _output_files(str(tmp_path / "rel_out")) == _output_files(reference)
+
+
 def test_worker_killed_mid_task_is_retried(cluster, big, tmp_path):
     import ray
 

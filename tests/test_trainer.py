@@ -387,3 +387,32 @@ def test_yaml_merge_keys_tiny_temperature_and_an_interrupted_replace(tmp_path):
     ckpt.remove_stale(tmp_path / "run")
     assert sorted(q.name for q in root.iterdir()) == ["step-00000005"]
     assert (root / "step-00000005" / "model.pth").read_bytes() == b"new"
+
+
+def test_cli_and_config_mistakes_are_one_error_line(tmp_path, capsys, monkeypatch):
+    """Adversarial review: each of these ended in a traceback (IsADirectoryError, UnicodeDecodeError, yaml's
+    ParserError, ZeroDivisionError in the model config, a negative-dimension RuntimeError in torch, Fabric's
+    ValueError on a `fabric run --precision` that contradicts train.precision), and an empty YAML section
+    (`train:` alone) made `--set train.max_steps=3` say that train is not a section."""
+    debug = str(ROOT / "trainer/configs/debug.yaml")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00train")
+    for config in (tmp_path, binary):
+        with pytest.raises(ConfigError, match="cannot be read as UTF-8 YAML"):
+            load_config(config)
+    with pytest.raises(ConfigError, match=r"--set 'train.max_steps=\[1': the value is not valid YAML"):
+        load_config(debug, ["train.max_steps=[1"])
+    for bad in ("n_embd=0", "head_size=0", "dim_ffn=-1", "vocab_size=0"):
+        with pytest.raises(ConfigError, match=f"model.{bad.split('=')[0]} must be at least 1"):
+            resolve_model_config(load_config(debug, [f"model.{bad}"]).model)
+    empty = tmp_path / "empty_sections.yaml"
+    empty.write_text("train:\ndata:\n")
+    assert load_config(empty, ["train.max_steps=3"]).train.max_steps == 3
+
+    monkeypatch.setenv("LT_CLI_USED", "1")        # as `fabric run --precision bf16-mixed trainer/fit.py ...` sets
+    monkeypatch.setenv("LT_PRECISION", "bf16-mixed")
+    corpus = write_corpus(tmp_path / "data", random_docs(20, ["a"], seed=1, max_len=60, vocab=500))
+    rc = main(["--config", debug, "--data", str(corpus), "--run-dir", str(tmp_path / "run"),
+               "--set", "train.precision=32-true", "--set", "train.tensorboard=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: Lightning Fabric refused the settings" in err and "Traceback" not in err, err

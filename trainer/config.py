@@ -251,10 +251,16 @@ def apply_overrides(raw: dict, sets: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: key must be section.field (e.g. train.max_steps)")
         node = raw
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:   # absent, or an empty YAML section (`train:` alone reads as None)
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {str(e).splitlines()[0]} "
+                              f"(quote it: --set '{key}=\"...\"')") from None
     return raw
 
 
@@ -292,6 +298,8 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Train
                 raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:   # a folder, an unreadable or a binary file
+            raise ConfigError(f"config file {path}: cannot be read as UTF-8 YAML: {e}") from None
         where = str(path)
     raw = apply_overrides(raw, list(sets or []))
     return from_dict(raw, where)
@@ -312,10 +320,11 @@ def resolve_model_config(sec: ModelSection):
             raise ConfigError(f"model: unknown key {k!r} (RWKV7Config fields: {', '.join(sorted(names))})")
     hints = typing.get_type_hints(type(base))
     ov = {k: _coerce(v, hints[k], f"model.{k}") for k, v in sec.overrides.items()}
+    for k, v in ov.items():   # sizes: 0 divided by zero in the model's config, negatives failed in torch
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ConfigError(f"model.{k} must be at least 1, got {v}")
     if "n_embd" in ov:  # LoRA and FFN widths follow the new width unless given explicitly
         ov = {**{d: None for d in ("dim_w", "dim_a", "dim_v", "dim_g", "dim_ffn")}, **ov}
-    if ov.get("n_layer", base.n_layer) < 1:
-        raise ConfigError("model.n_layer must be at least 1")
     try:
         return dataclasses.replace(base, **ov)
     except ValueError as e:

@@ -132,7 +132,10 @@ def build_fabric(cfg: TrainConfig, run_dir: Path, purge_step: int | None = None)
     # checkpoint files are written straight into the checkpoint's temporary folder (ckpt.DirectCheckpointIO)
     loggers = ([TensorBoardLogger(root_dir=str(run_dir), name="tb", version="", purge_step=purge_step)]
                if cfg.train.tensorboard else [])
-    fabric = L.Fabric(precision=precision, loggers=loggers)
+    try:
+        fabric = L.Fabric(precision=precision, loggers=loggers)
+    except ValueError as e:   # e.g. `fabric run --precision X` against an explicit train.precision
+        raise ConfigError(f"Lightning Fabric refused the settings: {e}") from None
     ckpt.use_direct_io(fabric)
     return fabric
 

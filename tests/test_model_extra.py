@@ -81,3 +81,25 @@ def test_run_folder_without_a_complete_checkpoint_is_one_clear_error(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(CheckpointError, match="plain: a folder without model.pth"):
         load_state_dict(tmp_path / "plain")
+
+
+def test_a_state_of_another_layout_is_one_clear_error():
+    """`step` zipped the blocks with the state, so a state with fewer layers ran only that many blocks and
+    returned wrong logits without an error; forward ignored extra layers and failed deep inside on another
+    batch or width. Both now check the state's layers and shapes against the model and idx."""
+    m = randomize_weights(RWKV7(TINY, init=False), 3).eval()
+    wide = RWKV7(RWKV7Config(n_layer=2, n_embd=128, vocab_size=300, head_size=32), init=False)
+    with torch.no_grad():
+        _, state = m(torch.tensor([[1, 2, 3]]))
+        _, pair = m(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+        for bad, needle in ((state[:1], "state has 1 layers, the model has 2"),
+                            (state + state, "state has 4 layers, the model has 2"),
+                            (pair, "batch of 1"),
+                            (wide.zero_state(1), r"expected \(att_shift, wkv, ffn_shift\)"),
+                            ([(a, w) for a, w, _ in state], r"shapes \(\(1, 64\), \(1, 2, 32, 32\)\)")):
+            with pytest.raises(ValueError, match=needle):
+                m.step(torch.tensor([4]), bad)
+            with pytest.raises(ValueError, match=needle):
+                m(torch.tensor([[4, 5]]), bad)
+        logits, _ = m.step(torch.tensor([4]), state)   # the right state still runs, as forward at T = 1
+        torch.testing.assert_close(logits, m(torch.tensor([[4]]), state)[0][:, 0])

@@ -338,6 +338,8 @@ class RWKV7(nn.Module):
         package computes by default: a prompt pass needs only that row, and the head is V x C per position."""
         if idx.dim() != 2 or idx.shape[1] < 1:
             raise ValueError(f"RWKV7.forward: idx must be [B, T] with T >= 1, got {tuple(idx.shape)}")
+        if state is not None:
+            self.check_state(state, idx.shape[0], "RWKV7.forward")
         x = self.emb(idx)  # [B, T, C]
         v_first = None
         new_state = []
@@ -358,6 +360,21 @@ class RWKV7(nn.Module):
         return [(torch.zeros(batch, C, device=device, dtype=dtype),
                  torch.zeros(batch, H, N, N, device=device, dtype=s_dtype),
                  torch.zeros(batch, C, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+
+    def check_state(self, state: list, batch: int, where: str = "RWKV7") -> None:
+        """Raise a ValueError unless `state` is this model's for `batch` sequences: n_layer entries of
+        (att_shift [B, C], wkv [B, H, N, N], ffn_shift [B, C]). Without it a state with fewer layers made
+        `step` run only that many blocks (zip stops early) and give wrong logits without an error."""
+        cfg = self.cfg
+        if len(state) != cfg.n_layer:
+            raise ValueError(f"{where}: state has {len(state)} layers, the model has {cfg.n_layer}")
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        want = ((batch, C), (batch, H, N, N), (batch, C))
+        for i, layer in enumerate(state):
+            got = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in layer)
+            if got != want:
+                raise ValueError(f"{where}: state layer {i} has shapes {got}, expected (att_shift, wkv, ffn_shift) "
+                                 f"{want} for idx's batch of {batch}")
 
     @torch.no_grad()
     def step_weights(self) -> StepWeights:
@@ -392,9 +409,8 @@ class RWKV7(nn.Module):
         w = self.step_weights() if weights is None else weights
         if state is None:
             state = self.zero_state(idx.shape[0], idx.device)
-        else:   # as forward takes it: the batch must match; shifts in the weights' dtype, WKV state in its own
-            if state[0][0].shape[0] != idx.shape[0]:
-                raise ValueError(f"RWKV7.step: state is for batch {state[0][0].shape[0]}, idx has {idx.shape[0]}")
+        else:   # as forward takes it: this model's layout and batch; shifts in the weights' dtype, WKV state in its own
+            self.check_state(state, idx.shape[0], "RWKV7.step")
             state = [(a.to(w.dtype), s.to(w.state_dtype), f.to(w.dtype)) for a, s, f in state]
         x = F.embedding(idx, w.emb)  # [B, C]
         C = x.shape[1]

@@ -21,7 +21,7 @@ Products are named as in triton_kernels.chunk_bwd_grads_kernel, whose docstring 
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8]))
 A16 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
@@ -37,6 +37,11 @@ inside a warp."""
 SMEM_CN = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
 SMEM_CC = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=4, max_phase=2, order=[1, 0]))
 SMEM_32 = gl.constexpr(gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
+SMEM_S = SMEM_32
+COPY = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                     order=[1, 0]))
+"""The states S and dS [N, N] go to shared memory by cp.async (16-byte pieces, coalesced, no registers) and
+are read from there as the B operands of the products with S, S^T, dS and dS^T."""
 """Swizzles with no bank conflicts (gl.bank_conflicts, triton 3.6) for the bf16 [C, N] and [C, C] tiles in
 every layout they are stored from and loaded into (transposed too), and for the fp32 tiles' A-operand loads
 (their stores: 1 extra wavefront); unswizzled, they had up to 7."""
@@ -121,16 +126,13 @@ def _mm_nt(x, y, acc):
 
 
 @gluon.jit
-def _ld_s(ptr, TRANS: gl.constexpr, N: gl.constexpr):
-    """[N, N] B operand of a tf32 product from a [V, K] row-major state: S (TRANS False: B[k, n] = S[k][n]) or
-    S^T (B[k, n] = S[n][k]); each warp loads only the columns it owns."""
-    kk = gl.arange(0, N, layout=gl.SliceLayout(1, B32))
-    nn = gl.arange(0, N, layout=gl.SliceLayout(0, B32))
-    if TRANS:
-        off = nn[None, :] * N + kk[:, None]
-    else:
-        off = kk[:, None] * N + nn[None, :]
-    return gl.load(ptr + off)
+def _copy_state(ptr, N: gl.constexpr):
+    """Start the asynchronous copy of one [N, N] float32 state into a new shared buffer."""
+    buf = gl.allocate_shared_memory(gl.float32, [N, N], SMEM_S)
+    rows = gl.arange(0, N, layout=gl.SliceLayout(1, COPY))
+    cols = gl.arange(0, N, layout=gl.SliceLayout(0, COPY))
+    async_copy.async_copy_global_to_shared(buf, ptr + rows[:, None] * N + cols[None, :])
+    return buf
 
 
 @gluon.jit
@@ -164,8 +166,9 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     aa = gl.load(a_ptr + pk, mask=mk, other=0.).to(gl.float32)
     bb = gl.load(b_ptr + pk, mask=mk, other=0.).to(gl.float32)
     dY = gl.load(dy_ptr + pk, mask=mk, other=0.).to(gl.float32)
-    St = _ld_s(ps, True, N)                     # B = S^T: [K, V], this warp's value columns
-    dSt = _ld_s(pds, True, N)
+    s_S = _copy_state(ps, N)                    # [V, K]
+    s_dS = _copy_state(pds, N)
+    async_copy.commit_group()
 
     offs_ts = gl.arange(0, C, layout=gl.SliceLayout(1, SCAN))
     offs_ks = gl.arange(0, N, layout=gl.SliceLayout(0, SCAN))
@@ -256,6 +259,10 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     zcn = gl.full([C, N], 0.0, gl.float32, MMA)
     c_big_v = 1.0 + (1 + IO_V) * BIAS
     c_big = 1.0 + 2 * BIAS
+    async_copy.wait_group(0)
+    gl.thread_barrier()
+    St = s_S.permute((1, 0)).load(B32)          # B = S^T: [K, V], this warp's value columns
+    dSt = s_dS.permute((1, 0)).load(B32)
     Z = mma_v2(f_ad.load(A32), St, zcn, input_precision="tf32") * c_big      # a_d S^T
     Z = _mm_cs(s_lak, False, s_v, Z)                                      # + L_ak V
     dU = mma_v2(f_be.load(A32), dSt, zcn, input_precision="tf32") * c_big    # b_e dS^T
@@ -284,8 +291,8 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     gl.thread_barrier()
 
     dV = _mm_cs(s_lak, True, s_dz, dV)                                     # + L_ak^T dZ
-    S_ = _ld_s(ps, False, N)                    # B = S: [V, K], this warp's key columns
-    dS_ = _ld_s(pds, False, N)
+    S_ = s_S.load(B32)                          # B = S: [V, K], this warp's key columns
+    dS_ = s_dS.load(B32)
     dR_d = mma_v2(f_dy.load(A32), S_, zcn, input_precision="tf32") * (1.0 + (1 + IO_DY) * BIAS)
     dR_d = _mm_cs(s_dmrb, False, s_bu, dR_d)
     dR_d = _mm_cs(s_dmrk, False, s_ku, dR_d)

@@ -723,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--manifest", required=True, help="corpus manifest YAML")
     ap.add_argument("--out", help="output folder (required unless --dry-run)")
-    ap.add_argument("--root", help="override the manifest's root (where the component files live)")
+    ap.add_argument("--root", help="override the manifest's root (where the component files live; relative to the "
+                    "current directory)")
     ap.add_argument("--dry-run", action="store_true", help="list present/missing files per component and exit")
     ap.add_argument("--executor", choices=("ray", "local"), default="ray",
                     help="ray (default): Ray tasks/actors; local: everything in this process")
@@ -738,8 +739,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.num_cpus is not None and args.num_cpus < 1:  # Ray's ValueError traceback for -1; 0 meant all cores
         ap.error(f"--num-cpus must be >= 1, got {args.num_cpus}")
+    root = args.root
+    if root is not None and "://" not in root:  # a path on the command line is relative to the working directory
+        root = os.path.abspath(os.path.expanduser(os.path.expandvars(root)))
     try:
-        manifest = load_manifest(args.manifest, root=args.root, allow_missing=args.dry_run)
+        manifest = load_manifest(args.manifest, root=root, allow_missing=args.dry_run)
         if args.dry_run:
             print(dry_run(manifest))
             return 0

@@ -521,3 +521,16 @@ def test_every_near_dedup_setting_has_a_yaml_type_and_good_values_load(tmp_path)
     m = load_manifest(p)
     assert m.near_dedup.params["num_perm"] == 64 and m.near_dedup.params["verify"] is False
     assert m.components[0].language == ["en", "de"]
+
+
+def test_a_relative_root_on_the_command_line_is_relative_to_the_working_directory(tmp_path, monkeypatch, capsys):
+    """``--root raw`` resolved against the manifest's folder (corpus_manifests/raw): world_v3's dry run listed all
+    68 components as missing for a download in ./raw. A root written in the manifest stays relative to it."""
+    from pipeline.build import main
+
+    (tmp_path / "raw" / "ted2020").mkdir(parents=True)
+    (tmp_path / "raw" / "ted2020" / "a.jsonl").write_text('{"text": "hello"}\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["--manifest", WORLD, "--root", "raw", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"root {tmp_path / 'raw'}\n" in out and "1 present" in out

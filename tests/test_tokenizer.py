@@ -270,6 +270,12 @@ def test_vocab_missing(tmp_path):
         WorldTokenizer(TokenizerConfig(vocab_path=str(tmp_path / "nope.txt")))
 
 
+def test_vocab_path_that_cannot_be_read_is_a_vocab_error(tmp_path):
+    """A folder (or a file without read permission) raised a bare IsADirectoryError/PermissionError."""
+    with pytest.raises(VocabError, match=f"{tmp_path}: cannot read the vocab file: Is a directory"):
+        WorldTokenizer(TokenizerConfig(vocab_path=str(tmp_path)))
+
+
 def test_vocab_altered(tmp_path):
     raw = bytearray(VOCAB_PATH.read_bytes())
     raw[raw.index(b"'Hello'") + 1] = ord("J")

@@ -82,7 +82,7 @@ def read_vocab(
 ) -> tuple[Path, bytes, str]:
     """(path, raw bytes, sha256) of a vocab file (default: the one shipped in tokenizer/data/).
 
-    Raises VocabError if the file is missing or its sha256 differs from `expected_sha256`
+    Raises VocabError if the file is missing or unreadable or its sha256 differs from `expected_sha256`
     (None skips the check, for a deliberately different vocab).
     """
     path = Path(path) if path is not None else VOCAB_PATH
@@ -92,6 +92,8 @@ def read_vocab(
         raise VocabError(
             f"{path}: World vocab file not found (it ships in tokenizer/data/; reinstall the package)"
         ) from e
+    except OSError as e:  # a folder, no permission: one VocabError naming the file, not a bare OSError
+        raise VocabError(f"{path}: cannot read the vocab file: {e.strerror or e}") from e
     sha = hashlib.sha256(raw).hexdigest()
     if expected_sha256 is not None and sha != expected_sha256:
         raise VocabError(

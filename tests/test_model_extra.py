@@ -103,3 +103,21 @@ def test_a_state_of_another_layout_is_one_clear_error():
                 m(torch.tensor([[4, 5]]), bad)
         logits, _ = m.step(torch.tensor([4]), state)   # the right state still runs, as forward at T = 1
         torch.testing.assert_close(logits, m(torch.tensor([[4]]), state)[0][:, 0])
+
+
+def test_config_rejects_widths_below_one(tmp_path):
+    """head_size 0 raised ZeroDivisionError and a negative width a TypeError (through the trainer's config:
+    tracebacks, not its ConfigError); n_layer 0 or vocab_size 0 built a model, and dim_* = 0 was silently
+    replaced by the derived width. A checkpoint with a zero-width LoRA is one CheckpointError."""
+    for field, value in (("head_size", 0), ("n_embd", -64), ("n_layer", 0), ("vocab_size", 0), ("dim_w", 0),
+                         ("dim_ffn", 0), ("dim_g", -3), ("n_layer", 2.5), ("n_layer", True)):
+        with pytest.raises(ValueError, match=f"RWKV7Config.{field} must be an integer >= 1"):
+            RWKV7Config(**{"n_layer": 2, "n_embd": 64, "head_size": 32, field: value})
+    assert RWKV7Config(n_layer=1, n_embd=64, head_size=32, dim_w=None).dim_w == 32   # None: derived
+    sd = RWKV7(TINY, init=False).state_dict()
+    for i in range(TINY.n_layer):
+        sd[f"blocks.{i}.att.a1"] = torch.zeros(TINY.n_embd, 0)
+        sd[f"blocks.{i}.att.a2"] = torch.zeros(0, TINY.n_embd)
+    torch.save(sd, tmp_path / "zero_lora.pth")
+    with pytest.raises(CheckpointError, match="zero_lora.pth: .*dim_a must be an integer >= 1"):
+        load_official(tmp_path / "zero_lora.pth")

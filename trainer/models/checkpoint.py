@@ -162,10 +162,13 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], where: str = "state dict
     if H * N != C:
         raise CheckpointError(f"{where}: blocks.0.att.r_k is {H}x{N} (heads x head size) but emb.weight is "
                               f"{V}x{C}: heads x head size must equal the width")
-    return RWKV7Config(n_layer=max(layers) + 1, n_embd=C, vocab_size=V, head_size=N,
-                       dim_w=sd["blocks.0.att.w1"].shape[1], dim_a=sd["blocks.0.att.a1"].shape[1],
-                       dim_v=sd[v1].shape[1], dim_g=sd["blocks.0.att.g1"].shape[1],
-                       dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0])
+    try:   # a zero-sized tensor gives a zero width: one CheckpointError, as for any other bad shape
+        return RWKV7Config(n_layer=max(layers) + 1, n_embd=C, vocab_size=V, head_size=N,
+                           dim_w=sd["blocks.0.att.w1"].shape[1], dim_a=sd["blocks.0.att.a1"].shape[1],
+                           dim_v=sd[v1].shape[1], dim_g=sd["blocks.0.att.g1"].shape[1],
+                           dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0])
+    except ValueError as e:
+        raise CheckpointError(f"{where}: not a usable RWKV-7 checkpoint: {e}") from None
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], cfg: RWKV7Config, where: str = "state dict") -> None:

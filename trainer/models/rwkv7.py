@@ -15,6 +15,7 @@ is passed in, which is what infctx back-propagation through segments needs.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,10 @@ DECAY_SCALE = 0.6065306597  # exp(-0.5): log decay = -DECAY_SCALE * sigmoid(w_ra
 def _lora_dim(c: int, factor: float, power: float) -> int:
     """RWKV-LM's LoRA width rule: a multiple of 32, at least 32."""
     return max(32, int(round(factor * (c**power) / 32) * 32))
+
+
+DERIVED_DIMS = ("dim_w", "dim_a", "dim_v", "dim_g", "dim_ffn")
+"""RWKV7Config widths that None derives from n_embd."""
 
 
 @dataclass
@@ -58,14 +63,20 @@ class RWKV7Config:
     """channel-mix hidden width (ffn.key [dim_ffn, C]); default 4C as in the released models"""
 
     def __post_init__(self):
+        for name in ("n_layer", "n_embd", "vocab_size", "head_size", *DERIVED_DIMS):
+            v = getattr(self, name)
+            if not (v is None and name in DERIVED_DIMS) and (
+                    isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+                also = " or None (derived from n_embd)" if name in DERIVED_DIMS else ""
+                raise ValueError(f"RWKV7Config.{name} must be an integer >= 1{also}, got {v!r}")
         c = self.n_embd
         if c % self.head_size:
             raise ValueError(f"n_embd {c} is not a multiple of head_size {self.head_size}")
-        self.dim_w = self.dim_w or _lora_dim(c, 1.8, 0.5)
-        self.dim_a = self.dim_a or _lora_dim(c, 1.8, 0.5)
-        self.dim_v = self.dim_v or _lora_dim(c, 1.3, 0.5)
-        self.dim_g = self.dim_g or _lora_dim(c, 0.6, 0.8)
-        self.dim_ffn = self.dim_ffn or 4 * c
+        self.dim_w = _lora_dim(c, 1.8, 0.5) if self.dim_w is None else self.dim_w
+        self.dim_a = _lora_dim(c, 1.8, 0.5) if self.dim_a is None else self.dim_a
+        self.dim_v = _lora_dim(c, 1.3, 0.5) if self.dim_v is None else self.dim_v
+        self.dim_g = _lora_dim(c, 0.6, 0.8) if self.dim_g is None else self.dim_g
+        self.dim_ffn = 4 * c if self.dim_ffn is None else self.dim_ffn
 
     @property
     def n_head(self) -> int:

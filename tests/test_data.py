@@ -17,6 +17,7 @@ from trainer.data import (
     TrainWindows,
     feistel_permute,
     make_train_loader,
+    train_batches,
     val_batches,
 )
 from trainer.testing import random_docs, write_corpus
@@ -442,3 +443,35 @@ def test_document_tables_memory_per_document(tmp_path):
     assert large.components["c1"].doc_start.dtype == np.int64
     items = MixtureSampler(corpus, 0).locate(np.arange(2000))
     assert torch.equal(corpus.read_windows(items), large.read_windows(items))
+
+
+def test_a_corpus_of_empty_shards_and_a_loader_worker_error_are_one_line(tmp_path):
+    """Adversarial review: shards holding no documents at all failed in np.concatenate (a bare ValueError
+    traceback); a DataError raised in a loader worker (the GPU presets use 2) reached the CLI wrapped in the
+    worker's whole traceback."""
+    from trainer.data import sha256_file
+    from trainer.testing import SCHEMA
+
+    empty = tmp_path / "empty"
+    (empty / "shards").mkdir(parents=True)
+    shards = []
+    for i, n_batches in enumerate((0, 2)):   # a stream with no record batch, one with two empty ones
+        path = empty / "shards" / f"{i:05d}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, ipc.new_stream(sink, SCHEMA) as w:
+            for _ in range(n_batches):
+                w.write_batch(pa.RecordBatch.from_pylist([], schema=SCHEMA))
+        shards.append({"path": f"shards/{path.name}", "documents": 0, "tokens": 0,
+                       "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    (empty / "index.json").write_text(json.dumps({"schema_version": 1, "tokenizer": {"eod_id": 0, "vocab_size": 512},
+                                                  "shards": shards, "components": {}}))
+    with pytest.raises(DataError, match=r"index\.json: its 2 shard\(s\) hold no documents"):
+        ShardCorpus(empty, 16)
+
+    docs = random_docs(30, ["web"], seed=2, min_len=5, max_len=60, vocab=999)
+    docs[3][2][1] = 1000
+    corpus = ShardCorpus(write_corpus(tmp_path / "bad", docs, docs_per_shard=10, vocab_size=1000), 16, val_fraction=0)
+    with pytest.raises(DataError) as e:
+        for _ in train_batches(make_train_loader(corpus, 0, Layout(4), 0, num_workers=2)):
+            pass
+    assert str(e.value).startswith(str(tmp_path / "bad" / "shards" / "00000.arrow")), str(e.value)
+    assert "doc3" in str(e.value) and "Traceback" not in str(e.value) and "\n" not in str(e.value)

@@ -284,6 +284,8 @@ class ShardCorpus:
             if rows != s["documents"] or tokens != s["tokens"]:
                 raise DataError(f"{where}: holds {rows} documents / {tokens} tokens, index says "
                                 f"{s['documents']} / {s['tokens']}")
+        if not any(len(c) for c in seg_comp):   # nothing to sample from (np.concatenate would fail on no segments)
+            raise DataError(f"{idx_path}: its {len(shards)} shard(s) hold no documents")
         totals = self.index.get("totals")
         if totals is not None:
             docs, toks = sum(s["documents"] for s in shards), sum(s["tokens"] for s in shards)
@@ -577,6 +579,26 @@ class TrainWindows(torch.utils.data.IterableDataset):
         while True:
             yield self.batch(m)
             m += W
+
+
+def _worker_message(msg: str) -> str:
+    """The original message of a DataError raised in a loader worker: torch re-raises it in the main process as
+    DataError("Caught DataError in DataLoader worker process N.\\nOriginal Traceback ...: <message>")."""
+    marker = f"\n{DataError.__module__}.{DataError.__qualname__}: "
+    i = msg.rfind(marker)
+    return msg[i + len(marker):].strip() if msg.startswith("Caught DataError") and i >= 0 else msg
+
+
+def train_batches(loader):
+    """Iterate a train loader; a DataError from a loader worker keeps its own one-line message (torch wraps
+    it in the worker's traceback, which the CLI would print whole)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except DataError as e:
+            raise DataError(_worker_message(str(e))) from None
+        yield batch
 
 
 def make_train_loader(corpus: ShardCorpus, seed: int, layout: Layout, start_sample: int, num_workers: int):

@@ -30,7 +30,7 @@ import yaml
 
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, TrainConfig, load_config, resolve_model_config
-from trainer.data import DataError, Layout, ShardCorpus, make_train_loader, val_batches
+from trainer.data import DataError, Layout, ShardCorpus, make_train_loader, train_batches, val_batches
 from trainer.infctx import InfctxLM
 
 DEFER_METRICS: bool | None = None  # read step k's metrics after step k + 1 is queued; None: on CUDA only
@@ -336,7 +336,7 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
         if new:
             writer.writeheader()
     losses = []
-    it = iter(loader)
+    it = train_batches(loader)
     bar = tqdm(total=last, initial=step, disable=not rank0, dynamic_ncols=True, desc="train")
     model.train()
     # On the GPU, step k's numbers are read (a host sync) only once step k + 1 is queued, so the GPU never

@@ -105,7 +105,8 @@ def test_sample_logits_low_temperature_and_bad_values():
 
 @pytest.mark.parametrize("args, needle", [(["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"),
                                           (["--top-p", "1.5"], "--top-p"), (["--max-tokens", "-2"], "--max-tokens"),
-                                          (["--temperature", "inf"], "--temperature")])
+                                          (["--temperature", "inf"], "--temperature"),
+                                          (["--seed", str(2**64)], "--seed"), (["--seed", str(-2**63 - 1)], "--seed")])
 def test_cli_bad_sampling_options_are_usage_errors(args, needle, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", "unused.pth"] + args)

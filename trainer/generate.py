@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.max_tokens < 0:
         p.error(f"--max-tokens must be >= 0, got {a.max_tokens}")
+    if a.seed is not None and not -2**63 <= a.seed < 2**64:   # what torch.Generator.manual_seed takes
+        p.error(f"--seed must be in [-2**63, 2**64), got {a.seed}")
     cfg = GenerateConfig(model=a.model, prompt=a.prompt, max_tokens=a.max_tokens, temperature=a.temperature,
                          top_p=a.top_p, seed=a.seed, device=a.device, dtype=a.dtype, stop_at_eod=not a.no_stop,
                          cuda_graph=a.cuda_graph)

@@ -114,6 +114,9 @@ def _open_binary(path: str):
 _CHUNK = 1 << 20
 _GZ_OUT = 1 << 24
 """Most decompressed bytes one zlib call may return (bounds memory on a gzip bomb)."""
+ZSTD_MAX_WINDOW = 2**31
+"""Largest zstd window the reader accepts (zstd's own maximum, ``--long=31``); the decoder's buffer grows with the
+data it holds, up to this, for files that ask for it."""
 _ZST_IN = 512
 """Compressed bytes given to the zstd decompressor per call: bounds one call's output (~16 MiB for
 pure run-length data) as ``_GZ_OUT`` does for gzip; measured no slower than whole chunks (640-850 vs
@@ -136,7 +139,9 @@ def _decompressed(f, fmt: str) -> Iterator[bytes]:
     else:
         import zstandard
 
-        new = zstandard.ZstdDecompressor().decompressobj
+        # windows up to 2 GiB: a stream compressed with `zstd --long=31` says so in its frame header, and the
+        # default limit (128 MiB) made the whole file one 'unreadable' row
+        new = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj
     gz = fmt == "jsonl.gz"
     d, started, members = new(), False, 0
     while data := f.read(_CHUNK):

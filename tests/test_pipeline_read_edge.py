@@ -343,3 +343,16 @@ def test_a_deeply_nested_json_line_is_bad_json_and_reading_goes_on(tmp_path):
     rows = _rows(path, "jsonl", _comp("jsonl", max_doc_bytes=10**6))
     assert [(r.line, r.reason, r.text) for r in rows] == [(1, None, "first document"), (2, "bad_json", None),
                                                           (3, None, "third document")]
+
+
+def test_a_zstd_stream_with_a_long_window_is_read(tmp_path):
+    """`cat x.jsonl | zstd --long=31` writes a 2 GiB window into the frame header; the reader's default limit
+    (128 MiB) turned the whole file into one ``unreadable`` row ("Frame requires too much memory")."""
+    lines = [json.dumps({"text": f"document {i} with a few words"}).encode() + b"\n" for i in range(50)]
+    params = zstandard.ZstdCompressionParameters(window_log=28, compression_level=1)  # 256 MiB > 128 MiB default
+    co = zstandard.ZstdCompressor(compression_params=params).compressobj()  # streamed: the window stays in the header
+    blob = co.compress(b"".join(lines)) + co.flush()
+    assert zstandard.get_frame_parameters(blob).window_size == 2**28
+    (tmp_path / "long.jsonl.zst").write_bytes(blob)
+    rows = _rows(str(tmp_path / "long.jsonl.zst"), "jsonl.zst", _comp("jsonl.zst"))
+    assert [r.reason for r in rows] == [None] * 50 and rows[-1].text == "document 49 with a few words"

@@ -40,7 +40,11 @@ SMEM_32 = gl.constexpr(gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, 
 SMEM_S = SMEM_32
 COPY = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                      order=[1, 0]))
-"""The states S and dS [N, N] go to shared memory by cp.async (16-byte pieces, coalesced, no registers) and
+COPY16 = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                       order=[1, 0]))
+COPY32 = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
+                                       order=[1, 0]))
+"""The states S and dS [N, N] and the chunk's inputs go to shared memory by cp.async (16-byte pieces, coalesced, no registers) and
 are read from there as the B operands of the products with S, S^T, dS and dS^T."""
 """Swizzles with no bank conflicts (gl.bank_conflicts, triton 3.6) for the bf16 [C, N] and [C, C] tiles in
 every layout they are stored from and loaded into (transposed too), and for the fp32 tiles' A-operand loads
@@ -136,6 +140,23 @@ def _copy_state(ptr, N: gl.constexpr):
 
 
 @gluon.jit
+def _copy_chunk(ptr, n, T, H, i_b, i_h, C: gl.constexpr, N: gl.constexpr):
+    """Start the asynchronous copy of chunk n of one head of a [B, T, H, N] input (bf16/fp16 or fp32) into a
+    new shared buffer; rows past T are zero-filled."""
+    if ptr.dtype.element_ty == gl.float32:
+        buf = gl.allocate_shared_memory(gl.float32, [C, N], SMEM_32)
+        t = n * C + gl.arange(0, C, layout=gl.SliceLayout(1, COPY32))
+        cols = gl.arange(0, N, layout=gl.SliceLayout(0, COPY32))
+    else:
+        buf = gl.allocate_shared_memory(ptr.dtype.element_ty, [C, N], SMEM_CN)
+        t = n * C + gl.arange(0, C, layout=gl.SliceLayout(1, COPY16))
+        cols = gl.arange(0, N, layout=gl.SliceLayout(0, COPY16))
+    p = ptr + (((i_b * T + t) * H + i_h) * N)[:, None] + cols[None, :]
+    async_copy.async_copy_global_to_shared(buf, p, mask=(t < T)[:, None])
+    return buf
+
+
+@gluon.jit
 def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
                           dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
                           T, NC, H, N: gl.constexpr, C: gl.constexpr, LOG2C: gl.constexpr,
@@ -159,22 +180,28 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     ps = st_ptr + (i_bh * NC + n) * N * N
     pds = dst_ptr + (i_bh * NC + n) * N * N
 
-    rr = gl.load(r_ptr + pk, mask=mk, other=0.).to(gl.float32)
-    ww = gl.load(w_ptr + pk, mask=mk, other=0.).to(gl.float32)
-    kk = gl.load(k_ptr + pk, mask=mk, other=0.).to(gl.float32)
-    vv = gl.load(v_ptr + pk, mask=mk, other=0.).to(gl.float32)
-    aa = gl.load(a_ptr + pk, mask=mk, other=0.).to(gl.float32)
-    bb = gl.load(b_ptr + pk, mask=mk, other=0.).to(gl.float32)
-    dY = gl.load(dy_ptr + pk, mask=mk, other=0.).to(gl.float32)
+    x_r = _copy_chunk(r_ptr, n, T, H, i_b, i_h, C, N)
+    x_w = _copy_chunk(w_ptr, n, T, H, i_b, i_h, C, N)
+    x_k = _copy_chunk(k_ptr, n, T, H, i_b, i_h, C, N)
+    x_v = _copy_chunk(v_ptr, n, T, H, i_b, i_h, C, N)
+    x_a = _copy_chunk(a_ptr, n, T, H, i_b, i_h, C, N)
+    x_b = _copy_chunk(b_ptr, n, T, H, i_b, i_h, C, N)
+    x_dy = _copy_chunk(dy_ptr, n, T, H, i_b, i_h, C, N)
+    async_copy.commit_group()
     s_S = _copy_state(ps, N)                    # [V, K]
     s_dS = _copy_state(pds, N)
     async_copy.commit_group()
+    async_copy.wait_group(1)                    # the inputs are in (the states may still be on their way)
+    gl.thread_barrier()
+    rr = x_r.load(MMA).to(gl.float32)
+    ww = x_w.load(MMA).to(gl.float32)
+    kk = x_k.load(MMA).to(gl.float32)
+    vv = x_v.load(MMA).to(gl.float32)
+    aa = x_a.load(MMA).to(gl.float32)
+    bb = x_b.load(MMA).to(gl.float32)
+    dY = x_dy.load(MMA).to(gl.float32)
 
-    offs_ts = gl.arange(0, C, layout=gl.SliceLayout(1, SCAN))
-    offs_ks = gl.arange(0, N, layout=gl.SliceLayout(0, SCAN))
-    ts = n * C + offs_ts
-    pks = (((i_b * T + ts) * H + i_h) * N)[:, None] + offs_ks[None, :]
-    ww_s = gl.load(w_ptr + pks, mask=(ts < T)[:, None] & (offs_ks < N)[None, :], other=0.).to(gl.float32)
+    ww_s = x_w.load(SCAN).to(gl.float32)
     g = gl.convert_layout(gl.associative_scan(ww_s, 0, _add), MMA)    # [C, N] inclusive cumsum of w
     gx = g - ww
     gC = gl.sum(ww, axis=0)                     # [N]

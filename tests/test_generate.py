@@ -360,3 +360,26 @@ def test_prompt_pass_computes_the_last_rows_logits_only(debug_model, monkeypatch
     assert main(["--model", str(run), "--prompt", "Hi", "--max-tokens", "3", "--no-stop", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert f"[model: {run / 'checkpoints' / 'step-00000002' / 'model.pth'}]" in err and "3 generated" in err
+
+
+def test_non_finite_logits_are_one_error_line(tmp_path, capsys):
+    """A checkpoint with a NaN weight: sampling died in torch.multinomial with a traceback, and greedy
+    decoding took argmax's pick of the NaN (id 0 here: the end-of-document token, so it stopped as if done)."""
+    from trainer.generate import NonFiniteLogits
+
+    gen = torch.Generator().manual_seed(0)
+    for bad in (float("nan"), float("inf")):
+        logits = torch.tensor([1.0, bad, 2.0])
+        for temperature in (0.0, 1.0):
+            with pytest.raises(NonFiniteLogits):
+                sample_logits(logits, temperature, 0.9, gen)
+    assert sample_logits(torch.tensor([1.0, float("-inf"), 2.0]), 1.0, 1.0, gen) in (0, 2)   # -inf: never picked
+    model = randomize_weights(RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=300, head_size=32), init=False), 4)
+    with torch.no_grad():
+        model.blocks[0].ffn.value.weight[0, 0] = float("nan")
+    model.save_official(tmp_path / "nan.pth")
+    for temperature in ("0", "1"):
+        assert main(["--model", str(tmp_path / "nan.pth"), "--max-tokens", "3", "--temperature", temperature,
+                     "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "error: after 0 generated tokens: the model's logits are not finite" in err and "Traceback" not in err

@@ -60,16 +60,31 @@ class GenerateConfig:
     """replay each token's `RWKV7.step` as a captured CUDA graph (CUDA only; unmeasured, see `GraphStep`)"""
 
 
+class NonFiniteLogits(ValueError):
+    """The model's logits hold NaN or +inf: there is no token to pick."""
+
+    def __init__(self):
+        super().__init__("the model's logits are not finite (NaN or inf): the checkpoint holds non-finite weights, "
+                         "or the activations overflowed (with --dtype fp16 try bf16 or fp32)")
+
+
 def sample_logits(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     """logits [V] -> token id. Top-p cut on the softmax, then temperature on the kept probabilities:
     p^(1/T), renormalised, which is softmax(logits / T) over the kept ids, computed that way so a low T
-    cannot underflow every kept probability to 0 (p ** (1/T) did at T = 0.05)."""
+    cannot underflow every kept probability to 0 (p ** (1/T) did at T = 0.05).
+    Raises NonFiniteLogits when the largest logit is NaN or +inf (argmax would pick the NaN's id)."""
     if temperature == 0 or 0 < temperature < 1e-30:   # below float32's range 1/T would be inf: greedy
-        return int(torch.argmax(logits))
+        tok = int(torch.argmax(logits))   # a NaN counts as the largest value
+        if not math.isfinite(logits[tok]):
+            raise NonFiniteLogits()
+        return tok
     if not temperature > 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
     logits = logits.float()
-    logits = logits - logits.max()        # logits / T stays finite for tiny T (no inf - inf = NaN)
+    top = logits.max()                    # NaN if any logit is NaN
+    if not torch.isfinite(top):
+        raise NonFiniteLogits()
+    logits = logits - top                 # logits / T stays finite for tiny T (no inf - inf = NaN)
     if top_p < 1.0:
         probs = torch.softmax(logits, dim=-1)
         sorted_probs, _ = torch.sort(probs, descending=True)
@@ -205,14 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     out.flush()
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     t0, n, first = time.perf_counter(), 0, None
-    for token, _ in stream(model, prompt_ids, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                           0 if cfg.stop_at_eod else None, cfg.prompt_chunk, cfg.cuda_graph, tok.n_entries + 1):
-        first = first or time.perf_counter()
-        n += 1
-        if token == 0:
-            continue
-        out.write(utf8.decode(tok.decode_bytes([token])))
-        out.flush()
+    try:
+        for token, _ in stream(model, prompt_ids, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed,
+                               0 if cfg.stop_at_eod else None, cfg.prompt_chunk, cfg.cuda_graph, tok.n_entries + 1):
+            first = first or time.perf_counter()
+            n += 1
+            if token == 0:
+                continue
+            out.write(utf8.decode(tok.decode_bytes([token])))
+            out.flush()
+    except NonFiniteLogits as e:
+        out.write("\n")
+        print(f"error: after {n} generated tokens: {e}", file=sys.stderr)
+        return 2
     out.write(utf8.decode(b"", final=True) + "\n")
     t1 = time.perf_counter()
     rate = f"{(n - 1) / (t1 - first):.1f} tokens/s" if n > 1 else "no rate (fewer than 2 tokens)"

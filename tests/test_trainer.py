@@ -416,3 +416,16 @@ def test_cli_and_config_mistakes_are_one_error_line(tmp_path, capsys, monkeypatc
                "--set", "train.precision=32-true", "--set", "train.tensorboard=false"])
     err = capsys.readouterr().err
     assert rc == 2 and "error: Lightning Fabric refused the settings" in err and "Traceback" not in err, err
+
+
+def test_a_sample_prompt_past_a_small_vocabulary_is_refused_before_training(tmp_path, capsys):
+    """Adversarial review: a model with fewer ids than the World tokenizer (here 512) trained to the end, wrote
+    its last checkpoint, then failed with an IndexError traceback embedding the sample's prompt ("The" is id
+    33,xxx). It is now a config error before anything runs."""
+    corpus = write_corpus(tmp_path / "data", random_docs(20, ["a"], seed=1, max_len=60, vocab=500), vocab_size=512)
+    args = ["--config", str(ROOT / "trainer/configs/debug.yaml"), "--data", str(corpus), "--run-dir",
+            str(tmp_path / "run"), "--set", "model.vocab_size=512", "--set", "sample.prompt=The"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "sample.prompt 'The' encodes to token id" in err and "vocab_size 512" in err, err
+    assert not (tmp_path / "run").exists()

@@ -208,6 +208,19 @@ def evaluate(fabric, model, batches) -> float:
     return float(acc[0] / acc[1])
 
 
+def check_sample_prompt(cfg: TrainConfig, vocab_size: int) -> None:
+    """Before training: the prompt of the sample printed at the end must encode to ids the model has (a model
+    smaller than the World vocabulary failed with an IndexError after the last checkpoint)."""
+    if cfg.sample.tokens <= 0:
+        return
+    from tokenizer import WorldTokenizer
+
+    ids = WorldTokenizer().encode(cfg.sample.prompt)
+    if ids and max(ids) >= vocab_size:
+        raise ConfigError(f"sample.prompt {cfg.sample.prompt!r} encodes to token id {max(ids)}, not below the model's "
+                          f"vocab_size {vocab_size}: choose another prompt, or sample.tokens=0")
+
+
 def generate_sample(lm, cfg: TrainConfig) -> str | None:
     if cfg.sample.tokens <= 0:
         return None
@@ -232,6 +245,7 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
     from tqdm import tqdm
 
     model_cfg = resolve_model_config(cfg.model)
+    check_sample_prompt(cfg, model_cfg.vocab_size)
     # checksums are read once per machine (local rank 0); every rank checks schemas and counts. A failed check
     # ends rank 0 before any collective; under `fabric run`, torchrun then stops the other ranks (tested)
     verify = cfg.data.verify_checksums and os.environ.get("LOCAL_RANK", "0") == "0"

@@ -383,3 +383,18 @@ def test_non_finite_logits_are_one_error_line(tmp_path, capsys):
                      "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert "error: after 0 generated tokens: the model's logits are not finite" in err and "Traceback" not in err
+
+
+def test_cli_reader_gone_ends_quietly(tmp_path, monkeypatch, capsys):
+    """`generate ... | head -c 10`: the reader closes the pipe; the CLI died with a BrokenPipeError traceback.
+    Now it stops at the first failed write with the status of a writer killed by SIGPIPE and prints nothing."""
+    model = randomize_weights(RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=300, head_size=32), init=False), 5)
+    model.save_official(tmp_path / "m.pth")
+    read_end, write_end = os.pipe()
+    os.close(read_end)                                   # the reader is gone before the first token
+    with open(write_end, "w") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        rc = main(["--model", str(tmp_path / "m.pth"), "--max-tokens", "50", "--no-stop", "--seed", "0",
+                   "--device", "cpu"])
+        monkeypatch.undo()
+    assert rc == 141 and capsys.readouterr().err == ""

@@ -216,24 +216,37 @@ def main(argv: list[str] | None = None) -> int:
               f"({model.cfg.vocab_size} ids)", file=sys.stderr)
         return 2
     out = sys.stdout
-    out.write(prompt_bytes.decode("utf-8", "replace"))
-    out.flush()
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    t0, n, first = time.perf_counter(), 0, None
+    t0, n, first, failed = time.perf_counter(), 0, None, None
     try:
-        for token, _ in stream(model, prompt_ids, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                               0 if cfg.stop_at_eod else None, cfg.prompt_chunk, cfg.cuda_graph, tok.n_entries + 1):
-            first = first or time.perf_counter()
-            n += 1
-            if token == 0:
-                continue
-            out.write(utf8.decode(tok.decode_bytes([token])))
-            out.flush()
-    except NonFiniteLogits as e:
-        out.write("\n")
-        print(f"error: after {n} generated tokens: {e}", file=sys.stderr)
+        out.write(prompt_bytes.decode("utf-8", "replace"))
+        out.flush()
+        try:
+            for token, _ in stream(model, prompt_ids, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed,
+                                   0 if cfg.stop_at_eod else None, cfg.prompt_chunk, cfg.cuda_graph, tok.n_entries + 1):
+                first = first or time.perf_counter()
+                n += 1
+                if token == 0:
+                    continue
+                out.write(utf8.decode(tok.decode_bytes([token])))
+                out.flush()
+        except NonFiniteLogits as e:
+            failed = f"error: after {n} generated tokens: {e}"
+        out.write(utf8.decode(b"", final=True) + "\n")
+        out.flush()
+    except BrokenPipeError:   # the reader went away (`... | head`): stop quietly, as a writer killed by SIGPIPE
+        try:   # stdout's unwritten bytes go to /dev/null, so the flush at interpreter exit raises nothing either
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, out.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+        if failed:
+            print(failed, file=sys.stderr)
+        return 2 if failed else 141
+    if failed:
+        print(failed, file=sys.stderr)
         return 2
-    out.write(utf8.decode(b"", final=True) + "\n")
     t1 = time.perf_counter()
     rate = f"{(n - 1) / (t1 - first):.1f} tokens/s" if n > 1 else "no rate (fewer than 2 tokens)"
     print(f"[{len(prompt_ids)} prompt tokens in {(first or t1) - t0:.2f}s, {n} generated, "

@@ -121,3 +121,19 @@ def test_config_rejects_widths_below_one(tmp_path):
     torch.save(sd, tmp_path / "zero_lora.pth")
     with pytest.raises(CheckpointError, match="zero_lora.pth: .*dim_a must be an integer >= 1"):
         load_official(tmp_path / "zero_lora.pth")
+
+
+def test_one_layer_file_without_the_unused_v_lora_loads(tmp_path):
+    """Layer 0's v-LoRA may be absent (the `rwkv` package ignores it), but a 1-layer file without it was
+    refused ("missing blocks.0.att.v1": its width was read from that tensor). With more layers the gap in
+    layer 1 is still named."""
+    one = randomize_weights(RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=300, head_size=32), init=False), 6)
+    unused = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+    torch.save({k: v for k, v in one.state_dict().items() if k not in unused}, tmp_path / "one.pth")
+    idx = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_official(tmp_path / "one.pth")(idx)[0], one(idx)[0], rtol=0, atol=0)
+    two = RWKV7(TINY, init=False).state_dict()
+    torch.save({k: v for k, v in two.items() if ".att.v" not in k or "value" in k}, tmp_path / "two.pth")
+    with pytest.raises(CheckpointError, match=r"missing \(3\): blocks\.1\.att\.v0, blocks\.1\.att\.v1, blocks\.1\.att\.v2"):
+        load_official(tmp_path / "two.pth")

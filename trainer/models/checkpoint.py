@@ -146,8 +146,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def config_from_state_dict(sd: dict[str, torch.Tensor], where: str = "state dict") -> RWKV7Config:
     """Infer the RWKV7Config (layers, width, vocab, head size, LoRA and FFN widths) from tensor shapes."""
-    v1 = "blocks.1.att.v1" if "blocks.1.att.v1" in sd else "blocks.0.att.v1"   # layer 0's may be absent
-    need = ["emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", v1,
+    # dim_v from layer 1's v-LoRA, else layer 0's unused one; a 1-layer file without it (the `rwkv` package
+    # loads it) gets the derived width for the zeros filled in; with more layers check_state_dict names the gap
+    v1 = next((k for k in ("blocks.1.att.v1", "blocks.0.att.v1") if k in sd), None)
+    need = ["emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", *([v1] if v1 else []),
             "blocks.0.att.g1", "blocks.0.ffn.key.weight"]
     missing = [k for k in need if k not in sd]
     if missing:
@@ -165,7 +167,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], where: str = "state dict
     try:   # a zero-sized tensor gives a zero width: one CheckpointError, as for any other bad shape
         return RWKV7Config(n_layer=max(layers) + 1, n_embd=C, vocab_size=V, head_size=N,
                            dim_w=sd["blocks.0.att.w1"].shape[1], dim_a=sd["blocks.0.att.a1"].shape[1],
-                           dim_v=sd[v1].shape[1], dim_g=sd["blocks.0.att.g1"].shape[1],
+                           dim_v=None if v1 is None else sd[v1].shape[1], dim_g=sd["blocks.0.att.g1"].shape[1],
                            dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0])
     except ValueError as e:
         raise CheckpointError(f"{where}: not a usable RWKV-7 checkpoint: {e}") from None

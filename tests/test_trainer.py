@@ -429,3 +429,28 @@ def test_a_sample_prompt_past_a_small_vocabulary_is_refused_before_training(tmp_
     err = capsys.readouterr().err
     assert "sample.prompt 'The' encodes to token id" in err and "vocab_size 512" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_killed_before_its_rename_counts_from_the_start(corpus, tmp_path):
+    """Adversarial review (a kill after the files of step-N were written, before the rename): remove_stale
+    renames the complete .tmp-step-N back, but only after the start-up checks had looked, so `--resume` said
+    "no complete checkpoint" (for a first checkpoint), a fresh run into the folder was allowed, and a resume
+    purged TensorBoard from the previous checkpoint while training went on after step N (steps lost)."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    debug = ROOT / "trainer/configs/debug.yaml"
+    sets = TINY + ["train.ckpt_every=1", "train.val_every=0"]
+    run = tmp_path / "run"
+    fit(load_config(debug, sets + ["train.max_steps=2"]), corpus, run)
+    root = run / "checkpoints"
+    shutil.rmtree(root / "step-00000001")
+    os.replace(root / "step-00000002", root / ".tmp-step-00000002")   # written, not yet renamed
+    with pytest.raises(FileExistsError, match="--resume"):
+        fit(load_config(debug, sets + ["train.max_steps=3"]), corpus, run)
+    fit(load_config(debug, sets + ["train.max_steps=3"]), corpus, run, resume=True)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000003"]
+    assert [int(r["step"]) for r in _rows(run)] == [1, 2, 3]
+    ea = EventAccumulator(str(run / "tb")).Reload()
+    assert sorted(e.step for e in ea.Scalars("lr")) == [1, 2, 3]

@@ -48,20 +48,40 @@ def use_direct_io(fabric) -> None:
         fabric.strategy.checkpoint_io = DirectCheckpointIO()
 
 
-def remove_stale(run_dir: Path) -> list[Path]:
-    """Remove the temporary and replaced checkpoint folders a killed save left (rank 0, at start-up);
-    returns them. A save killed while replacing step-N (between its two renames) leaves no step-N but a
-    complete .tmp-step-N (the new one) and .old-step-N: the complete one is renamed back, newest first."""
+def _restorable(run_dir: Path) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """(every stale folder, [(stale folder, step-N it is renamed back to)]): a complete .tmp-step-N or
+    .old-step-N whose step-N is missing goes back in place, the .tmp one (newer) first. A save killed after
+    its files were written but before its rename, or while replacing step-N (between its two renames),
+    leaves such a folder."""
     root = Path(run_dir) / "checkpoints"
     stale = sorted(p for p in root.iterdir() if STALE_DIR.match(p.name)) if root.is_dir() else []
+    plan, taken = [], set()
     for p in sorted(stale, key=lambda p: not p.name.startswith(".tmp-")):   # .tmp (newer) before .old
         final = p.with_name(p.name.split("-", 1)[1])
-        if not final.exists() and all((p / f).exists() for f in FILES):
-            os.replace(p, final)
+        if final.name not in taken and not final.exists() and all((p / f).exists() for f in FILES):
+            plan.append((p, final))
+            taken.add(final.name)
+    return stale, plan
+
+
+def remove_stale(run_dir: Path) -> list[Path]:
+    """Remove the temporary and replaced checkpoint folders a killed save left (rank 0, at start-up), after
+    renaming the complete ones back (`_restorable`); returns the removed ones."""
+    stale, plan = _restorable(run_dir)
+    for p, final in plan:
+        os.replace(p, final)
     stale = [p for p in stale if p.exists()]
     for p in stale:
         shutil.rmtree(p)
     return stale
+
+
+def latest_step_at_start(run_dir: Path) -> int | None:
+    """The step `latest()` will give once `remove_stale` has run (on every rank, before rank 0 runs it: a
+    complete checkpoint a killed save left unrenamed counts), or None if there is none."""
+    steps = [s for s, _ in complete_checkpoints(run_dir)]
+    steps += [int(STEP_DIR.match(final.name).group(1)) for _, final in _restorable(run_dir)[1]]
+    return max(steps, default=None)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

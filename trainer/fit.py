@@ -253,13 +253,15 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
     if corpus.vocab_size > model_cfg.vocab_size:
         raise DataError(f"{data_dir}/index.json: vocab_size {corpus.vocab_size} exceeds the model's "
                         f"{model_cfg.vocab_size}")
-    if resume and ckpt.latest(run_dir) is None:
+    # what latest() gives once rank 0's remove_stale has renamed back a complete checkpoint a kill left unrenamed
+    start = ckpt.latest_step_at_start(run_dir)
+    if resume and start is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
-    if not resume and ckpt.latest(run_dir) is not None:  # pruning would keep the old run's newer steps
+    if not resume and start is not None:  # pruning would keep the old run's newer steps
         raise FileExistsError(f"{run_dir} already holds checkpoints of a run: pass --resume or use a new --run-dir")
 
     # purge_step: a fresh run drops every earlier event in tb/ (a run that died before its first checkpoint)
-    fabric = build_fabric(cfg, run_dir, ckpt.complete_checkpoints(run_dir)[-1][0] + 1 if resume else 0)
+    fabric = build_fabric(cfg, run_dir, start + 1 if resume else 0)
     if os.environ.get("LT_CLI_USED") != "1":  # `fabric run` has already started the processes
         fabric.launch()
     fabric.seed_everything(cfg.train.seed)

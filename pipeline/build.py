@@ -51,8 +51,6 @@ EXACT_DOCS_PER_TASK = 20_000_000
 NEAR_RAY_MIN_DOCS = 2_000_000
 """Below this many documents near dedup runs in the driver even on Ray (start-up outweighs it);
 ``near_dedup.ray_min_docs`` in the manifest overrides it."""
-SHARD_NAME = re.compile(r"^\d{5}\.arrow$")
-"""Names of the shard files this build writes; anything else in OUT/shards is left alone."""
 
 
 class BuildError(RuntimeError):
@@ -139,11 +137,13 @@ def _discard(out: str, work: str, fingerprint: dict) -> str:
 
 
 _TMP = r"\.tmp\d+"  # stages.atomic_write_*, _ArrowOut, write_shard: <final name>.tmp<pid>
-_SHARD = r"\d{5,}\.arrow"  # stages.write_shard: shards/<index:05d>.arrow
+_SHARD = r"(\d{5}|[1-9]\d{5,})\.arrow"  # stages.write_shard: shards/<index:05d>.arrow (6+ digits from 100000 on)
+SHARD_NAME = re.compile(rf"^{_SHARD}$")
+"""Names of the shard files this build writes; anything else in OUT/shards is left alone."""
 _UNIT = r"c\d{4,}_f\d{5,}"  # read.Unit.name
 _BUILD_TMP = {  # folder (relative to --out) -> the names of the temp files and folders the build makes there
     "": re.compile(rf"^((index\.json|report\.json|quarantine\.jsonl|duplicates\.jsonl){_TMP}|work\.discard\d+)$"),
-    "shards": re.compile(rf"^\d{{5,}}\.arrow{_TMP}$"),
+    "shards": re.compile(rf"^{_SHARD}{_TMP}$"),
     "work": re.compile(rf"^((build\.json|dedup\.arrow){_TMP}|\.probe\d+)$"),
     "work/ingest": re.compile(rf"^({_UNIT}\.(arrow|json|quarantine\.jsonl){_TMP}|{_UNIT}\.sig{_TMP}\.npy)$"),
     "work/tok": re.compile(rf"^{_UNIT}\.(arrow|json){_TMP}$"),
@@ -629,7 +629,7 @@ def _build(manifest: Manifest, out: str, executor, near: bool | None, near_thres
             unit_cpu["write"] += m.get("cpu_seconds", 0.0)
     timings["write_wall"] = time.perf_counter() - t0
     for name in os.listdir(os.path.join(out, "shards")):  # shards of an older, larger plan
-        if SHARD_NAME.match(name) and int(name[:5]) >= len(plan):
+        if SHARD_NAME.match(name) and int(name.split(".")[0]) >= len(plan):
             os.remove(os.path.join(out, "shards", name))
 
     # 5. index (last) and report

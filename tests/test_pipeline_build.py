@@ -808,3 +808,20 @@ def test_own_outputs_are_told_from_the_users_files_inside_out():
            "work/ingest/c0000_f00000.quarantine.jsonl", "work.discard77/ingest/c0000_f00000.quarantine.jsonl"]
     users = ["raw/a.jsonl", "shards/notes.jsonl", "workers/a.jsonl", "work.discard/a.jsonl", "work", "a/index.json"]
     assert [_is_own_output(r.replace("/", os.sep)) for r in own + users] == [True] * len(own) + [False] * len(users)
+
+
+def test_shard_names_past_99999_are_the_builds_and_zero_padded_six_digits_are_not(tmp_path):
+    """write_shard names shard i f"{i:05d}.arrow": 6 digits from 100000 on, never with a leading zero. Stale shards of
+    a larger plan were only recognised with exactly 5 digits (100007.arrow stayed), while --force deleted any 5+
+    digit name (a user's 000001.arrow, which the normal re-run leaves alone)."""
+    m = _tiny_manifest(tmp_path, "enabled: false")
+    out = tmp_path / "out"
+    build(load_manifest(m), str(out), LocalExecutor(), progress=False)
+    shards = out / "shards"
+    (shards / "100007.arrow").write_bytes(b"left over from a larger plan")
+    for name in ("000001.arrow", "0100000.arrow"):
+        (shards / name).write_bytes(b"not mine")
+    build(load_manifest(m), str(out), LocalExecutor(), progress=False)
+    assert not (shards / "100007.arrow").exists()
+    build(load_manifest(m), str(out), LocalExecutor(), progress=False, near=True, force=True)
+    assert (shards / "000001.arrow").read_bytes() == (shards / "0100000.arrow").read_bytes() == b"not mine"

@@ -246,9 +246,10 @@ def test_config_value_checks():
     assert load_config(debug, ["train.precision=32"]).train.precision == "32"
 
 
-def test_resume_uses_the_config_optimizer_settings_and_names_a_damaged_file(corpus, tmp_path):
+def test_resume_uses_the_config_optimizer_settings_and_names_a_damaged_file(corpus, tmp_path, capsys):
     """A resume used to keep the checkpoint's betas/eps/weight_decay while config.yaml showed the new ones;
-    TensorBoard kept the abandoned steps beside the resumed ones; a damaged resume.pt gave a bare zip error."""
+    TensorBoard kept the abandoned steps beside the resumed ones; a damaged resume.pt gave a bare zip error.
+    Settings a resume may change (they keep the data order) used to change silently: they are listed."""
     import shutil
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -259,6 +260,9 @@ def test_resume_uses_the_config_optimizer_settings_and_names_a_damaged_file(corp
     shutil.rmtree(run / "checkpoints" / "step-00000003")          # crashed after logging step 3
     fit(load_config(debug, TINY + ["train.max_steps=4", "train.ckpt_every=1", "optim.eps=1e-6",
                                    "optim.betas=[0.8, 0.95]", "optim.weight_decay=0.3"]), corpus, run, resume=True)
+    out = capsys.readouterr().out
+    assert ("settings changed since that checkpoint, used from step 3: optim.betas: (0.9, 0.99) -> (0.8, 0.95); "
+            "optim.eps: 1e-18 -> 1e-06; optim.weight_decay: 0.01 -> 0.3; train.max_steps: 3 -> 4") in out, out
     groups = torch.load(run / "checkpoints/step-00000004/resume.pt", weights_only=True)["optimizer"]["param_groups"]
     assert {(g["eps"], tuple(g["betas"])) for g in groups} == {(1e-6, (0.8, 0.95))}
     assert {g["weight_decay"] for g in groups} == {0.0, 0.3}

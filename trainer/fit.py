@@ -85,6 +85,22 @@ def check_resumable(saved: dict, cfg: TrainConfig, where: Path, saved_corpus: st
                           f"data order: {'; '.join(changed)}")
 
 
+def _flat_settings(d: dict, prefix: str = ""):
+    """(dotted key, value) of a config dict, as --set names them (model overrides read as model.n_layer etc.)."""
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _flat_settings(v, prefix if k == "overrides" else f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """`key: saved -> now` for each setting two config dicts disagree on."""
+    saved, now = dict(_flat_settings(saved)), dict(_flat_settings(now))
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+
+
 def _changed_model_settings(resume_pt: Path, cfg: TrainConfig) -> list[str]:
     """`model.key: saved -> now` for each model setting a failed resume's checkpoint disagrees on ([] if the
     file cannot be read either: then it is the damaged one)."""
@@ -92,15 +108,7 @@ def _changed_model_settings(resume_pt: Path, cfg: TrainConfig) -> list[str]:
         saved = torch.load(resume_pt, map_location="cpu", weights_only=True, mmap=True)["config"]["model"]
     except Exception:  # noqa: BLE001 - any failure here leaves the generic message
         return []
-    def flat(d, prefix="model."):   # the preset's size overrides read as model.n_layer etc., as --set takes them
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, prefix if k == "overrides" else f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-    saved, now = dict(flat(saved)), dict(flat(cfg.to_dict()["model"]))
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
+    return changed_settings({"model": saved}, {"model": cfg.to_dict()["model"]})
 
 
 def parse_args(argv=None):
@@ -315,6 +323,9 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
                 g["weight_decay"] = o.weight_decay
         ckpt.set_rng_states(rest["rng"])
         fabric.print(f"resuming from {where} (step {step}, {samples} samples consumed)")
+        changed = changed_settings(rest["config"], cfg.to_dict())
+        if changed:   # allowed (they keep the data order), but not silently: e.g. max_steps reshapes the cosine
+            fabric.print(f"settings changed since that checkpoint, used from step {step + 1}: {'; '.join(changed)}")
         if rank0:
             write_metrics_upto(metrics_path, step)
     elif rank0 and metrics_path.exists():

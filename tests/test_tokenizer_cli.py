@@ -73,3 +73,15 @@ def test_cli_bench_bad_numbers_are_usage_errors(args, needle, capsys):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd, data", [("encode", b"Hello world, " * 50_000),
+                                       ("decode", b" ".join(b"%d" % (i % 65529 + 1) for i in range(200_000)))])
+def test_cli_reader_that_went_away_ends_quietly(cmd, data):
+    """`python -m tokenizer encode < big | head -c 10`: the closed pipe was a BrokenPipeError traceback (and another
+    at exit); it now ends with 141, as a writer killed by SIGPIPE, and says nothing."""
+    proc = subprocess.Popen([sys.executable, "-m", "tokenizer", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()  # the reader is gone before the first byte is written
+    _, err = proc.communicate(data, timeout=120)
+    assert proc.returncode == 141 and err == b"", err.decode()[-2000:]

@@ -8,6 +8,7 @@ bench:  the speed comparison of bench/tokenizer.py (ours vs reference vs pyrwkv-
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -29,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = WorldTokenizer()
     if args.cmd == "encode":
         ids = tok.encode_bytes(sys.stdin.buffer.read())
-        sys.stdout.write(" ".join(map(str, ids)) + "\n")
-        return 0
+        return _write(sys.stdout.buffer, (" ".join(map(str, ids)) + "\n").encode())
     words = sys.stdin.read().split()
     try:
         ids = [int(w) for w in words]
@@ -38,9 +38,24 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"python -m tokenizer decode: {e}", file=sys.stderr)
         return 2
-    sys.stdout.buffer.write(data)
-    sys.stdout.flush()
-    return 0
+    return _write(sys.stdout.buffer, data)
+
+
+def _write(out, data: bytes) -> int:
+    """Write ``data`` to stdout; a reader that went away (``... | head``) ends the command quietly with 141, as a
+    writer killed by SIGPIPE (it was a BrokenPipeError traceback, and another one at exit)."""
+    try:
+        out.write(data)
+        out.flush()
+        return 0
+    except BrokenPipeError:
+        try:  # the unwritten bytes go to /dev/null, so the flush at interpreter exit raises nothing either
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, out.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+        return 141
 
 
 if __name__ == "__main__":

@@ -719,6 +719,22 @@ def dry_run(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
+def _print(text: str) -> int:
+    """Print ``text`` to stdout; 0, or 141 when the reader went away (``... --dry-run | head``), as a writer killed
+    by SIGPIPE, instead of a BrokenPipeError traceback (and another at exit)."""
+    try:
+        print(text, flush=True)
+        return 0
+    except BrokenPipeError:
+        try:  # the unwritten bytes go to /dev/null, so the flush at interpreter exit raises nothing either
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+        return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--manifest", required=True, help="corpus manifest YAML")
@@ -745,8 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.manifest, root=root, allow_missing=args.dry_run)
         if args.dry_run:
-            print(dry_run(manifest))
-            return 0
+            return _print(dry_run(manifest))
         if not args.out:
             raise BuildError("--out is required (or use --dry-run)")
         if args.executor == "ray":
@@ -767,10 +782,8 @@ def main(argv: list[str] | None = None) -> int:
                 import ray
 
                 ray.shutdown()
-        print(table(report))
-        print(f"wrote {args.out}/index.json ({report['totals']['documents']:,} documents, "
-              f"{report['totals']['tokens']:,} tokens)")
-        return 0
+        return _print(f"{table(report)}\nwrote {args.out}/index.json ({report['totals']['documents']:,} documents, "
+                      f"{report['totals']['tokens']:,} tokens)")
     except (ManifestError, BuildError, stages.InputError) as e:
         # raised in a Ray task, the error is a RayTaskError subclassing it; its text is the remote traceback
         print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)

@@ -534,3 +534,13 @@ def test_a_relative_root_on_the_command_line_is_relative_to_the_working_director
     assert main(["--manifest", WORLD, "--root", "raw", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"root {tmp_path / 'raw'}\n" in out and "1 present" in out
+
+
+def test_dry_run_into_a_reader_that_went_away_ends_quietly():
+    """`build.py --manifest world_v3.yaml --dry-run | head`: the closed pipe was a BrokenPipeError traceback; it now
+    ends with 141, as a writer killed by SIGPIPE, and says nothing."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pipeline", "build.py"), "--manifest", WORLD,
+                             "--dry-run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b"", err.decode()[-2000:]

@@ -475,3 +475,26 @@ def test_a_corpus_of_empty_shards_and_a_loader_worker_error_are_one_line(tmp_pat
             pass
     assert str(e.value).startswith(str(tmp_path / "bad" / "shards" / "00000.arrow")), str(e.value)
     assert "doc3" in str(e.value) and "Traceback" not in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("where,value,match", [
+    (("shards", 0, "path"), 5, r"shards\[0\]\.path and \.sha256 must be non-empty strings"),
+    (("shards", 0, "sha256"), None, r"shards\[0\]\.path and \.sha256 must be non-empty strings"),
+    (("shards", 0, "documents"), "50", r"shards\[0\]\.documents must be an integer >= 0, got '50'"),
+    (("components", "web"), 5, "'components' must be an object of objects"),
+    (("totals",), "all", "'totals' must be an object"),
+    (("tokenizer", "vocab_size"), 0, "'tokenizer' must give eod_id 0 and an integer vocab_size >= 1"),
+])
+def test_index_fields_of_the_wrong_type_are_errors(corpus_dir, tmp_path, where, value, match):
+    """Adversarial review: a hand-edited index.json with a shard path that is not a string, a component entry or
+    totals that are not objects ended in TypeError / AttributeError tracebacks; a count given as a string gave
+    'holds 50 documents, index says 50'."""
+    d = _copy(corpus_dir[0], tmp_path / "c")
+    idx = json.loads((d / "index.json").read_text())
+    node = idx
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    (d / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(DataError, match=r"index\.json: " + match):
+        ShardCorpus(d, 16)

@@ -156,9 +156,13 @@ def load_index(data_dir: str | Path) -> dict:
     if index.get("schema_version") != INDEX_SCHEMA_VERSION:
         raise DataError(f"{path}: schema_version {index.get('schema_version')!r}, "
                         f"this trainer reads {INDEX_SCHEMA_VERSION}")
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
     tok = index.get("tokenizer")
-    if not isinstance(tok, dict) or tok.get("eod_id") != EOD or not isinstance(tok.get("vocab_size"), int):
-        raise DataError(f"{path}: 'tokenizer' must give eod_id 0 and an integer vocab_size, got {tok!r}")
+    if not isinstance(tok, dict) or tok.get("eod_id") != EOD or not count(tok.get("vocab_size")) \
+            or tok["vocab_size"] < 1:
+        raise DataError(f"{path}: 'tokenizer' must give eod_id 0 and an integer vocab_size >= 1, got {tok!r}")
     shards = index.get("shards")
     if not isinstance(shards, list) or not shards:
         raise DataError(f"{path}: 'shards' must be a non-empty list")
@@ -166,10 +170,17 @@ def load_index(data_dir: str | Path) -> dict:
         for key in ("path", "documents", "tokens", "sha256"):
             if not isinstance(s, dict) or key not in s:
                 raise DataError(f"{path}: shards[{i}] lacks {key!r}")
-        if "bytes" in s and (not isinstance(s["bytes"], int) or isinstance(s["bytes"], bool) or s["bytes"] < 0):
-            raise DataError(f"{path}: shards[{i}].bytes must be an integer >= 0, got {s['bytes']!r}")
-    if not isinstance(index.get("components", {}), dict):
-        raise DataError(f"{path}: 'components' must be an object")
+        if not isinstance(s["path"], str) or not s["path"] or not isinstance(s["sha256"], str):
+            raise DataError(f"{path}: shards[{i}].path and .sha256 must be non-empty strings, got {s['path']!r} "
+                            f"and {s['sha256']!r}")
+        for key in ("documents", "tokens", "bytes"):
+            if key in s and not count(s[key]):
+                raise DataError(f"{path}: shards[{i}].{key} must be an integer >= 0, got {s[key]!r}")
+    comps = index.get("components", {})
+    if not isinstance(comps, dict) or not all(isinstance(c, dict) for c in comps.values()):
+        raise DataError(f"{path}: 'components' must be an object of objects (name -> weight, counts)")
+    if not isinstance(index.get("totals", {}), dict):
+        raise DataError(f"{path}: 'totals' must be an object")
     return index
 
 
@@ -291,7 +302,7 @@ class ShardCorpus:
             docs, toks = sum(s["documents"] for s in shards), sum(s["tokens"] for s in shards)
             if (docs, toks) != (totals.get("documents"), totals.get("tokens")):
                 raise DataError(f"{idx_path}: its shards hold {docs} documents / {toks} tokens, its totals say "
-                                f"{totals.get('documents')} / {totals.get('tokens')}")
+                                f"{totals.get('documents')!r} / {totals.get('tokens')!r}")
         self._values = values
         self._seg_where = np.array(seg_where, dtype=np.int32).reshape(-1, 2)
         return seg_comp, seg_starts, seg_lens, {v: k for k, v in names.items()}

@@ -398,3 +398,21 @@ def test_cli_reader_gone_ends_quietly(tmp_path, monkeypatch, capsys):
                    "--device", "cpu"])
         monkeypatch.undo()
     assert rc == 141 and capsys.readouterr().err == ""
+
+
+def test_cli_output_fits_a_narrow_stdout_encoding(tmp_path, monkeypatch):
+    """An ascii stdout (PYTHONIOENCODING=ascii; a latin-1 or cp1252 one likewise) raised UnicodeEncodeError at
+    the prompt's first non-ascii character; now such characters print as '?'."""
+    import io
+
+    model = randomize_weights(RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=3000, head_size=32), init=False), 7)
+    model.save_official(tmp_path / "m.pth")
+    raw = io.BytesIO()
+    ascii_out = io.TextIOWrapper(raw, encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    rc = main(["--model", str(tmp_path / "m.pth"), "--prompt", "Hé", "--max-tokens", "40", "--no-stop", "--seed", "0",
+               "--device", "cpu"])
+    ascii_out.flush()
+    assert rc == 0
+    text = raw.getvalue().decode("ascii")
+    assert text.startswith("H?") and len(text) > 3

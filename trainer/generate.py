@@ -166,6 +166,13 @@ def stream(model: RWKV7, prompt_ids: list[int], max_tokens: int, temperature: fl
         last = logits[0]
 
 
+def _encodable(text: str, out) -> str:
+    """text with the characters that `out`'s encoding lacks as '?' (an ascii or latin-1 stdout, such as a
+    Windows console or PYTHONIOENCODING=ascii, raised UnicodeEncodeError at the first character past it)."""
+    enc = getattr(out, "encoding", None) or "utf-8"
+    return text.encode(enc, "replace").decode(enc)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a .pth/.safetensors file, a checkpoint folder, or a run folder "
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     t0, n, first, failed = time.perf_counter(), 0, None, None
     try:
-        out.write(prompt_bytes.decode("utf-8", "replace"))
+        out.write(_encodable(prompt_bytes.decode("utf-8", "replace"), out))
         out.flush()
         try:
             for token, _ in stream(model, prompt_ids, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed,
@@ -228,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
                 n += 1
                 if token == 0:
                     continue
-                out.write(utf8.decode(tok.decode_bytes([token])))
+                out.write(_encodable(utf8.decode(tok.decode_bytes([token])), out))
                 out.flush()
         except NonFiniteLogits as e:
             failed = f"error: after {n} generated tokens: {e}"
-        out.write(utf8.decode(b"", final=True) + "\n")
+        out.write(_encodable(utf8.decode(b"", final=True), out) + "\n")
         out.flush()
     except BrokenPipeError:   # the reader went away (`... | head`): stop quietly, as a writer killed by SIGPIPE
         try:   # stdout's unwritten bytes go to /dev/null, so the flush at interpreter exit raises nothing either

@@ -137,3 +137,60 @@ def test_one_layer_file_without_the_unused_v_lora_loads(tmp_path):
     torch.save({k: v for k, v in two.items() if ".att.v" not in k or "value" in k}, tmp_path / "two.pth")
     with pytest.raises(CheckpointError, match=r"missing \(3\): blocks\.1\.att\.v0, blocks\.1\.att\.v1, blocks\.1\.att\.v2"):
         load_official(tmp_path / "two.pth")
+
+
+def test_every_parameter_follows_rwkv_lms_init():
+    """Each tensor against RWKV-LM's x070 init rule, written out per channel as RWKV-LM's loops do
+    (`RWKV_Tmix_x070.__init__`, `RWKV_CMix_x070.__init__`, `generate_init_weight`): the six token-shift mixes,
+    w0 / a0 / v0 / k_k / k_a / r_k, zero LoRA "1" matrices and 0.1-orthogonal "2" matrices, the orthogonal
+    gains of the big matrices, ln_x's layer scale and the LayerNorm defaults. head_size 32 and 3 layers, so
+    the per-head zigzag and both layer ratios are exercised."""
+    import math
+
+    torch.manual_seed(0)
+    cfg = RWKV7Config(n_layer=3, n_embd=96, vocab_size=500, head_size=32, dim_w=32, dim_a=64, dim_v=32, dim_g=64)
+    m = RWKV7(cfg)
+    C, L, N = cfg.n_embd, cfg.n_layer, cfg.head_size
+
+    def close(t, values):
+        torch.testing.assert_close(t.detach().double().reshape(-1), torch.tensor(values, dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-6)
+
+    def orthogonal(w, gain):   # rows or columns orthonormal times gain, whichever are fewer
+        w = w.detach().double()
+        g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        torch.testing.assert_close(g, gain**2 * torch.eye(g.shape[0], dtype=torch.float64), rtol=0, atol=1e-5 * gain**2)
+
+    for i, blk in enumerate(m.blocks):
+        att, ffn = blk.att, blk.ffn
+        r01, r10 = i / (L - 1), 1.0 - i / L
+        ddd = [n / C for n in range(C)]
+        for name, p in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+            close(getattr(att, name), [1.0 - d ** (p * r10) for d in ddd])
+        close(ffn.x_k, [1.0 - d ** (r10**4) for d in ddd])
+        lin = [n / (C - 1) - 0.5 for n in range(C)]
+        zz = [((n % N) - (N - 1) / 2) / ((N - 1) / 2) for n in range(C)]
+        zz = [z * abs(z) for z in zz]
+        close(att.w0, [-6 + 6 * (n / (C - 1)) ** (1 + r01**0.3) + 0.5 + 2.5 * zz[n] for n in range(C)])
+        close(att.a0, [-0.19 + 0.3 * zz[n] + 0.4 * lin[n] for n in range(C)])
+        close(att.v0, [0.73 - 0.4 * lin[n] for n in range(C)])
+        close(att.k_k, [0.71 - 0.1 * lin[n] for n in range(C)])
+        close(att.k_a, [1.02] * C)
+        close(att.r_k, [-0.04] * C)
+        for one, two in ((att.w1, att.w2), (att.a1, att.a2), (att.v1, att.v2), (att.g1, att.g2)):
+            assert one.abs().max() == 0
+            orthogonal(two, 0.1)                         # [D, C] with D < C: gain 1 x 0.1
+        orthogonal(att.receptance.weight, 1.0)
+        orthogonal(att.key.weight, 0.1)
+        orthogonal(att.value.weight, 1.0)
+        orthogonal(ffn.key.weight, 1.0)
+        assert att.output.weight.abs().max() == 0 and ffn.value.weight.abs().max() == 0
+        close(att.ln_x.weight, [((1 + i) / L) ** 0.7] * C)
+        close(att.ln_x.bias, [0.0] * C)
+        for ln in [blk.ln1, blk.ln2] + ([blk.ln0] if i == 0 else []):
+            close(ln.weight, [1.0] * C)
+            close(ln.bias, [0.0] * C)
+    assert 0 < m.emb.weight.abs().max() <= 1e-4 and m.emb.weight.std() > 0.5e-4   # U(-1e-4, 1e-4)
+    orthogonal(m.head.weight, 0.5 * math.sqrt(cfg.vocab_size / C))
+    close(m.ln_out.weight, [1.0] * C)
+    close(m.ln_out.bias, [0.0] * C)

@@ -419,8 +419,8 @@ def _is_own_output(rel: str) -> bool:
 def _without_own_outputs(comp, out: str):
     """``comp`` without the files the build itself wrote into --out: a glob over a folder that holds --out
     (``**/*.jsonl`` with ``--out data/built``) matched quarantine.jsonl, duplicates.jsonl and work/'s files on the
-    next run, which was then refused as 'inputs added' (and --force read them back as documents). Other files
-    inside --out (``data/built/raw/*.jsonl``) are inputs like any other: the build never touches them."""
+    next run, which was then refused as 'inputs added' (and --force failed on them: its discard deletes them).
+    Other files inside --out (``data/built/raw/*.jsonl``) are inputs like any other: the build never touches them."""
     root = os.path.realpath(out)
     keep = []
     for f in comp.files:

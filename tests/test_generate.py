@@ -416,3 +416,29 @@ def test_cli_output_fits_a_narrow_stdout_encoding(tmp_path, monkeypatch):
     assert rc == 0
     text = raw.getvalue().decode("ascii")
     assert text.startswith("H?") and len(text) > 3
+
+
+def test_cli_ctrl_c_ends_with_the_tokens_so_far(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during generation printed a KeyboardInterrupt traceback; now the line is ended, the summary
+    says how many tokens were generated and that it was interrupted, and the status is 130 (128 + SIGINT).
+    The interrupt arrives as a SIGINT does (`_thread.interrupt_main`) once the first token is written."""
+    import _thread
+    import io
+
+    class InterruptOnFirstWrite(io.StringIO):
+        interrupted = False
+
+        def write(self, text):
+            if text and not self.interrupted:
+                self.interrupted = True
+                _thread.interrupt_main()
+            return super().write(text)
+
+    model = randomize_weights(RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=300, head_size=32), init=False), 8)
+    model.save_official(tmp_path / "m.pth")
+    out = InterruptOnFirstWrite()
+    monkeypatch.setattr(sys, "stdout", out)
+    rc = main(["--model", str(tmp_path / "m.pth"), "--max-tokens", "10000000", "--no-stop", "--seed", "0",
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 130 and ", interrupted]" in err and out.getvalue().endswith("\n"), (err, out.getvalue())

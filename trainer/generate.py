@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = sys.stdout
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    t0, n, first, failed = time.perf_counter(), 0, None, None
+    t0, n, first, failed, interrupted = time.perf_counter(), 0, None, None, False
     try:
         out.write(_encodable(prompt_bytes.decode("utf-8", "replace"), out))
         out.flush()
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 out.flush()
         except NonFiniteLogits as e:
             failed = f"error: after {n} generated tokens: {e}"
+        except KeyboardInterrupt:   # Ctrl-C: end the line and report what was generated (not a traceback)
+            interrupted = True
         out.write(_encodable(utf8.decode(b"", final=True), out) + "\n")
         out.flush()
     except BrokenPipeError:   # the reader went away (`... | head`): stop quietly, as a writer killed by SIGPIPE
@@ -257,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     rate = f"{(n - 1) / (t1 - first):.1f} tokens/s" if n > 1 else "no rate (fewer than 2 tokens)"
     print(f"[{len(prompt_ids)} prompt tokens in {(first or t1) - t0:.2f}s, {n} generated, "
-          f"{rate} on {cfg.device} {cfg.dtype}]", file=sys.stderr)
-    return 0
+          f"{rate} on {cfg.device} {cfg.dtype}{', interrupted' if interrupted else ''}]", file=sys.stderr)
+    return 130 if interrupted else 0   # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 if __name__ == "__main__":

@@ -92,6 +92,10 @@ def test_config_validation():
         MinHashConfig(shingle_kind="byte")
     with pytest.raises(ValueError):
         MinHashConfig(verify_bits=4)
+    with pytest.raises(ValueError, match="seed must be >= 0"):  # numpy refused it only at the first signature batch
+        MinHashConfig(seed=-1)
+    with pytest.raises(ValueError, match="max_rounds"):  # 0 rounds: 'did not converge' after every other stage
+        MinHashConfig(max_rounds=0)
     assert (MinHashConfig(num_perm=16, bands=4, rows=4).bands, MinHashConfig().bands) == (4, 14)
     assert (MinHashConfig(verify=False).bands, MinHashConfig(verify=False).rows) == (9, 13)
 
@@ -227,6 +231,7 @@ def test_cli_bad_input_and_earliest_kept(tmp_path):
     (["--report", "{tmp}/no/report.json"], "does not exist"),
     (["--bands", "5", "--rows", "0"], "bands and rows must be >= 1"),
     (["--bands", "-2", "--rows", "-3"], "bands and rows must be >= 1"),
+    (["--seed", "-1"], "seed must be >= 0, got -1"),
     (["--out", "{tmp}/docs.jsonl"], "same file as --input"),
     (["--report", "{tmp}/removed.jsonl"], "same file as --out"),
 ])

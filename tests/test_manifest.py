@@ -486,6 +486,7 @@ def test_hf_disk_url_is_an_error_naming_the_line(tmp_path):
     ("near_dedup:\n  bands: 2.0\n  rows: 3\n", "", "'near_dedup.bands' must be int/NoneType", 3),
     ("near_dedup:\n  verify: 'no'\n", "", "'near_dedup.verify' must be bool, got 'no'", 3),
     ("near_dedup:\n  shingle_size: true\n", "", "'near_dedup.shingle_size' must be int, got True", 3),
+    ("near_dedup:\n  seed: -1\n", "", "near_dedup: seed must be >= 0, got -1", 2),
     ("", "    language: [en, 5]\n", "'language' must be a string or a list of strings", 5),
     ("", "    language: [en, 2024-01-01]\n", "'language' must be a string or a list of strings", 5),
     ("description: [a, b]\n", "", "'description' must be str/NoneType", 2),

@@ -123,8 +123,10 @@ class MinHashConfig:
         for name in ("partitions", "component_partitions", "max_in_flight"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
-        if min(self.partition_mib, self.max_partitions, self.map_docs) < 1 or self.min_piece_kib < 0:
-            raise ValueError("partition_mib, max_partitions and map_docs must be >= 1, min_piece_kib >= 0")
+        if min(self.partition_mib, self.max_partitions, self.map_docs, self.max_rounds) < 1 or self.min_piece_kib < 0:
+            raise ValueError("partition_mib, max_partitions, map_docs and max_rounds must be >= 1, min_piece_kib >= 0")
+        if self.seed < 0:  # numpy's SeedSequence takes none: it failed later, in the first signature batch
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.verify_bits not in (8, 16, 32):
             raise ValueError(f"verify_bits must be 8, 16 or 32, got {self.verify_bits}")
         if self.fp_weight is None:

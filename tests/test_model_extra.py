@@ -194,3 +194,12 @@ def test_every_parameter_follows_rwkv_lms_init():
     orthogonal(m.head.weight, 0.5 * math.sqrt(cfg.vocab_size / C))
     close(m.ln_out.weight, [1.0] * C)
     close(m.ln_out.bias, [0.0] * C)
+
+
+def test_step_takes_one_token_per_sequence():
+    """`step` with a [B, 1] idx (forward's layout) failed inside layer_norm with a shape message about its
+    weight, and a 0-d idx with an IndexError; both are now one ValueError naming the expected [B]."""
+    m = RWKV7(TINY, init=False)
+    for idx in (torch.tensor([[1], [2]]), torch.tensor(3)):
+        with pytest.raises(ValueError, match=r"RWKV7.step: idx must be \[B\]"):
+            m.step(idx)

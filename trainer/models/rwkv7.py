@@ -417,6 +417,8 @@ class RWKV7(nn.Module):
         `forward`'s layout). Equals `forward(idx[:, None], state)` (to rounding) with a fraction of its ops:
         [B, C] tensors and each parameter read once from `weights` (`self.step_weights()`, made here when
         None: pass it in when stepping many tokens). Inference only: no gradient reaches the parameters."""
+        if idx.dim() != 1:   # a [B, 1] idx reached layer_norm as [B, 1, C] and failed there with a shape message
+            raise ValueError(f"RWKV7.step: idx must be [B] (one token per sequence), got {tuple(idx.shape)}")
         w = self.step_weights() if weights is None else weights
         if state is None:
             state = self.zero_state(idx.shape[0], idx.device)

@@ -271,6 +271,9 @@ def _expand(pattern: str, root: str, want_dir: bool = False) -> list[str]:
             return [os.path.abspath(full)]
         if _BAD_GLOB.search(pattern):
             raise _BadGlob(pattern)
+        # the root is a folder, not a pattern: its own glob characters ('corpus[v2]') match only themselves
+        # (unescaped, 'corpus[v2]/*.jsonl' read corpusv/ or corpus2/ instead)
+        full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(root), pattern)
         return sorted(os.path.abspath(p) for p in glob.glob(full, recursive=True))
     return [os.path.abspath(full)] if os.path.exists(full) else []
 

@@ -545,3 +545,21 @@ def test_dry_run_into_a_reader_that_went_away_ends_quietly():
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and err == b"", err.decode()[-2000:]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "hf_disk"])
+def test_glob_characters_in_the_root_match_only_themselves(tmp_path, fmt):
+    """A root folder named ``corpus[v2]`` was part of the glob: ``*.jsonl`` under it read ``corpusv/`` (or
+    ``corpus2/``) instead, a different folder, without any error."""
+    import datasets
+
+    for folder, text in (("corpus[v2]", "the real document"), ("corpusv", "a decoy document")):
+        (tmp_path / folder).mkdir()
+        if fmt == "jsonl":
+            (tmp_path / folder / "a.jsonl").write_text(f'{{"text": "{text}"}}\n')
+        else:
+            datasets.Dataset.from_dict({"text": [text]}).save_to_disk(str(tmp_path / folder / "ds"))
+    (tmp_path / "m.yaml").write_text(f"name: t\nroot: 'corpus[v2]'\ncomponents:\n  - name: c1\n    format: {fmt}\n"
+                                     f"    paths: ['{'*.jsonl' if fmt == 'jsonl' else 'd*'}']\n")
+    files = load_manifest(str(tmp_path / "m.yaml")).components[0].files
+    assert files == [str(tmp_path / "corpus[v2]" / ("a.jsonl" if fmt == "jsonl" else "ds"))]

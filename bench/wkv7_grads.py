@@ -161,7 +161,7 @@ def launch(var, x, st, dst, dy, grads, T, NC, H, C, prec):
     if var["kernel"] == "gluon":
         from kernels.wkv7.gluon_kernels import chunk_bwd_grads_gluon
         return chunk_bwd_grads_gluon[(NC * B * H,)](*args, N=64, C=C, LOG2C=int(math.log2(C)), IO_DY=0, IO_V=0,
-                                                    BIAS=ours._bias(x["r"]), **kw)
+                                                    BIAS=ours._bias(x["r"]), BIG_X3=prec == "bf16x3", **kw)
     if var["kernel"] == "shipped":
         return K.chunk_bwd_grads_kernel[(NC * B * H,)](*args, N=64, C=C, LOG2C=int(math.log2(C)), PREC=prec,
                                                      IO_DY=0, IO_V=0, BIAS=ours._bias(x["r"]), **kw)

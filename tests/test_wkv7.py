@@ -253,8 +253,9 @@ def test_gpu_default_gradients_at_the_bf16_floor(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision_bwd", ["bf16x3k", "bf16x3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_gluon_gradient_kernel_matches_triton(dtype, monkeypatch):
+def test_gpu_gluon_gradient_kernel_matches_triton(dtype, precision_bwd, monkeypatch):
     """The Gluon gradient kernel (the default on an NVIDIA GPU) against its reference, the Triton kernel, on
     the same forward and state pass: T not a multiple of the chunk, an odd head count, initial state and
     final-state gradient; every gradient agrees to float32 rounding (bf16 outputs: to their last bit's
@@ -268,7 +269,8 @@ def test_gpu_gluon_gradient_kernel_matches_triton(dtype, monkeypatch):
     _, _, g0 = run_with_grads(chunk_wkv7_torch, xs, s0, dy, ds, torch.float64)
     grads = {}
     for kernel in ("triton", "gluon"):
-        monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, grads_kernel=kernel, poison_outputs=True))
+        monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, grads_kernel=kernel, poison_outputs=True,
+                                                     precision_bwd=precision_bwd))
         _, _, grads[kernel] = run_with_grads(chunk.chunk_wkv7, xs, s0, dy, ds, dtype)
     agree = 1e-4 if dtype == torch.float32 else 2e-3
     for name, a, b, ref in zip(["dr", "dw", "dk", "dv", "da", "db", "ds0"], grads["gluon"], grads["triton"], g0):

@@ -1,23 +1,27 @@
-"""WKV7's backward gradient kernel in Gluon (Triton's explicit-layout dialect): the same math and precision as
-triton_kernels.chunk_bwd_grads_kernel ("bf16x3k", C = 16, N = 64, 4 warps), which stays the reference (it
-also runs in the CPU interpreter, which Gluon does not) and the path for every other configuration.
+"""WKV7's backward gradient kernel in Gluon (Triton's explicit-layout dialect): the same math as
+triton_kernels.chunk_bwd_grads_kernel for C = 16, N = 64, 4 warps and precision_bwd "bf16x3k" or "bf16x3".
+The Triton kernel stays the reference (it also runs in the CPU interpreter, which Gluon does not) and the
+path for every other configuration; tests/test_wkv7.py compares the two on the GPU.
 
-Why: the Triton kernel lets the compiler route every product's operands through shared memory, ~99 CTA
-barriers and ~0.9 KB of register spills per program (offline SASS, triton 3.6); here each tile is staged in
-shared memory once, in a bank-conflict-free swizzle, behind ~21 barriers: 2,792 vs 4,440 SASS instructions,
-no spills to speak of, and on the H200 (session 6) 3.13 vs 4.10 ms on B8-T4096-H32, 0.311 vs 0.400 ms on
-B16-T512-H12 (bench/results/wkv7.md).
+Why: the Triton kernel lets the compiler route every product's operands through shared memory (~99 CTA
+barriers, ~0.9 KB of register spills per program, 4,440 SASS instructions; offline, triton 3.6), and Nsight
+showed this kernel bound by the L1/shared-memory pipe. Here each tile is staged in shared memory once, in a
+bank-conflict-free swizzle (gl.bank_conflicts), the states and the inputs arrive by cp.async (16-byte
+coalesced copies that take no registers), and ~29 barriers remain: 2,408 SASS instructions, no spills.
+H200, session 6 (bench/results/wkv7.md, run 38): 2.18 vs 4.08 ms on B8-T4096-H32, 0.22 vs 0.39 ms on
+B16-T512-H12, the same errors.
 
 Layout plan: every [C, N] tile is "column-owned" (the MMA accumulator layout with warps_per_cta [1, 4]: warp w
 holds columns 16w..16w+15 of all 16 rows), so elementwise work, column sums and cumsums stay inside a warp.
 Products:
-  (i)   [C, C] x [C, N] -> [C, N]: A = a [C, C] matrix (every warp needs all of it: staged in shared memory),
-        B = a column-owned tile (each warp needs its own columns: intra-warp conversion);
+  (i)   [C, C] x [C, N] -> [C, N]: A = a [C, C] matrix (every warp reads all of it), B = a [C, N] tile (each
+        warp reads its own columns), both from shared memory;
   (ii)  [C, N] x [N, C] -> [C, C] (contraction over N): both operands from shared memory (all columns);
-  (iii) [C, N] x [N, N] with S / dS: A from shared memory (all columns), B = the warp's 16 columns of S / dS,
-        loaded from global memory straight into the operand layout (S and dS never sit whole in registers).
-Precision as "bf16x3k": (i) and (ii) as bf16x3 (hi + lo bf16 halves, three MMAs), (iii) as tf32c.
-Products are named as in triton_kernels.chunk_bwd_grads_kernel, whose docstring has the equations.
+  (iii) [C, N] x [N, N] with S / dS: A from shared memory (all columns), B = the warp's 16 columns of S, S^T,
+        dS or dS^T, read from the states' shared copies (S and dS never sit whole in registers).
+Precision: (i) and (ii) as bf16x3 (hi + lo bf16 halves, three MMAs); (iii) as tf32c ("bf16x3k") or, with
+BIG_X3 ("bf16x3"), as bf16x3 on hi / lo copies of S and dS. Products are named as in
+triton_kernels.chunk_bwd_grads_kernel, whose docstring has the equations.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -37,18 +41,17 @@ inside a warp."""
 SMEM_CN = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
 SMEM_CC = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=4, max_phase=2, order=[1, 0]))
 SMEM_32 = gl.constexpr(gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
-SMEM_S = SMEM_32
+"""Swizzles with no bank conflicts (gl.bank_conflicts, triton 3.6) for bf16 [C, N], [N, N] and [C, C] tiles
+in the layouts they are loaded into (transposed too), and for float32 tiles and states as A / B operands of
+tf32 products (at most one extra wavefront on some stores); unswizzled, some accesses had 7."""
 COPY = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                      order=[1, 0]))
 COPY16 = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                        order=[1, 0]))
 COPY32 = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[2, 16], warps_per_cta=[4, 1],
                                        order=[1, 0]))
-"""The states S and dS [N, N] and the chunk's inputs go to shared memory by cp.async (16-byte pieces, coalesced, no registers) and
-are read from there as the B operands of the products with S, S^T, dS and dS^T."""
-"""Swizzles with no bank conflicts (gl.bank_conflicts, triton 3.6) for the bf16 [C, N] and [C, C] tiles in
-every layout they are stored from and loaded into (transposed too), and for the fp32 tiles' A-operand loads
-(their stores: 1 extra wavefront); unswizzled, they had up to 7."""
+"""cp.async layouts: 16 bytes per thread for a float32 [N, N] state (COPY) and for a [C, N] input chunk
+in 16-bit (COPY16) or float32 (COPY32)."""
 
 
 @gluon.jit
@@ -132,11 +135,32 @@ def _mm_nt(x, y, acc):
 @gluon.jit
 def _copy_state(ptr, N: gl.constexpr):
     """Start the asynchronous copy of one [N, N] float32 state into a new shared buffer."""
-    buf = gl.allocate_shared_memory(gl.float32, [N, N], SMEM_S)
+    buf = gl.allocate_shared_memory(gl.float32, [N, N], SMEM_32)
     rows = gl.arange(0, N, layout=gl.SliceLayout(1, COPY))
     cols = gl.arange(0, N, layout=gl.SliceLayout(0, COPY))
     async_copy.async_copy_global_to_shared(buf, ptr + rows[:, None] * N + cols[None, :])
     return buf
+
+
+@gluon.jit
+def _split_states(s_S, s_dS, N: gl.constexpr):
+    """The hi and lo bf16 halves of the staged float32 states S and dS [N, N] in new shared buffers (for the
+    bf16x3 products with them), and sum_v S[v, k] dS[v, k] [N] (for dw)."""
+    x = s_S.load(COPY)
+    y = s_dS.load(COPY)
+    hS = (gl.allocate_shared_memory(gl.bfloat16, [N, N], SMEM_CN), gl.allocate_shared_memory(gl.bfloat16, [N, N], SMEM_CN))
+    hdS = (gl.allocate_shared_memory(gl.bfloat16, [N, N], SMEM_CN), gl.allocate_shared_memory(gl.bfloat16, [N, N], SMEM_CN))
+    _stage(hS, x)
+    _stage(hdS, y)
+    return hS, hdS, gl.convert_layout(gl.sum(x * y, axis=0), COL)
+
+
+@gluon.jit
+def _mm_big3(x, s, TRANS: gl.constexpr, acc):
+    """(iii) as bf16x3: acc + X S (X S^T when TRANS), X a staged [C, N] tile, S a split state [N, N]."""
+    x_hi, x_lo = _opnd(x, A16, False)
+    s_hi, s_lo = _opnd(s, B16, TRANS)
+    return _x3(x_hi, x_lo, s_hi, s_lo, acc)
 
 
 @gluon.jit
@@ -160,10 +184,11 @@ def _copy_chunk(ptr, n, T, H, i_b, i_h, C: gl.constexpr, N: gl.constexpr):
 def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
                           dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
                           T, NC, H, N: gl.constexpr, C: gl.constexpr, LOG2C: gl.constexpr,
-                          IO_DY: gl.constexpr, IO_V: gl.constexpr, BIAS: gl.constexpr):
+                          IO_DY: gl.constexpr, IO_V: gl.constexpr, BIAS: gl.constexpr, BIG_X3: gl.constexpr):
     """Grid (NC * B*H,), 4 warps, C = 16, N = 64: chunk n of head (b, h), from its start state st[n] and the
     gradient dst[n] of its end state; writes the chunk's dr, dw, dk, dv, da, db [B, T, H, N]. IO_DY / IO_V:
-    1 when dy / v is float32 (its truncation to tf32 is then compensated), else 0."""
+    1 when dy / v is float32 (its truncation to tf32 is then compensated), else 0. BIG_X3: the seven products
+    with S / dS as bf16x3 ("bf16x3") instead of tf32c ("bf16x3k")."""
     n = gl.program_id(0) % NC
     i_bh = gl.program_id(0) // NC
     i_b = i_bh // H
@@ -218,13 +243,6 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     s_rd = _buf(C, N)
     s_bu = _buf(C, N)
     s_ku = _buf(C, N)
-    f_be = _buf32(C, N)
-    f_ke = _buf32(C, N)
-    f_ad = _buf32(C, N)
-    f_dy = _buf32(C, N)
-    f_v = _buf32(C, N)
-    f_u = _buf32(C, N)
-    f_dz = _buf32(C, N)
     s_dy = _buf(C, N)
     s_v = _buf(C, N)
     s_u = _buf(C, N)
@@ -243,11 +261,22 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     _stage(s_rd, r_d)
     _stage(s_bu, b_u)
     _stage(s_ku, k_u)
-    f_be.store(b_e)
-    f_ke.store(k_e)
-    f_ad.store(a_d)
-    f_dy.store(dY)
-    f_v.store(vv)
+    if BIG_X3:
+        s_be = _buf(C, N)
+        s_ke = _buf(C, N)
+        _stage(s_be, b_e)
+        _stage(s_ke, k_e)
+    else:
+        f_be = _buf32(C, N)
+        f_ke = _buf32(C, N)
+        f_ad = _buf32(C, N)
+        f_dy = _buf32(C, N)
+        f_v = _buf32(C, N)
+        f_be.store(b_e)
+        f_ke.store(k_e)
+        f_ad.store(a_d)
+        f_dy.store(dY)
+        f_v.store(vv)
     _stage(s_dy, dY)
     _stage(s_v, vv)
     gl.thread_barrier()
@@ -288,13 +317,20 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     c_big = 1.0 + 2 * BIAS
     async_copy.wait_group(0)
     gl.thread_barrier()
-    St = s_S.permute((1, 0)).load(B32)          # B = S^T: [K, V], this warp's value columns
-    dSt = s_dS.permute((1, 0)).load(B32)
-    Z = mma_v2(f_ad.load(A32), St, zcn, input_precision="tf32") * c_big      # a_d S^T
+    if BIG_X3:
+        hS, hdS, sS = _split_states(s_S, s_dS, N)
+        gl.thread_barrier()
+        Z = _mm_big3(s_ad, hS, True, zcn)                                      # a_d S^T
+        dU = _mm_big3(s_be, hdS, True, zcn)                                    # b_e dS^T
+        dV = _mm_big3(s_ke, hdS, True, zcn)                                    # k_e dS^T
+    else:
+        St = s_S.permute((1, 0)).load(B32)      # B = S^T: [K, V], this warp's value columns
+        dSt = s_dS.permute((1, 0)).load(B32)
+        Z = mma_v2(f_ad.load(A32), St, zcn, input_precision="tf32") * c_big
+        dU = mma_v2(f_be.load(A32), dSt, zcn, input_precision="tf32") * c_big
+        dV = mma_v2(f_ke.load(A32), dSt, zcn, input_precision="tf32") * c_big
     Z = _mm_cs(s_lak, False, s_v, Z)                                      # + L_ak V
-    dU = mma_v2(f_be.load(A32), dSt, zcn, input_precision="tf32") * c_big    # b_e dS^T
     dU = _mm_cs(s_mrb, True, s_dy, dU)                                     # + M_rb^T dY
-    dV = mma_v2(f_ke.load(A32), dSt, zcn, input_precision="tf32") * c_big    # k_e dS^T
     dV = _mm_cs(s_mrk, True, s_dy, dV)                                     # + M_rk^T dY
     _stage(s_z, Z)
     _stage(s_du, dU)
@@ -303,8 +339,11 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     dZ = _mm_cs(s_q, True, s_du, dU)                                    # Q^T dU + dU
     _stage(s_u, U)
     _stage(s_dz, dZ)
-    f_u.store(U)
-    f_dz.store(dZ)
+    if not BIG_X3:
+        f_u = _buf32(C, N)
+        f_dz = _buf32(C, N)
+        f_u.store(U)
+        f_dz.store(dZ)
     gl.thread_barrier()
 
     dL_ab = gl.where(tri_s, _mm_nt(s_dz, s_u, zcc), 0.)
@@ -318,23 +357,32 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     gl.thread_barrier()
 
     dV = _mm_cs(s_lak, True, s_dz, dV)                                     # + L_ak^T dZ
-    S_ = s_S.load(B32)                          # B = S: [V, K], this warp's key columns
-    dS_ = s_dS.load(B32)
-    dR_d = mma_v2(f_dy.load(A32), S_, zcn, input_precision="tf32") * (1.0 + (1 + IO_DY) * BIAS)
+    if BIG_X3:
+        dR_d = _mm_big3(s_dy, hS, False, zcn)                                  # dY S
+        dA_d = _mm_big3(s_dz, hS, False, zcn)                                  # dZ S
+    else:
+        S_ = s_S.load(B32)                      # B = S: [V, K], this warp's key columns
+        dS_ = s_dS.load(B32)
+        sS = gl.convert_layout(gl.sum(dS_ * S_, axis=0), COL)
+        dR_d = mma_v2(f_dy.load(A32), S_, zcn, input_precision="tf32") * (1.0 + (1 + IO_DY) * BIAS)
+        dA_d = mma_v2(f_dz.load(A32), S_, zcn, input_precision="tf32") * c_big
     dR_d = _mm_cs(s_dmrb, False, s_bu, dR_d)
     dR_d = _mm_cs(s_dmrk, False, s_ku, dR_d)
-    dA_d = mma_v2(f_dz.load(A32), S_, zcn, input_precision="tf32") * c_big
     dA_d = _mm_cs(s_dlab, False, s_bu, dA_d)
     dA_d = _mm_cs(s_dlak, False, s_ku, dA_d)
     dB_u = _mm_cs(s_dmrb, True, s_rd, zcn)
     dB_u = _mm_cs(s_dlab, True, s_ad, dB_u)
     dK_u = _mm_cs(s_dmrk, True, s_rd, zcn)
     dK_u = _mm_cs(s_dlak, True, s_ad, dK_u)
-    dB_e = mma_v2(f_u.load(A32), dS_, zcn, input_precision="tf32") * c_big
-    dK_e = mma_v2(f_v.load(A32), dS_, zcn, input_precision="tf32") * c_big_v
+    if BIG_X3:
+        dB_e = _mm_big3(s_u, hdS, False, zcn)                                  # U dS
+        dK_e = _mm_big3(s_v, hdS, False, zcn)                                  # V dS
+    else:
+        dB_e = mma_v2(f_u.load(A32), dS_, zcn, input_precision="tf32") * c_big
+        dK_e = mma_v2(f_v.load(A32), dS_, zcn, input_precision="tf32") * c_big_v
 
     egC = gl.exp(gC)
-    dgC = gl.convert_layout(gl.sum(dS_ * S_, axis=0), COL) * egC + gl.sum(dB_e * b_e + dK_e * k_e, axis=0)
+    dgC = sS * egC + gl.sum(dB_e * b_e + dK_e * k_e, axis=0)
     dg = dR_d * r_d - dB_u * b_u - dB_e * b_e - dK_u * k_u - dK_e * k_e
     dgx = dA_d * a_d
     dw = _cumsum(dg + dgx, True) - dgx + dgC[None, :]     # reverse cumsums of dg and dgx in one scan

@@ -337,7 +337,7 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
 
     loader = make_train_loader(corpus, cfg.train.seed, layout, samples, cfg.data.num_workers)
     val = val_batches(corpus, layout, cfg.data.val_windows)
-    n_val = min(cfg.data.val_windows, len(corpus.val_windows()))  # the same on every rank
+    n_val = len(corpus.val_windows(cfg.data.val_windows))  # the same on every rank
     if cfg.data.val_windows and not n_val:
         fabric.print("no validation windows in this corpus (data.val_fraction): validation is skipped")
     tokens_per_step = layout.global_batch * cfg.data.data_ctx_len

@@ -8,7 +8,7 @@ barriers, ~0.9 KB of register spills per program, 4,440 SASS instructions; offli
 showed this kernel bound by the L1/shared-memory pipe. Here each tile is staged in shared memory once, in a
 bank-conflict-free swizzle (gl.bank_conflicts), the states and the inputs arrive by cp.async (16-byte
 coalesced copies that take no registers), and ~29 barriers remain: 2,408 SASS instructions, no spills.
-H200, session 6 (bench/results/wkv7.md, run 38): 2.18 vs 4.08 ms on B8-T4096-H32, 0.22 vs 0.39 ms on
+H200, session 6 (bench/results/wkv7.md, runs 35 and 38): 2.16-2.18 vs 4.08 ms on B8-T4096-H32, 0.22 vs 0.39 ms on
 B16-T512-H12, the same errors.
 
 Layout plan: every [C, N] tile is "column-owned" (the MMA accumulator layout with warps_per_cta [1, 4]: warp w

@@ -203,3 +203,18 @@ def test_step_takes_one_token_per_sequence():
     for idx in (torch.tensor([[1], [2]]), torch.tensor(3)):
         with pytest.raises(ValueError, match=r"RWKV7.step: idx must be \[B\]"):
             m.step(idx)
+
+
+def test_loaded_parameters_are_contiguous(tmp_path):
+    """A file written from transposed views (as conversion scripts make them) keeps their strides through
+    torch.load, and load_official's copies kept them: strided parameters. Now every tensor is contiguous and
+    the logits are unchanged."""
+    model = randomize_weights(RWKV7(TINY, init=False), 9)
+    sd = {k: (v.t().contiguous().t() if v.dim() == 2 else v) for k, v in model.state_dict().items()}
+    assert sum(not v.is_contiguous() for v in sd.values()) > 10
+    torch.save(sd, tmp_path / "strided.pth")
+    loaded = load_official(tmp_path / "strided.pth")
+    assert all(t.is_contiguous() for t in loaded.state_dict().values())
+    idx = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], model(idx)[0])

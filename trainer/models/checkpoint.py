@@ -201,7 +201,10 @@ def load_official(path: str | os.PathLike, dtype: torch.dtype = torch.float32, d
     check_state_dict(sd, cfg, str(path))
     with torch.device("meta"):
         model = RWKV7(cfg, init=False)
-    model.load_state_dict({k: v.to(dtype=dtype, copy=True) for k, v in sd.items()}, assign=True)
+    # contiguous: a file written from transposed views (conversion scripts) keeps their strides through
+    # torch.load, and the parameters kept them too (fine-tuning starts here: DDP's gradient buckets are contiguous)
+    model.load_state_dict({k: v.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+                           for k, v in sd.items()}, assign=True)
     return model.to(device=device)
 
 

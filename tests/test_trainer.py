@@ -215,7 +215,7 @@ def test_deferred_metrics_match_immediate(corpus, tmp_path, monkeypatch):
 
 def test_resume_keeps_the_schedule_and_checks_the_corpus(corpus, tmp_path):
     """Stopping with --max-steps 3 and resuming with --max-steps 6 repeats the uninterrupted run (the cosine
-    follows train.max_steps, not the stop); resuming on another corpus is refused."""
+    follows train.max_steps, not the stop); resuming on another corpus, or with other weights, is refused."""
     debug = ROOT / "trainer/configs/debug.yaml"
     sets = [s for s in TINY if not s.startswith("optim.lr_decay_steps")] + ["train.ckpt_every=1", "train.max_steps=6",
                                                                             "train.tensorboard=false"]
@@ -229,6 +229,20 @@ def test_resume_keeps_the_schedule_and_checks_the_corpus(corpus, tmp_path):
     other = write_corpus(tmp_path / "other", random_docs(60, ["a", "b"], seed=4, max_len=120, vocab=500))
     with pytest.raises(ConfigError, match="the corpus"):
         fit(load_config(debug, sets), other, tmp_path / "part", resume=True, stop_at=8)
+    # a rebuild with the same shards and weights but other component metadata (stage counts) keeps the data
+    # order: it used to be refused too (the fingerprint hashed the whole component table); a weight is not
+    import json
+    import shutil
+
+    same = Path(shutil.copytree(corpus, tmp_path / "same"))
+    index = json.loads((same / "index.json").read_text())
+    index["components"]["a"]["stages"] = {"filter": {"in": 40, "out": 30}}
+    (same / "index.json").write_text(json.dumps(index))
+    fit(load_config(debug, sets), same, tmp_path / "part", resume=True, stop_at=7)
+    index["components"]["a"]["weight"] = 2.0
+    (same / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="the corpus"):
+        fit(load_config(debug, sets), same, tmp_path / "part", resume=True, stop_at=8)
 
 
 def test_config_value_checks():

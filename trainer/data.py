@@ -63,6 +63,10 @@ def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
@@ -206,10 +210,14 @@ class ShardCorpus:
         self.verify_checksums = verify_checksums
         self.index = load_index(self.data_dir)
         self.vocab_size = int(self.index["tokenizer"]["vocab_size"])
-        # what the data order depends on (shard contents, component weights); a resume checks it
-        content = {"shards": [(s["path"], s["sha256"]) for s in self.index["shards"]],
-                   "components": self.index.get("components", {})}
-        self.fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        # what the data order depends on, which a resume checks: the shards (in order, contents by sha256) and the
+        # index's component weights. `fingerprint` (what older checkpoints hold) hashes the whole component table,
+        # so a rebuild that changed only its other entries (stage counts, languages) refused a resume
+        shards = [(s["path"], s["sha256"]) for s in self.index["shards"]]
+        comps = self.index.get("components", {})
+        self.fingerprint = _sha256_json({"shards": shards, "components": comps})
+        self.order_fingerprint = _sha256_json({"shards": shards,
+                                               "weights": {c: e.get("weight", 1.0) for c, e in comps.items()}})
         self._values: list[np.ndarray] | None = None
         self._maps: list = []
         self._seg_where: np.ndarray | None = None  # [n_segments, 2] int32: (shard, record batch) of a segment

@@ -73,12 +73,12 @@ def check_resumable(saved: dict, cfg: TrainConfig, where: Path, saved_corpus: st
                     corpus: str | None = None) -> None:
     """The loader position counts samples of one seeded order: a resume that changes what sample i is
     (settings, or the corpus: its fingerprint, a sha256 of the shard list with each shard's sha256 and of the
-    component table) would repeat or skip data, so it is refused."""
+    component weights) would repeat or skip data, so it is refused."""
     now = cfg.to_dict()
     keys = [("train", "seed"), ("data", "data_ctx_len"), ("data", "mixture"), ("data", "val_fraction")]
     changed = [f"{a}.{b}: {saved[a][b]!r} -> {now[a][b]!r}" for a, b in keys if saved[a][b] != now[a][b]]
     if saved_corpus is not None and corpus is not None and saved_corpus != corpus:
-        changed.append(f"the corpus (fingerprint of its shards and components {saved_corpus[:12]}… -> "
+        changed.append(f"the corpus (fingerprint of its shards and component weights {saved_corpus[:12]}… -> "
                        f"{corpus[:12]}…)")
     if changed:
         raise ConfigError(f"--resume from {where}: these differ from the checkpoint's and would change the "
@@ -316,7 +316,10 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
                               f"differ from the checkpoint's, or the file is damaged (remove {where} to resume "
                               f"from the previous checkpoint)") from None
         step, samples = int(rest["step"]), int(rest["samples"])
-        check_resumable(rest["config"], cfg, where, rest.get("corpus_sha256"), corpus.fingerprint)
+        if "corpus_order_sha256" in rest:
+            check_resumable(rest["config"], cfg, where, rest["corpus_order_sha256"], corpus.order_fingerprint)
+        else:   # a checkpoint of the earlier code: its fingerprint covers the whole component table
+            check_resumable(rest["config"], cfg, where, rest.get("corpus_sha256"), corpus.fingerprint)
         for g in optimizer.param_groups:   # the checkpoint restored its own; config.yaml says these
             g["betas"], g["eps"] = tuple(o.betas), o.eps
             if g["weight_decay"] > 0:
@@ -351,7 +354,8 @@ def fit(cfg: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False, s
 
     def save_checkpoint(at_step: int, at_samples: int):
         state = {"model": model, "optimizer": optimizer, "step": at_step, "samples": at_samples,
-                 "rng": ckpt.rng_states(), "config": cfg.to_dict(), "corpus_sha256": corpus.fingerprint}
+                 "rng": ckpt.rng_states(), "config": cfg.to_dict(), "corpus_sha256": corpus.fingerprint,
+                 "corpus_order_sha256": corpus.order_fingerprint}
         return ckpt.save(fabric, run_dir, at_step, state, model, lm, cfg.train.keep_checkpoints)
 
     f = None

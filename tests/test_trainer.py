@@ -472,3 +472,20 @@ def test_a_checkpoint_killed_before_its_rename_counts_from_the_start(corpus, tmp
     assert [int(r["step"]) for r in _rows(run)] == [1, 2, 3]
     ea = EventAccumulator(str(run / "tb")).Reload()
     assert sorted(e.step for e in ea.Scalars("lr")) == [1, 2, 3]
+
+
+def test_a_diverged_models_sample_is_a_message_not_a_traceback():
+    """The sample at the end of a run whose weights went NaN says so (its checkpoints are already written);
+    generate_sample used to end the run in a traceback from the sampler."""
+    from trainer.fit import generate_sample
+    from trainer.models.rwkv7 import RWKV7
+
+    cfg = load_config(ROOT / "trainer/configs/debug.yaml", TINY + ["sample.tokens=3"])
+    lm = RWKV7(resolve_model_config(cfg.model))
+    text = generate_sample(lm, cfg)
+    assert text.startswith(cfg.sample.prompt)
+    with torch.no_grad():
+        lm.head.weight.fill_(float("nan"))
+    lm.train()
+    assert "not finite" in generate_sample(lm, cfg)
+    assert lm.training

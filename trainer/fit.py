@@ -235,13 +235,19 @@ def generate_sample(lm, cfg: TrainConfig) -> str | None:
     from tokenizer import WorldTokenizer
     from trainer.generate import stream
 
+    from trainer.generate import NonFiniteLogits
+
     tok = WorldTokenizer()
     ids = tok.encode(cfg.sample.prompt)
     was_training = lm.training
     lm.eval()
-    out = [t for t, _ in stream(lm, ids, cfg.sample.tokens, temperature=cfg.sample.temperature, top_p=0.85,
-                                seed=cfg.train.seed, stop_token=None, n_ids=tok.n_entries + 1)]
-    lm.train(was_training)
+    try:
+        out = [t for t, _ in stream(lm, ids, cfg.sample.tokens, temperature=cfg.sample.temperature, top_p=0.85,
+                                    seed=cfg.train.seed, stop_token=None, n_ids=tok.n_entries + 1)]
+    except NonFiniteLogits:   # a diverged run: its checkpoints are written, say so rather than end in a traceback
+        return "(no sample: the model's logits are not finite; the training diverged)"
+    finally:
+        lm.train(was_training)
     return cfg.sample.prompt + tok.decode(out)
 
 

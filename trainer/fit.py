@@ -233,9 +233,7 @@ def generate_sample(lm, cfg: TrainConfig) -> str | None:
     if cfg.sample.tokens <= 0:
         return None
     from tokenizer import WorldTokenizer
-    from trainer.generate import stream
-
-    from trainer.generate import NonFiniteLogits
+    from trainer.generate import NonFiniteLogits, stream
 
     tok = WorldTokenizer()
     ids = tok.encode(cfg.sample.prompt)

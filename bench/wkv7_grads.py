@@ -139,7 +139,8 @@ def grads_ks_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, d
 
 def parse_variant(v):
     """shipped | gluon | ksBK, then [-wW][-rR][-qPREC]: warps W (default 4), register cap R, dot precision PREC
-    (default: the config's precision_bwd; the gluon kernel is "bf16x3k" only)."""
+    (default: the config's precision_bwd; the gluon kernel runs "bf16x3" for -qbf16x3 and "bf16x3k" for
+    anything else)."""
     f = v.split("-")
     kernel = "ks" if f[0].startswith("ks") else f[0]
     out = {"name": v, "kernel": kernel, "warps": 4, "maxnreg": None, "prec": None}

@@ -278,6 +278,43 @@ def test_gpu_gluon_gradient_kernel_matches_triton(dtype, precision_bwd, monkeypa
         assert rel(a, ref) < 1e-2, (name, rel(a, ref))
 
 
+@pytest.mark.gpu
+def test_gpu_auto_picks_gluon_where_it_applies(monkeypatch):
+    """On the GPU "auto" runs the Gluon gradient kernel for aligned bf16, fp16 and mixed (fp32 w) inputs,
+    agreeing with the Triton kernel, and the Triton kernel for inputs at an odd address."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from kernels.wkv7 import chunk
+    ran = []
+    real = chunk._launch_grads
+    monkeypatch.setattr(chunk, "_launch_grads", lambda *a: ran.append(real(*a)) or ran[-1])
+    xs, s0, dy, ds = make_inputs(2, 100, 2)
+    s0, ds = s0.float().cuda(), ds.cuda()
+    cases = {"bf16": [torch.bfloat16] * 6, "fp16": [torch.float16] * 6,
+             "fp32 w": [torch.bfloat16, torch.float32] + [torch.bfloat16] * 4}
+    for name, dtypes in cases.items():
+        ins = tuple(x.to(d).double().cuda() for x, d in zip(xs, dtypes))
+        grads = {}
+        for kernel in ("triton", "auto"):
+            monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, grads_kernel=kernel))
+            leaves = [x.to(d).clone().requires_grad_() for x, d in zip(ins, dtypes)]
+            y, sT = chunk.chunk_wkv7(*leaves, s0.clone(), True)
+            ((y.double() * dy.cuda()).sum() + (sT.double() * ds).sum()).backward()
+            grads[kernel] = [x.grad for x in leaves]
+        assert ran[-2:] == ["triton", "gluon"], (name, ran)
+        for a, b in zip(grads["auto"], grads["triton"]):
+            assert rel(a, b) < 3e-3, (name, rel(a, b))
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, grads_kernel="auto"))
+    flat = torch.zeros(6, 2 * 100 * 2 * N + 1, dtype=torch.bfloat16, device="cuda")
+    odd = [flat[i, 1:].view(2, 100, 2, N) for i in range(6)]   # 2 bytes past a 16-byte boundary
+    for o, x in zip(odd, xs):
+        o.copy_(x.to(torch.bfloat16))
+    leaves = [o.requires_grad_() for o in odd]
+    y, _ = chunk.chunk_wkv7(*leaves)
+    y.float().sum().backward()
+    assert ran[-1] == "triton"
+
+
 def test_grads_kernel_setting(monkeypatch):
     """grads_kernel: a bad value is refused at once; "gluon" where it cannot run (here: the interpreter or a
     CPU) is a clear error naming what is missing; "auto" then runs the Triton kernel (the tests above)."""
@@ -292,6 +329,63 @@ def test_grads_kernel_setting(monkeypatch):
     y, _ = chunk.chunk_wkv7(*leaves)
     with pytest.raises(ValueError, match="compute capability"):
         y.backward(dy.float())
+
+
+class _FakeGpuTensor:
+    """Stands in for a CUDA tensor where _launch_grads only reads its device, dtype and address."""
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+    def __init__(self, dtype=torch.bfloat16, ptr=1 << 20):
+        self.dtype, self._ptr = dtype, ptr
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def test_gluon_selection_and_fallback(monkeypatch):
+    """Which gradient kernel a backward runs (chunk._launch_grads, with stand-in launchers: the kernels
+    themselves are compared on the GPU above): "auto" runs Gluon where everything it needs is there; a Gluon
+    launch that fails (a GPU with too little shared memory, another triton's API) falls back to Triton with
+    one warning and is not retried for that device and dtypes; misaligned inputs or a chunk of 32 take the
+    Triton kernel; "gluon" raises instead, naming what is missing or the failure."""
+    chunk = _triton_modules()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(chunk, "_capability", lambda i: (9, 0))
+    monkeypatch.setattr(chunk, "_gluon_importable", lambda: True)
+    monkeypatch.setattr(chunk, "_GLUON_FAILED", {})
+    ran = []
+
+    def ok():
+        ran.append("gluon")
+
+    def fails():
+        raise RuntimeError("out of resource: shared memory, Required: 104448, Hardware limit: 101376")
+
+    def triton():
+        ran.append("triton")
+
+    xs = [_FakeGpuTensor() for _ in range(7)]
+    auto = chunk.WKV7KernelConfig()
+    assert chunk._launch_grads(auto, xs, 64, ok, triton) == "gluon"
+    assert chunk._launch_grads(replace(auto, chunk_size=32), xs, 64, ok, triton) == "triton"
+    assert chunk._launch_grads(auto, xs, 32, ok, triton) == "triton"
+    odd = xs[:6] + [_FakeGpuTensor(ptr=(1 << 20) + 2)]
+    assert chunk._launch_grads(auto, odd, 64, ok, triton) == "triton"
+    with pytest.warns(RuntimeWarning, match="shared memory"):
+        assert chunk._launch_grads(auto, xs, 64, fails, triton) == "triton"
+    assert chunk._launch_grads(auto, xs, 64, fails, triton) == "triton"   # not retried, no second warning
+    assert chunk._launch_grads(auto, [_FakeGpuTensor(torch.float32)] * 7, 64, ok, triton) == "gluon"
+    forced = replace(auto, grads_kernel="gluon")
+    with pytest.raises(RuntimeError, match="shared memory"):
+        chunk._launch_grads(forced, [_FakeGpuTensor(torch.float16)] * 7, 64, fails, triton)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        chunk._launch_grads(forced, odd, 64, ok, triton)
+    monkeypatch.setattr(chunk, "_capability", lambda i: (7, 5))
+    with pytest.raises(ValueError, match="compute capability"):
+        chunk._launch_grads(forced, xs, 64, ok, triton)
+    assert ran == ["gluon", "triton", "triton", "triton", "triton", "triton", "gluon"]
 
 
 def test_cpu_path_gives_clear_errors():

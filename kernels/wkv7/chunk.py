@@ -10,6 +10,7 @@ import copy
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,10 @@ class WKV7KernelConfig:
     session 6, run 38, 2.18 vs 4.08 ms on B8-T4096-H32, 0.22 vs 0.39 ms on B16-T512-H12, the same errors),
     "triton" (triton_kernels.chunk_bwd_grads_kernel: the reference, any chunk size, head size and precision,
     and the CPU interpreter's), or "auto": "gluon" where it applies (an NVIDIA GPU of compute capability
-    >= 8.0, chunk_size 16, head size 64, precision_bwd "bf16x3k" or "bf16x3", num_warps_bwd 4, a triton with
-    Gluon's 3.6 API), else "triton"."""
+    >= 8.0, chunk_size 16, head size 64, precision_bwd "bf16x3k" or "bf16x3", num_warps_bwd 4, 16-byte
+    aligned inputs, a triton with Gluon's 3.6 API) and compiles and launches (it needs ~102 KiB of shared
+    memory per block: H100/H200/A100, not RTX 30xx/40xx or L4, which fall back with one warning), else
+    "triton"."""
     precision_state_bwd: str = "auto"
     """Dot precision of the backward's sequential state pass (chunk_bwd_dstate_kernel), whose dL/dS feeds
     every gradient. "auto": "bf16x3" when it runs more programs than the GPU has multiprocessors, else "tf32c"
@@ -157,31 +160,65 @@ def _sequential_precision(setting: str, fallback: str, x: torch.Tensor, programs
 
 
 @functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+@functools.cache
 def _gluon_importable() -> bool:
+    """A triton whose Gluon has the 3.6 API the kernel is written in (3.9 renamed its cp.async call)."""
     try:
+        from triton.experimental.gluon.language.nvidia.ampere import async_copy
+
         from . import gluon_kernels  # noqa: F401
     except Exception:  # noqa: BLE001  (no Gluon, or a Gluon whose API differs from triton 3.6's)
         return False
-    return True
+    return hasattr(async_copy, "async_copy_global_to_shared")
 
 
-def _gluon_grads(cfg, x, N) -> bool:
-    """Whether the backward runs the Gluon gradient kernel (cfg.grads_kernel; see WKV7KernelConfig)."""
-    if cfg.grads_kernel == "triton":
-        return False
-    on_gpu = x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not torch.version.hip
-    unmet = [why for why, bad in (
-        ("an NVIDIA GPU of compute capability >= 8.0 (not the interpreter or ROCm)",
-         not on_gpu or torch.cuda.get_device_capability(x.device) < (8, 0)),
+def _gluon_unmet(cfg, N, on_gpu: bool, capability: tuple[int, int], aligned: bool, api: bool) -> list[str]:
+    """What the Gluon gradient kernel needs and this call lacks (an empty list: it can run)."""
+    return [why for why, bad in (
+        ("an NVIDIA GPU of compute capability >= 8.0 (not the interpreter or ROCm)", not on_gpu or capability < (8, 0)),
         ("chunk_size 16", cfg.chunk_size != 16), ("head size 64", N != 64),
         ('precision_bwd "bf16x3k" or "bf16x3"', cfg.precision_bwd not in ("bf16x3k", "bf16x3")),
-        ("num_warps_bwd 4", cfg.num_warps_bwd != 4))
-        if bad]
-    if not unmet and not _gluon_importable():
-        unmet.append("a triton with Gluon's 3.6 API")
-    if unmet and cfg.grads_kernel == "gluon":
-        raise ValueError(f"wkv7: grads_kernel='gluon' needs {', '.join(unmet)}: use 'auto' or 'triton'")
-    return not unmet
+        ("num_warps_bwd 4", cfg.num_warps_bwd != 4),
+        ("16-byte aligned inputs (its cp.async copies)", not aligned),
+        ("a triton with Gluon's 3.6 API", not api)) if bad]
+
+
+_GLUON_FAILED: dict = {}
+"""(device, dtypes, precision_bwd) -> why the Gluon kernel failed there under "auto" (e.g. not enough shared
+memory per block: it needs ~102 KiB, which an H100/H200/A100 has and an RTX 30xx/40xx or L4 has not); those
+calls run the Triton kernel."""
+
+
+def _launch_grads(cfg, tensors, N, launch_gluon, launch_triton) -> str:
+    """Run the backward's gradient kernel: the Gluon one where cfg.grads_kernel and the call allow it (see
+    WKV7KernelConfig), else the Triton one. Under "auto" a Gluon kernel that fails to compile or launch (a
+    GPU with less shared memory, a triton API change) falls back to Triton for that device and dtypes, with
+    one warning; under "gluon" it raises. Returns the kernel run: "gluon" or "triton"."""
+    x = tensors[0]
+    if cfg.grads_kernel != "triton":
+        on_gpu = x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not torch.version.hip
+        capability = _capability(x.device.index or 0) if on_gpu else (0, 0)
+        aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
+        unmet = _gluon_unmet(cfg, N, on_gpu, capability, aligned, on_gpu and _gluon_importable())
+        if unmet and cfg.grads_kernel == "gluon":
+            raise ValueError(f"wkv7: grads_kernel='gluon' needs {', '.join(unmet)}: use 'auto' or 'triton'")
+        key = (str(x.device), tuple(t.dtype for t in tensors), cfg.precision_bwd)
+        if not unmet and key not in _GLUON_FAILED:
+            try:
+                launch_gluon()
+                return "gluon"
+            except Exception as e:  # noqa: BLE001  (compile or launch-resource errors: fall back below)
+                if cfg.grads_kernel == "gluon":
+                    raise
+                _GLUON_FAILED[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                warnings.warn(f"wkv7: the Gluon gradient kernel failed on {key[0]} ({_GLUON_FAILED[key]}); "
+                              f"using the Triton kernel", RuntimeWarning, stacklevel=3)
+    launch_triton()
+    return "triton"
 
 
 def _block_v(B, H, N, cfg):
@@ -228,15 +265,18 @@ def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0, cfg):
         BIAS=_bias(r), num_warps=cfg.num_warps)
     grads = [_alloc(x.shape, x.dtype, x.device, cfg) for x in (r, w, k, v, a, b)]
     io = dict(IO_DY=int(dy.element_size() > 2), IO_V=int(v.element_size() > 2), BIAS=_bias(r))
-    if _gluon_grads(cfg, r, N):
+    args = (r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H)
+
+    def gluon():
         from .gluon_kernels import chunk_bwd_grads_gluon
-        chunk_bwd_grads_gluon[(NC * B * H,)](
-            r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), **io,
-            BIG_X3=cfg.precision_bwd == "bf16x3", num_warps=4)
-    else:
-        K.chunk_bwd_grads_kernel[(NC * B * H,)](
-            r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)),
-            PREC=cfg.precision_bwd, **io, num_warps=cfg.num_warps_bwd)
+        chunk_bwd_grads_gluon[(NC * B * H,)](*args, N=N, C=C, LOG2C=int(math.log2(C)), **io,
+                                             BIG_X3=cfg.precision_bwd == "bf16x3", num_warps=4)
+
+    def triton():
+        K.chunk_bwd_grads_kernel[(NC * B * H,)](*args, N=N, C=C, LOG2C=int(math.log2(C)), PREC=cfg.precision_bwd,
+                                                **io, num_warps=cfg.num_warps_bwd)
+
+    _launch_grads(cfg, (r, w, k, v, a, b, dy), N, gluon, triton)
     return (*grads, ds0 if need_ds0 else None)
 
 

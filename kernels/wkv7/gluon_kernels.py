@@ -7,7 +7,9 @@ Why: the Triton kernel lets the compiler route every product's operands through 
 barriers, ~0.9 KB of register spills per program, 4,440 SASS instructions; offline, triton 3.6), and Nsight
 showed this kernel bound by the L1/shared-memory pipe. Here each tile is staged in shared memory once, in a
 bank-conflict-free swizzle (gl.bank_conflicts), the states and the inputs arrive by cp.async (16-byte
-coalesced copies that take no registers), and ~29 barriers remain: 2,408 SASS instructions, no spills.
+coalesced copies that take no registers), and ~29 barriers remain: 2,408 SASS instructions, no spills
+("bf16x3k"; with BIG_X3: 2,744, 16 bytes of stack). It needs ~102 KiB of shared memory per block (H100 / H200 /
+A100; chunk._launch_grads falls back to the Triton kernel where it does not fit or compile).
 H200, session 6 (bench/results/wkv7.md, runs 35 and 38): 2.16-2.18 vs 4.08 ms on B8-T4096-H32, 0.22 vs 0.39 ms on
 B16-T512-H12, the same errors.
 

@@ -1,7 +1,9 @@
-"""Variants of WKV7's backward gradient kernel (chunk_bwd_grads_kernel), timed alone on one GPU.
+"""Variants of WKV7's backward gradient kernel, timed alone on one GPU: the Triton kernel ("shipped",
+triton_kernels.chunk_bwd_grads_kernel, the reference), the Gluon one ("gluon", gluon_kernels.py, the GPU
+default since session 6: 2.18 vs 4.08 ms on B8-T4096-H32, run 35) and variants.
 
-The gradient kernel is 61% of forward + backward on B8-T4096-H32 (bench/results/wkv7.md): one program per
-chunk and head, latency-bound at two programs per SM (255 registers per thread). Variants so far:
+The Triton gradient kernel was 61% of forward + backward on B8-T4096-H32 (bench/results/wkv7.md): one
+program per chunk and head, latency-bound at two programs per SM (255 registers per thread). Variants:
 - `ks` (kept here): loops over key blocks of BK columns so fewer values are live. Pass 1 accumulates what
   sums over keys (the [C, C] matrices, a_d S^T, b_e dS^T, k_e dS^T); the chunk's U, dZ and the [C, C]
   gradients follow; pass 2 produces the per-key gradients block by block, reloading S and dS (from L2) and
@@ -10,11 +12,11 @@ chunk and head, latency-bound at two programs per SM (255 registers per thread).
   body in a persistent loop over (chunk, head) items with Triton's loop pipelining (1-3 programs per SM, 1-3
   stages: 5.58-7.34 ms), and "tf32r" with each operand rounded once where it is made (6.07 vs 7.16 ms for
   rounding inside every product, 3.93 for "tf32").
-Each variant is checked against the shipped kernel on the same inputs (RMS-relative difference), then timed
+Each variant is checked against the Triton kernel on the same inputs (RMS-relative difference), then timed
 (median of triton.testing.do_bench) on real chunk-start states and state gradients from the shipped forward
 and state pass. Also runs on the CPU under TRITON_INTERPRET=1 (small shapes, `--check-only`).
 
-    python bench/wkv7_grads.py --shapes 8-4096-32,16-512-12 --variants shipped,shipped-qtf32c,ks32,ks32-r168
+    python bench/wkv7_grads.py --shapes 8-4096-32,16-512-12 --variants shipped,gluon,gluon-qbf16x3,ks32,ks32-r168
 """
 from __future__ import annotations
 

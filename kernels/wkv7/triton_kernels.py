@@ -28,6 +28,8 @@ Training path, four kernels per forward + backward:
        dL_ab = strict_lower(dZ U^T), dL_ak = strict_lower(dZ V^T), dM_rb = lower(dY U^T), dM_rk = lower(dY V^T)
        dV = M_rk^T dY + L_ak^T dZ + k_e dS_C^T
    and the chain rule through the exponentials to r, w, k, a, b (dw by reverse cumsums of dg and dgx).
+   On NVIDIA GPUs that fit it, gluon_kernels.chunk_bwd_grads_gluon (the same math with explicit layouts,
+   ~1.9x faster on the H200) runs instead; this kernel is its reference (chunk.WKV7KernelConfig.grads_kernel).
 Decoding: recurrent_fwd_kernel, one step at a time (its backward is the chunked one).
 Precision: every product goes through _dot / _dotn / _dot_big / _dot_split with a PREC per kernel
 (chunk.WKV7KernelConfig): tf32 tensor-core products with their operands rounded ("tf32r") or their truncation

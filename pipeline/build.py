@@ -726,13 +726,9 @@ def _print(text: str) -> int:
         print(text, flush=True)
         return 0
     except BrokenPipeError:
-        try:  # the unwritten bytes go to /dev/null, so the flush at interpreter exit raises nothing either
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, sys.stdout.fileno())
-            os.close(null)
-        except (OSError, ValueError):
-            pass
-        return 141
+        from tokenizer.cli import after_broken_pipe
+
+        return after_broken_pipe(sys.stdout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,9 @@ bench:  the speed comparison of bench/tokenizer.py (ours vs reference vs pyrwkv-
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from tokenizer.cli import after_broken_pipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,13 +50,7 @@ def _write(out, data: bytes) -> int:
         out.flush()
         return 0
     except BrokenPipeError:
-        try:  # the unwritten bytes go to /dev/null, so the flush at interpreter exit raises nothing either
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, out.fileno())
-            os.close(null)
-        except (OSError, ValueError):
-            pass
-        return 141
+        return after_broken_pipe(out)
 
 
 if __name__ == "__main__":

@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[--cuda-graph skipped: device {cfg.device} is not CUDA]", file=sys.stderr)
 
     from tokenizer import WorldTokenizer
+    from tokenizer.cli import after_broken_pipe
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
     try:
@@ -248,15 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         out.write(_encodable(utf8.decode(b"", final=True), out) + "\n")
         out.flush()
     except BrokenPipeError:   # the reader went away (`... | head`): stop quietly, as a writer killed by SIGPIPE
-        try:   # stdout's unwritten bytes go to /dev/null, so the flush at interpreter exit raises nothing either
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, out.fileno())
-            os.close(null)
-        except (OSError, ValueError):
-            pass
+        status = after_broken_pipe(out)
         if failed:
             print(failed, file=sys.stderr)
-        return 2 if failed else 141
+        return 2 if failed else status
     if failed:
         print(failed, file=sys.stderr)
         return 2

@@ -135,12 +135,15 @@ def _check(r, w, k, v, a, b, initial_state):
                              f"chunked form would overflow float32 (the model's w is >= -0.6065)")
 
 
+def _on_nvidia_gpu(x) -> bool:
+    """x is on an NVIDIA GPU and the kernels run compiled there (not in the interpreter, not on ROCm)."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not torch.version.hip
+
+
 def _bias(x):
     """The "tf32c" compensation: the NVIDIA tensor cores' mean truncation error; none under the interpreter
     (its dots do not truncate) or on ROCm (whose tf32 path is not this truncation)."""
-    if not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip:
-        return 0.0
-    return K.TF32_TRUNCATION_BIAS
+    return K.TF32_TRUNCATION_BIAS if _on_nvidia_gpu(x) else 0.0
 
 
 @functools.cache
@@ -154,7 +157,7 @@ def _sequential_precision(setting: str, fallback: str, x: torch.Tensor, programs
     bound: the shorter chain of one tf32 product wins). Off a CUDA device (the interpreter): `fallback`."""
     if setting != "auto":
         return setting
-    if x.is_cuda and not torch.version.hip and programs > _multiprocessors(x.device.index or 0):
+    if _on_nvidia_gpu(x) and programs > _multiprocessors(x.device.index or 0):
         return "bf16x3"
     return fallback
 
@@ -200,7 +203,7 @@ def _launch_grads(cfg, tensors, N, launch_gluon, launch_triton) -> str:
     one warning; under "gluon" it raises. Returns the kernel run: "gluon" or "triton"."""
     x = tensors[0]
     if cfg.grads_kernel != "triton":
-        on_gpu = x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not torch.version.hip
+        on_gpu = _on_nvidia_gpu(x)
         capability = _capability(x.device.index or 0) if on_gpu else (0, 0)
         aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
         unmet = _gluon_unmet(cfg, N, on_gpu, capability, aligned, on_gpu and _gluon_importable())

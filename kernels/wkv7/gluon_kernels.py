@@ -127,10 +127,11 @@ def _mm_cs(m, TRANS: gl.constexpr, x, acc):
 
 
 @gluon.jit
-def _mm_nt(x, y, acc):
-    """(ii): acc + X Y^T over N, X and Y staged [C, N] tiles -> [C, C]."""
+def _mm(x, y, TRANS: gl.constexpr, acc):
+    """acc + X Y (X Y^T when TRANS) as bf16x3, X and Y staged tiles read as A and B operands: (ii), X Y^T
+    with [C, N] tiles -> [C, C]; (iii) with a split state Y [N, N] (BIG_X3)."""
     x_hi, x_lo = _opnd(x, A16, False)
-    y_hi, y_lo = _opnd(y, B16, True)
+    y_hi, y_lo = _opnd(y, B16, TRANS)
     return _x3(x_hi, x_lo, y_hi, y_lo, acc)
 
 
@@ -155,14 +156,6 @@ def _split_states(s_S, s_dS, N: gl.constexpr):
     _stage(hS, x)
     _stage(hdS, y)
     return hS, hdS, gl.convert_layout(gl.sum(x * y, axis=0), COL)
-
-
-@gluon.jit
-def _mm_big3(x, s, TRANS: gl.constexpr, acc):
-    """(iii) as bf16x3: acc + X S (X S^T when TRANS), X a staged [C, N] tile, S a split state [N, N]."""
-    x_hi, x_lo = _opnd(x, A16, False)
-    s_hi, s_lo = _opnd(s, B16, TRANS)
-    return _x3(x_hi, x_lo, s_hi, s_lo, acc)
 
 
 @gluon.jit
@@ -200,10 +193,9 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     t = n * C + offs_t
     mk = (t < T)[:, None] & (offs_k < N)[None, :]
     pk = (((i_b * T + t) * H + i_h) * N)[:, None] + offs_k[None, :]         # [C, N] column-owned
-    ti = gl.arange(0, C, layout=ROW)
     tj = gl.arange(0, C, layout=COL)
-    tri_s = ti[:, None] > tj[None, :]
-    tri_i = ti[:, None] >= tj[None, :]
+    tri_s = offs_t[:, None] > tj[None, :]
+    tri_i = offs_t[:, None] >= tj[None, :]
     ps = st_ptr + (i_bh * NC + n) * N * N
     pds = dst_ptr + (i_bh * NC + n) * N * N
 
@@ -284,10 +276,10 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     gl.thread_barrier()
 
     zcc = gl.full([C, C], 0.0, gl.float32, MMA)
-    L_ab = gl.where(tri_s, _mm_nt(s_ad, s_bu, zcc), 0.)
-    L_ak = gl.where(tri_s, _mm_nt(s_ad, s_ku, zcc), 0.)
-    M_rb = gl.where(tri_i, _mm_nt(s_rd, s_bu, zcc), 0.)
-    M_rk = gl.where(tri_i, _mm_nt(s_rd, s_ku, zcc), 0.)
+    L_ab = gl.where(tri_s, _mm(s_ad, s_bu, True, zcc), 0.)
+    L_ak = gl.where(tri_s, _mm(s_ad, s_ku, True, zcc), 0.)
+    M_rb = gl.where(tri_i, _mm(s_rd, s_bu, True, zcc), 0.)
+    M_rk = gl.where(tri_i, _mm(s_rd, s_ku, True, zcc), 0.)
 
     # Q = (I - L_ab)^{-1} - I by doubling: Lp <- Lp Lp, Q <- Q + Lp + Q Lp (each step's operands staged)
     Q = L_ab
@@ -322,9 +314,9 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     if BIG_X3:
         hS, hdS, sS = _split_states(s_S, s_dS, N)
         gl.thread_barrier()
-        Z = _mm_big3(s_ad, hS, True, zcn)                                      # a_d S^T
-        dU = _mm_big3(s_be, hdS, True, zcn)                                    # b_e dS^T
-        dV = _mm_big3(s_ke, hdS, True, zcn)                                    # k_e dS^T
+        Z = _mm(s_ad, hS, True, zcn)                                      # a_d S^T
+        dU = _mm(s_be, hdS, True, zcn)                                    # b_e dS^T
+        dV = _mm(s_ke, hdS, True, zcn)                                    # k_e dS^T
     else:
         St = s_S.permute((1, 0)).load(B32)      # B = S^T: [K, V], this warp's value columns
         dSt = s_dS.permute((1, 0)).load(B32)
@@ -348,10 +340,10 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
         f_dz.store(dZ)
     gl.thread_barrier()
 
-    dL_ab = gl.where(tri_s, _mm_nt(s_dz, s_u, zcc), 0.)
-    dL_ak = gl.where(tri_s, _mm_nt(s_dz, s_v, zcc), 0.)
-    dM_rb = gl.where(tri_i, _mm_nt(s_dy, s_u, zcc), 0.)
-    dM_rk = gl.where(tri_i, _mm_nt(s_dy, s_v, zcc), 0.)
+    dL_ab = gl.where(tri_s, _mm(s_dz, s_u, True, zcc), 0.)
+    dL_ak = gl.where(tri_s, _mm(s_dz, s_v, True, zcc), 0.)
+    dM_rb = gl.where(tri_i, _mm(s_dy, s_u, True, zcc), 0.)
+    dM_rk = gl.where(tri_i, _mm(s_dy, s_v, True, zcc), 0.)
     _stage(s_dlab, dL_ab)
     _stage(s_dlak, dL_ak)
     _stage(s_dmrb, dM_rb)
@@ -360,8 +352,8 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
 
     dV = _mm_cs(s_lak, True, s_dz, dV)                                     # + L_ak^T dZ
     if BIG_X3:
-        dR_d = _mm_big3(s_dy, hS, False, zcn)                                  # dY S
-        dA_d = _mm_big3(s_dz, hS, False, zcn)                                  # dZ S
+        dR_d = _mm(s_dy, hS, False, zcn)                                  # dY S
+        dA_d = _mm(s_dz, hS, False, zcn)                                  # dZ S
     else:
         S_ = s_S.load(B32)                      # B = S: [V, K], this warp's key columns
         dS_ = s_dS.load(B32)
@@ -377,8 +369,8 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     dK_u = _mm_cs(s_dmrk, True, s_rd, zcn)
     dK_u = _mm_cs(s_dlak, True, s_ad, dK_u)
     if BIG_X3:
-        dB_e = _mm_big3(s_u, hdS, False, zcn)                                  # U dS
-        dK_e = _mm_big3(s_v, hdS, False, zcn)                                  # V dS
+        dB_e = _mm(s_u, hdS, False, zcn)                                  # U dS
+        dK_e = _mm(s_v, hdS, False, zcn)                                  # V dS
     else:
         dB_e = mma_v2(f_u.load(A32), dS_, zcn, input_precision="tf32") * c_big
         dK_e = mma_v2(f_v.load(A32), dS_, zcn, input_precision="tf32") * c_big_v

@@ -43,7 +43,8 @@ CHUNK_LEN_OFFICIAL = 16
 
 
 def make_inputs(B, T, H, device, seed=0):
-    """r, k, v ~ N(0,1); w_raw ~ N(0, 4); a = -kk, b = kk sigmoid(noise), kk unit per head. bf16."""
+    """r, k, v ~ N(0,1); w_raw ~ N(0, 4); a = -kk, b = kk sigmoid(noise), kk unit per head. bf16. Also dy ~ N(0,1)
+    (the upstream gradient of y, from the same generator: runs with the same seed check the same gradients)."""
     g = torch.Generator(device=device).manual_seed(seed)
     rnd = lambda: torch.randn(B, T, H, N, device=device, generator=g)
     r, k, v = rnd(), rnd(), rnd()
@@ -53,7 +54,7 @@ def make_inputs(B, T, H, device, seed=0):
     bf = lambda x: x.bfloat16().contiguous()
     r, w_raw, k, v, a, b = map(bf, (r, w_raw, k, v, a, b))
     w = bf(W_SCALE * torch.sigmoid(w_raw.float()))     # log decay, as the model passes it
-    return dict(r=r, w=w, w_raw=w_raw, k=k, v=v, a=a, b=b)
+    return dict(r=r, w=w, w_raw=w_raw, k=k, v=v, a=a, b=b, dy=bf(rnd()))
 
 
 # ---------------------------------------------------------------------------------------------------- peers
@@ -235,7 +236,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--rwkvlm", default=".whl-kernels/rwkvlm")
-    ap.add_argument("--shapes", default="all")
+    ap.add_argument("--shapes", default="all", help='"all", "none" (accuracy only) or e.g. 16-512-12,8-4096-32')
     ap.add_argument("--configs", default="",
                     help="comma-separated configs, see parse_cfg and WKV7KernelConfig (default: chunk.CONFIG)")
     ap.add_argument("--acc-shapes", type=int, default=2, help="how many accuracy shapes to check (<= 2)")
@@ -293,7 +294,7 @@ def main():
         x = make_inputs(B, T, H, "cuda", seed=1)
         x64 = {n: x[n].double().requires_grad_() for n in "rwkvab"}
         y64, _ = chunk_wkv7_torch(*(x64[n] for n in "rwkvab"), chunk_size=16)
-        dy = torch.randn_like(x["v"])
+        dy = x["dy"]
         y64.backward(dy.double())
         key = f"B{B}-T{T}-H{H}"
         errs = {}
@@ -365,10 +366,12 @@ def main():
     save()
 
     # --- timing
-    shapes = SHAPES if args.shapes == "all" else [tuple(int(t) for t in s.split("-")) for s in args.shapes.split(",")]
+    named = {"all": SHAPES, "none": []}
+    shapes = named[args.shapes] if args.shapes in named else [tuple(int(t) for t in s.split("-"))
+                                                              for s in args.shapes.split(",")]
     for (B, T, H) in shapes:
         x = make_inputs(B, T, H, "cuda")
-        dy = torch.randn_like(x["v"])
+        dy = x["dy"]
         nb_f, fl_f = floor_ms(B, T, H, False)
         nb_fb, fl_fb = floor_ms(B, T, H, True)
         row = {"shape": f"{B}-{T}-{H}", "floor_fwd_ms": fl_f, "floor_fwd_bwd_ms": fl_fb}

@@ -140,16 +140,17 @@ def grads_ks_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, d
 
 
 def parse_variant(v):
-    """shipped | gluon | ksBK, then [-wW][-rR][-qPREC]: warps W (default 4), register cap R, dot precision PREC
+    """shipped | gluon | ksBK, then [-wW][-rR][-qPREC][-l1]: warps W (default 4), register cap R, dot precision PREC
     (default: the config's precision_bwd; the gluon kernel runs "bf16x3" for -qbf16x3 and "bf16x3k" for
-    anything else)."""
+    anything else); -l1: the gluon kernel computes the products' terms with the lo halves of dy and v even
+    though these bf16 inputs have none (as before LO_DY / LO_V)."""
     f = v.split("-")
     kernel = "ks" if f[0].startswith("ks") else f[0]
-    out = {"name": v, "kernel": kernel, "warps": 4, "maxnreg": None, "prec": None}
+    out = {"name": v, "kernel": kernel, "warps": 4, "maxnreg": None, "prec": None, "lo": 0}
     if kernel == "ks":
         out["BK"] = int(f[0][2:])
     for x in f[1:]:
-        key = {"w": "warps", "r": "maxnreg", "q": "prec"}[x[0]]
+        key = {"w": "warps", "r": "maxnreg", "q": "prec", "l": "lo"}[x[0]]
         out[key] = x[1:] if key == "prec" else int(x[1:])
     return out
 
@@ -164,7 +165,8 @@ def launch(var, x, st, dst, dy, grads, T, NC, H, C, prec):
     if var["kernel"] == "gluon":
         from kernels.wkv7.gluon_kernels import chunk_bwd_grads_gluon
         return chunk_bwd_grads_gluon[(NC * B * H,)](*args, N=64, C=C, LOG2C=int(math.log2(C)), IO_DY=0, IO_V=0,
-                                                    BIAS=ours._bias(x["r"]), BIG_X3=prec == "bf16x3", **kw)
+                                                    BIAS=ours._bias(x["r"]), BIG_X3=prec == "bf16x3",
+                                                    LO_DY=bool(var["lo"]), LO_V=bool(var["lo"]), **kw)
     if var["kernel"] == "shipped":
         return K.chunk_bwd_grads_kernel[(NC * B * H,)](*args, N=64, C=C, LOG2C=int(math.log2(C)), PREC=prec,
                                                      IO_DY=0, IO_V=0, BIAS=ours._bias(x["r"]), **kw)

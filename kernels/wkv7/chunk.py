@@ -6,7 +6,6 @@ Kernels and their math: triton_kernels.py. This module imports triton, so import
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
@@ -14,39 +13,45 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from triton import knobs
 
 from . import triton_kernels as K
 from .checks import check_inputs
 
 
-@dataclass
+@dataclass(frozen=True)
 class WKV7KernelConfig:
-    """Tuning of the Triton path; the module-level CONFIG is used. Defaults: the best measured on an H200."""
+    """Tuning of the Triton path; the module-level CONFIG is used (replace it with dataclasses.replace: a config
+    is immutable, so a backward always runs with its forward's). Defaults: the fastest measured on an H200
+    whose errors equal the official CUDA kernel's; "auto" and "bf16x3k" precisions trade 0.1-0.7% more error
+    for 5-8% less time (bench/results/wkv7.md)."""
 
     chunk_size: int = 16
     """Steps per chunk (power of two, 16..64): larger means fewer sequential steps but bigger [C, C] work."""
     block_v: int = 0
     """Rows of the state (value index) per program in the sequential kernels; N / block_v programs per
     head share its work. 0: 16 when there are few heads (B*H <= 48, e.g. one long sequence), else N."""
-    precision: str = "auto"
-    """Dot precision of the sequential forward (chunk_fwd_kernel). "auto": "bf16x3" when it runs more programs
+    precision: str = "bf16x3"
+    """Dot precision of the sequential forward (chunk_fwd_kernel). "bf16x3" (each product as three bf16
+    products on hi / lo halves): y's error equals the official kernel's (1.6601e-3 on the benchmark check
+    against the exact reference, H200 runs 40 and 43). "auto": "bf16x3" when it runs more programs
     (B * H * N / block_v) than the GPU has multiprocessors, else "tf32r" (H200, run 26: bf16x3 5-9% faster
     there, 3-11% slower with fewer programs: it trades shared-memory traffic for a longer dependent chain).
-    "tf32r": operands rounded to tf32, with M_rk and M_rk V carried as hi + lo terms (y error 1.664e-3 on the
-    benchmark check against the exact reference; the official kernel's 1.660e-3, bf16's own rounding of y
-    1.656e-3); "bf16x3": 1.660e-3; also "tf32c", "tf32" (truncated; 2.0e-3), "tf32x3" or "ieee" (slower)."""
+    "tf32r": operands rounded to tf32, with M_rk and M_rk V carried as hi + lo terms (y error 1.664e-3, 0.2%
+    above the official kernel's); also "tf32c", "tf32" (truncated; 2.0e-3), "tf32x3" or "ieee" (slower)."""
     precision_cc: str = "bf16x3"
     """Dot precision of chunk_cc_kernel (the [C, C] matrices): "bf16x3" measured 10% faster than "tf32r" on
     every benchmark shape (run 26), and near float32."""
-    precision_bwd: str = "bf16x3k"
-    """Dot precision of the backward's gradient kernel (chunk_bwd_grads_kernel). "bf16x3k": the seven
-    [C, N] x [N, N] products with the state and its gradient as "tf32c", the ~28 others as "bf16x3"
-    (triton_kernels._dot_big): H200 run 26, gradient errors 1.657-1.672e-3 on the benchmark check (official
-    kernel 1.649-1.661e-3) at 1.03x the time of "tf32c" (1.68-1.75e-3; tensor cores on truncated operands, the
-    products scaled back by the truncation's mean error, triton_kernels._dotn); "bf16x3" everywhere:
-    1.655-1.669e-3 at 1.54x; "tf32r" 1.69-1.75e-3 at 1.85x; "tf32" 1.8-3.0e-3. With the Gluon kernel (run 38),
-    "bf16x3" costs 1.14x its time (2.49 vs 2.18 ms on B8-T4096-H32): with precision="bf16x3" too, every
-    output's error is within 0.1% of the official kernel's (the default: 0.1-0.7% above it)."""
+    precision_bwd: str = "bf16x3"
+    """Dot precision of the backward's gradient kernel. "bf16x3" (every product as three bf16 products; the
+    Gluon kernel skips the terms with the zero lo halves of bf16 dy and v): with precision and
+    precision_state_bwd "bf16x3" too, every gradient's error equals the official kernel's to 4 digits and the
+    all-float32 ("ieee") kernels' (H200, run 43: dr/dk/dv/da/db/dw ratio 1.0000 on both checks), in 2.36 ms
+    of the Gluon kernel's time on B8-T4096-H32. "bf16x3k": the seven [C, N] x [N, N] products with the
+    state and its gradient as "tf32c", the ~28 others as "bf16x3" (triton_kernels._dot_big): 2.09 ms, errors
+    0.1-0.7% above the official kernel's (da, db the most); "tf32c" (tensor cores on truncated operands, the
+    products scaled back by the truncation's mean error, triton_kernels._dotn): 1.68-1.75e-3; "tf32r"
+    1.69-1.75e-3; "tf32" 1.8-3.0e-3."""
     grads_kernel: str = "auto"
     """The backward's gradient kernel: "gluon" (gluon_kernels.chunk_bwd_grads_gluon, explicit layouts: H200,
     session 6, run 38, 2.18 vs 4.08 ms on B8-T4096-H32, 0.22 vs 0.39 ms on B16-T512-H12, the same errors),
@@ -56,10 +61,12 @@ class WKV7KernelConfig:
     aligned inputs, a triton with Gluon's 3.6 API) and compiles and launches (it needs ~102 KiB of shared
     memory per block: H100/H200/A100, not RTX 30xx/40xx or L4, which fall back with one warning), else
     "triton"."""
-    precision_state_bwd: str = "auto"
+    precision_state_bwd: str = "bf16x3"
     """Dot precision of the backward's sequential state pass (chunk_bwd_dstate_kernel), whose dL/dS feeds
-    every gradient. "auto": "bf16x3" when it runs more programs than the GPU has multiprocessors, else "tf32c"
-    (as `precision`; "tf32", "tf32c" and "tf32r" measured the same gradient errors)."""
+    every gradient: "bf16x3" is what brings the gradients to the official kernel's errors (run 40: with
+    "tf32c" here dw's own error is 5x larger, 6.7e-5 vs 1.3e-5, and the bf16 gradients' 0.07-0.09% above).
+    "auto": "bf16x3" when it runs more programs than the GPU has multiprocessors, else "tf32c" (as
+    `precision`: faster with few programs)."""
     num_warps: int = 4
     """Warps per program for the sequential kernels (chunk_fwd_kernel, chunk_bwd_dstate_kernel)."""
     num_warps_bwd: int = 4
@@ -110,6 +117,54 @@ def _alloc(shape, dtype, device, cfg):
     if cfg.poison_outputs:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+_COMPILED: dict = {}
+"""(kernel, call key) -> (the CompiledKernel triton's JIT launched for that call, its constexpr arguments):
+see _launch."""
+
+
+@functools.cache
+def _direct_launch_supported() -> bool:
+    """triton's CompiledKernel.run takes (grid, stream, function, packed_metadata, launch_metadata, hooks, *args)
+    in the versions checked (3.6 on the H200 image); other versions keep the JIT path."""
+    import triton
+    return tuple(int(p) for p in triton.__version__.split(".")[:2]) == (3, 6)
+
+
+def _call_key(cfg, tensors, *facts):
+    """What fixes the kernels' specialization in a call (with the shapes and flags in `facts`): the config, the
+    current device, and each user tensor's dtype and 16-byte alignment (tensors this module allocates are
+    aligned). None, so every launch takes the JIT path, off an NVIDIA GPU, with another triton, or while a
+    launch hook (a profiler) is set."""
+    if not (_on_nvidia_gpu(tensors[0]) and _direct_launch_supported() and not knobs.runtime.launch_enter_hook.calls
+            and not knobs.runtime.launch_exit_hook.calls):
+        return None
+    return (torch.cuda.current_device(), cfg, facts,
+            tuple(None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in tensors))
+
+
+def _launch(kernel, grid, call, *args, **kw):
+    """kernel[grid](*args, **kw). With a call key (_call_key) seen before, the CompiledKernel the JIT picked for
+    it is launched directly: the JIT's per-launch argument binding, specialization and checks took 25-150 us
+    per launch on the H200 VM (bench/wkv7_host.py), which set the pace of short calls such as B16-T512-H12."""
+    hit = _COMPILED.get((kernel, call)) if call is not None else None
+    if hit is None:
+        compiled = kernel[grid](*args, **kw)
+        if call is not None:
+            if len(_COMPILED) >= 4096:   # many distinct shapes: start over rather than grow without bound
+                _COMPILED.clear()
+            _COMPILED[(kernel, call)] = (compiled, tuple(kw[name] for name in kernel.arg_names[len(args):]))
+        return
+    compiled, constexprs = hit
+    grid = (*grid, 1, 1)
+    compiled.run(grid[0], grid[1], grid[2], _stream(call[0]), compiled.function, compiled.packed_metadata, None,
+                 None, None, *args, *constexprs)
+
+
+def _stream(device: int) -> int:
+    """The handle of the device's current CUDA stream (where triton's JIT launches too)."""
+    return torch._C._cuda_getCurrentRawStream(device)
 
 
 def _check(r, w, k, v, a, b, initial_state):
@@ -196,11 +251,27 @@ memory per block: it needs ~102 KiB, which an H100/H200/A100 has and an RTX 30xx
 calls run the Triton kernel."""
 
 
-def _launch_grads(cfg, tensors, N, launch_gluon, launch_triton) -> str:
+_GRADS_KERNEL: dict = {}
+"""call key (_call_key) -> the gradient kernel that ran for it ("gluon" / "triton"): repeated calls skip the
+checks of _launch_grads."""
+
+
+def _launch_grads(cfg, tensors, N, launch_gluon, launch_triton, call=None) -> str:
     """Run the backward's gradient kernel: the Gluon one where cfg.grads_kernel and the call allow it (see
     WKV7KernelConfig), else the Triton one. Under "auto" a Gluon kernel that fails to compile or launch (a
     GPU with less shared memory, a triton API change) falls back to Triton for that device and dtypes, with
     one warning; under "gluon" it raises. Returns the kernel run: "gluon" or "triton"."""
+    known = _GRADS_KERNEL.get(call) if call is not None else None
+    if known is not None:
+        (launch_gluon if known == "gluon" else launch_triton)()
+        return known
+    ran = _pick_and_launch_grads(cfg, tensors, N, launch_gluon, launch_triton)
+    if call is not None:
+        _GRADS_KERNEL[call] = ran
+    return ran
+
+
+def _pick_and_launch_grads(cfg, tensors, N, launch_gluon, launch_triton) -> str:
     x = tensors[0]
     if cfg.grads_kernel != "triton":
         on_gpu = _on_nvidia_gpu(x)
@@ -237,18 +308,20 @@ def _fwd(r, w, k, v, a, b, s0, store_final, store_states, cfg):
     B, T, H, N = r.shape
     C, BV = cfg.chunk_size, _block_v(B, H, N, cfg)
     NC = triton_cdiv(T, C)
+    call = _call_key(cfg, (r, w, k, v, a, b, s0), B, T, H, store_final, store_states)
+    bias = _bias(r)
     y = _alloc((B, T, H, N), r.dtype, r.device, cfg)
     sT = _alloc((B, H, N, N), torch.float32, r.device, cfg) if store_final else None
     st = _alloc((B, H, NC, N, N), torch.float32, r.device, cfg) if store_states else None
     cc = _alloc((B * H, NC, 4, C, C), torch.float32, r.device, cfg)
-    K.chunk_cc_kernel[(NC * B * H,)](
-        r, w, k, a, b, cc, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=cfg.precision_cc, BIAS=_bias(r),
-        num_warps=cfg.num_warps_cc)
-    K.chunk_fwd_kernel[(B * H, N // BV)](
-        r, w, k, v, a, b, cc, s0, y, sT, st, T, NC, H, N=N, C=C, BV=BV, HAS_S0=s0 is not None,
-        STORE_FINAL=store_final, STORE_STATES=store_states, PREFETCH=cfg.prefetch,
-        PREC=_sequential_precision(cfg.precision, "tf32r", r, B * H * (N // BV)),
-        IO_V=int(v.element_size() > 2), BIAS=_bias(r), num_warps=cfg.num_warps)
+    _launch(K.chunk_cc_kernel, (NC * B * H,), call,
+            r, w, k, a, b, cc, T, NC, H, N=N, C=C, LOG2C=int(math.log2(C)), PREC=cfg.precision_cc, BIAS=bias,
+            num_warps=cfg.num_warps_cc)
+    _launch(K.chunk_fwd_kernel, (B * H, N // BV), call,
+            r, w, k, v, a, b, cc, s0, y, sT, st, T, NC, H, N=N, C=C, BV=BV, HAS_S0=s0 is not None,
+            STORE_FINAL=store_final, STORE_STATES=store_states, PREFETCH=cfg.prefetch,
+            PREC=_sequential_precision(cfg.precision, "tf32r", r, B * H * (N // BV)),
+            IO_V=int(v.element_size() > 2), BIAS=bias, num_warps=cfg.num_warps)
     return y, sT, st, (cc if store_states else None)
 
 
@@ -259,27 +332,29 @@ def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0, cfg):
     C, BV = cfg.chunk_size, _block_v(B, H, N, cfg)
     NC = st.shape[2]
     dy = dy.contiguous()
+    call = _call_key(cfg, (r, w, k, v, a, b, dy, dsT), B, T, H)
+    bias = _bias(r)
     dst = _alloc((B, H, NC, N, N), torch.float32, r.device, cfg)   # dL/dS at each chunk's end
     ds0 = _alloc((B, H, N, N), torch.float32, r.device, cfg)
-    K.chunk_bwd_dstate_kernel[(B * H, N // BV)](
-        r, w, a, b, cc, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, BV=BV, HAS_DST=dsT is not None,
-        PREFETCH=cfg.prefetch, PREC=_sequential_precision(cfg.precision_state_bwd, "tf32c", r, B * H * (N // BV)),
-        IO_DY=int(dy.element_size() > 2),
-        BIAS=_bias(r), num_warps=cfg.num_warps)
+    _launch(K.chunk_bwd_dstate_kernel, (B * H, N // BV), call,
+            r, w, a, b, cc, dy, dsT, dst, ds0, T, NC, H, N=N, C=C, BV=BV, HAS_DST=dsT is not None,
+            PREFETCH=cfg.prefetch, PREC=_sequential_precision(cfg.precision_state_bwd, "tf32c", r, B * H * (N // BV)),
+            IO_DY=int(dy.element_size() > 2), BIAS=bias, num_warps=cfg.num_warps)
     grads = [_alloc(x.shape, x.dtype, x.device, cfg) for x in (r, w, k, v, a, b)]
-    io = dict(IO_DY=int(dy.element_size() > 2), IO_V=int(v.element_size() > 2), BIAS=_bias(r))
+    io = dict(IO_DY=int(dy.element_size() > 2), IO_V=int(v.element_size() > 2), BIAS=bias)
     args = (r, w, k, v, a, b, st, dst, dy, *grads, T, NC, H)
 
     def gluon():
         from .gluon_kernels import chunk_bwd_grads_gluon
-        chunk_bwd_grads_gluon[(NC * B * H,)](*args, N=N, C=C, LOG2C=int(math.log2(C)), **io,
-                                             BIG_X3=cfg.precision_bwd == "bf16x3", num_warps=4)
+        _launch(chunk_bwd_grads_gluon, (NC * B * H,), call, *args, N=N, C=C, LOG2C=int(math.log2(C)), **io,
+                BIG_X3=cfg.precision_bwd == "bf16x3", LO_DY=dy.dtype != torch.bfloat16,
+                LO_V=v.dtype != torch.bfloat16, num_warps=4)
 
     def triton():
-        K.chunk_bwd_grads_kernel[(NC * B * H,)](*args, N=N, C=C, LOG2C=int(math.log2(C)), PREC=cfg.precision_bwd,
-                                                **io, num_warps=cfg.num_warps_bwd)
+        _launch(K.chunk_bwd_grads_kernel, (NC * B * H,), call, *args, N=N, C=C, LOG2C=int(math.log2(C)),
+                PREC=cfg.precision_bwd, **io, num_warps=cfg.num_warps_bwd)
 
-    _launch_grads(cfg, (r, w, k, v, a, b, dy), N, gluon, triton)
+    _launch_grads(cfg, (r, w, k, v, a, b, dy), N, gluon, triton, call)
     return (*grads, ds0 if need_ds0 else None)
 
 
@@ -292,7 +367,7 @@ class ChunkWKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0, output_final_state):
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         s0 = None if s0 is None else s0.float().contiguous()
-        ctx.cfg = copy.copy(CONFIG)   # a copy: the backward indexes the forward's saved chunks
+        ctx.cfg = CONFIG   # immutable: the backward indexes the chunks the forward saved with it
         ctx.set_materialize_grads(False)
         y, sT, st, cc = _fwd(r, w, k, v, a, b, s0, output_final_state, True, ctx.cfg)
         ctx.save_for_backward(r, w, k, v, a, b, st, cc)
@@ -315,7 +390,7 @@ class RecurrentWKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0, output_final_state):
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         s0 = None if s0 is None else s0.float().contiguous()
-        ctx.cfg = copy.copy(CONFIG)
+        ctx.cfg = CONFIG
         ctx.set_materialize_grads(False)
         B, T, H, N = r.shape
         BV = min(16, N)

@@ -75,10 +75,13 @@ def _split(x):
 
 
 @gluon.jit
-def _x3(a_hi, a_lo, b_hi, b_lo, acc):
-    """acc + a b as bf16x3 (operands already in A16 / B16)."""
-    acc = mma_v2(a_lo, b_hi, acc)
-    acc = mma_v2(a_hi, b_lo, acc)
+def _x3(a_hi, a_lo, b_hi, b_lo, acc, A_LO: gl.constexpr, B_LO: gl.constexpr):
+    """acc + a b as bf16x3 (operands already in A16 / B16). A_LO / B_LO: False where that operand is exact in
+    bf16 (a bf16 input: its lo half is zero), which skips the product with it."""
+    if A_LO:
+        acc = mma_v2(a_lo, b_hi, acc)
+    if B_LO:
+        acc = mma_v2(a_hi, b_lo, acc)
     return mma_v2(a_hi, b_hi, acc)
 
 
@@ -95,20 +98,25 @@ def _buf(R: gl.constexpr, K: gl.constexpr):
 
 
 @gluon.jit
-def _stage(slot, x):
-    """Store the hi and lo halves of x into slot."""
+def _stage(slot, x, LO: gl.constexpr):
+    """Store the hi and lo halves of x into slot (the hi half alone where LO is False: x is exact in bf16)."""
     hi, lo = _split(x)
     slot[0].store(hi)
-    slot[1].store(lo)
+    if LO:
+        slot[1].store(lo)
 
 
 @gluon.jit
-def _opnd(slot, LAYOUT: gl.constexpr, TRANS: gl.constexpr):
-    """The hi and lo halves of a staged tile, loaded in LAYOUT (transposed when TRANS)."""
+def _opnd(slot, LAYOUT: gl.constexpr, TRANS: gl.constexpr, LO: gl.constexpr):
+    """The hi and lo halves of a staged tile, loaded in LAYOUT (transposed when TRANS); without LO the lo half
+    is not loaded (the hi half stands in for it, unused)."""
     if TRANS:
-        return slot[0].permute((1, 0)).load(LAYOUT), slot[1].permute((1, 0)).load(LAYOUT)
+        hi = slot[0].permute((1, 0)).load(LAYOUT)
+        lo = slot[1].permute((1, 0)).load(LAYOUT) if LO else hi
     else:
-        return slot[0].load(LAYOUT), slot[1].load(LAYOUT)
+        hi = slot[0].load(LAYOUT)
+        lo = slot[1].load(LAYOUT) if LO else hi
+    return hi, lo
 
 
 @gluon.jit
@@ -118,21 +126,22 @@ def _buf32(R: gl.constexpr, K: gl.constexpr):
 
 
 @gluon.jit
-def _mm_cs(m, TRANS: gl.constexpr, x, acc):
+def _mm_cs(m, TRANS: gl.constexpr, x, acc, X_LO: gl.constexpr):
     """(i): acc + M X, M a staged [C, C] matrix (M^T when TRANS), X a staged [C, N] tile (each warp reads its
-    own columns)."""
-    m_hi, m_lo = _opnd(m, A16, TRANS)
-    x_hi, x_lo = _opnd(x, B16, False)
-    return _x3(m_hi, m_lo, x_hi, x_lo, acc)
+    own columns; X_LO: False where X is exact in bf16)."""
+    m_hi, m_lo = _opnd(m, A16, TRANS, True)
+    x_hi, x_lo = _opnd(x, B16, False, X_LO)
+    return _x3(m_hi, m_lo, x_hi, x_lo, acc, True, X_LO)
 
 
 @gluon.jit
-def _mm(x, y, TRANS: gl.constexpr, acc):
+def _mm(x, y, TRANS: gl.constexpr, acc, X_LO: gl.constexpr, Y_LO: gl.constexpr):
     """acc + X Y (X Y^T when TRANS) as bf16x3, X and Y staged tiles read as A and B operands: (ii), X Y^T
-    with [C, N] tiles -> [C, C]; (iii) with a split state Y [N, N] (BIG_X3)."""
-    x_hi, x_lo = _opnd(x, A16, False)
-    y_hi, y_lo = _opnd(y, B16, TRANS)
-    return _x3(x_hi, x_lo, y_hi, y_lo, acc)
+    with [C, N] tiles -> [C, C]; (iii) with a split state Y [N, N] (BIG_X3). X_LO / Y_LO: False where that
+    tile is exact in bf16."""
+    x_hi, x_lo = _opnd(x, A16, False, X_LO)
+    y_hi, y_lo = _opnd(y, B16, TRANS, Y_LO)
+    return _x3(x_hi, x_lo, y_hi, y_lo, acc, X_LO, Y_LO)
 
 
 @gluon.jit
@@ -153,8 +162,8 @@ def _split_states(s_S, s_dS, N: gl.constexpr):
     y = s_dS.load(COPY)
     hS = (gl.allocate_shared_memory(gl.bfloat16, [N, N], SMEM_CN), gl.allocate_shared_memory(gl.bfloat16, [N, N], SMEM_CN))
     hdS = (gl.allocate_shared_memory(gl.bfloat16, [N, N], SMEM_CN), gl.allocate_shared_memory(gl.bfloat16, [N, N], SMEM_CN))
-    _stage(hS, x)
-    _stage(hdS, y)
+    _stage(hS, x, True)
+    _stage(hdS, y, True)
     return hS, hdS, gl.convert_layout(gl.sum(x * y, axis=0), COL)
 
 
@@ -179,11 +188,13 @@ def _copy_chunk(ptr, n, T, H, i_b, i_h, C: gl.constexpr, N: gl.constexpr):
 def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_ptr, dy_ptr,
                           dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
                           T, NC, H, N: gl.constexpr, C: gl.constexpr, LOG2C: gl.constexpr,
-                          IO_DY: gl.constexpr, IO_V: gl.constexpr, BIAS: gl.constexpr, BIG_X3: gl.constexpr):
+                          IO_DY: gl.constexpr, IO_V: gl.constexpr, BIAS: gl.constexpr, BIG_X3: gl.constexpr,
+                          LO_DY: gl.constexpr, LO_V: gl.constexpr):
     """Grid (NC * B*H,), 4 warps, C = 16, N = 64: chunk n of head (b, h), from its start state st[n] and the
     gradient dst[n] of its end state; writes the chunk's dr, dw, dk, dv, da, db [B, T, H, N]. IO_DY / IO_V:
     1 when dy / v is float32 (its truncation to tf32 is then compensated), else 0. BIG_X3: the seven products
-    with S / dS as bf16x3 ("bf16x3") instead of tf32c ("bf16x3k")."""
+    with S / dS as bf16x3 ("bf16x3") instead of tf32c ("bf16x3k"). LO_DY / LO_V: False when dy / v is bf16,
+    so exact in one bf16 half: the products' terms with their (zero) lo halves are skipped."""
     n = gl.program_id(0) % NC
     i_bh = gl.program_id(0) // NC
     i_b = i_bh // H
@@ -251,15 +262,15 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     s_dlak = _buf(C, C)
     s_dmrb = _buf(C, C)
     s_dmrk = _buf(C, C)
-    _stage(s_ad, a_d)
-    _stage(s_rd, r_d)
-    _stage(s_bu, b_u)
-    _stage(s_ku, k_u)
+    _stage(s_ad, a_d, True)
+    _stage(s_rd, r_d, True)
+    _stage(s_bu, b_u, True)
+    _stage(s_ku, k_u, True)
     if BIG_X3:
         s_be = _buf(C, N)
         s_ke = _buf(C, N)
-        _stage(s_be, b_e)
-        _stage(s_ke, k_e)
+        _stage(s_be, b_e, True)
+        _stage(s_ke, k_e, True)
     else:
         f_be = _buf32(C, N)
         f_ke = _buf32(C, N)
@@ -271,39 +282,39 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
         f_ad.store(a_d)
         f_dy.store(dY)
         f_v.store(vv)
-    _stage(s_dy, dY)
-    _stage(s_v, vv)
+    _stage(s_dy, dY, LO_DY)
+    _stage(s_v, vv, LO_V)
     gl.thread_barrier()
 
     zcc = gl.full([C, C], 0.0, gl.float32, MMA)
-    L_ab = gl.where(tri_s, _mm(s_ad, s_bu, True, zcc), 0.)
-    L_ak = gl.where(tri_s, _mm(s_ad, s_ku, True, zcc), 0.)
-    M_rb = gl.where(tri_i, _mm(s_rd, s_bu, True, zcc), 0.)
-    M_rk = gl.where(tri_i, _mm(s_rd, s_ku, True, zcc), 0.)
+    L_ab = gl.where(tri_s, _mm(s_ad, s_bu, True, zcc, True, True), 0.)
+    L_ak = gl.where(tri_s, _mm(s_ad, s_ku, True, zcc, True, True), 0.)
+    M_rb = gl.where(tri_i, _mm(s_rd, s_bu, True, zcc, True, True), 0.)
+    M_rk = gl.where(tri_i, _mm(s_rd, s_ku, True, zcc, True, True), 0.)
 
     # Q = (I - L_ab)^{-1} - I by doubling: Lp <- Lp Lp, Q <- Q + Lp + Q Lp (each step's operands staged)
     Q = L_ab
     Lp = L_ab
     for _ in gl.static_range(LOG2C - 1):
         s_lp = _buf(C, C)
-        _stage(s_lp, Lp)
+        _stage(s_lp, Lp, True)
         gl.thread_barrier()
-        a_hi, a_lo = _opnd(s_lp, A16, False)
-        b_hi, b_lo = _opnd(s_lp, B16, False)
-        Lp = _x3(a_hi, a_lo, b_hi, b_lo, zcc)
+        a_hi, a_lo = _opnd(s_lp, A16, False, True)
+        b_hi, b_lo = _opnd(s_lp, B16, False, True)
+        Lp = _x3(a_hi, a_lo, b_hi, b_lo, zcc, True, True)
         s_lp2 = _buf(C, C)
         s_qs = _buf(C, C)
-        _stage(s_lp2, Lp)
-        _stage(s_qs, Q)
+        _stage(s_lp2, Lp, True)
+        _stage(s_qs, Q, True)
         gl.thread_barrier()
-        b_hi, b_lo = _opnd(s_lp2, B16, False)
-        q_hi, q_lo = _opnd(s_qs, A16, False)
-        Q = Q + Lp + _x3(q_hi, q_lo, b_hi, b_lo, zcc)
+        b_hi, b_lo = _opnd(s_lp2, B16, False, True)
+        q_hi, q_lo = _opnd(s_qs, A16, False, True)
+        Q = Q + Lp + _x3(q_hi, q_lo, b_hi, b_lo, zcc, True, True)
 
-    _stage(s_q, Q)
-    _stage(s_lak, L_ak)
-    _stage(s_mrb, M_rb)
-    _stage(s_mrk, M_rk)
+    _stage(s_q, Q, True)
+    _stage(s_lak, L_ak, True)
+    _stage(s_mrb, M_rb, True)
+    _stage(s_mrk, M_rk, True)
     gl.thread_barrier()
 
     zcn = gl.full([C, N], 0.0, gl.float32, MMA)
@@ -314,25 +325,25 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
     if BIG_X3:
         hS, hdS, sS = _split_states(s_S, s_dS, N)
         gl.thread_barrier()
-        Z = _mm(s_ad, hS, True, zcn)                                      # a_d S^T
-        dU = _mm(s_be, hdS, True, zcn)                                    # b_e dS^T
-        dV = _mm(s_ke, hdS, True, zcn)                                    # k_e dS^T
+        Z = _mm(s_ad, hS, True, zcn, True, True)                                      # a_d S^T
+        dU = _mm(s_be, hdS, True, zcn, True, True)                                    # b_e dS^T
+        dV = _mm(s_ke, hdS, True, zcn, True, True)                                    # k_e dS^T
     else:
         St = s_S.permute((1, 0)).load(B32)      # B = S^T: [K, V], this warp's value columns
         dSt = s_dS.permute((1, 0)).load(B32)
         Z = mma_v2(f_ad.load(A32), St, zcn, input_precision="tf32") * c_big
         dU = mma_v2(f_be.load(A32), dSt, zcn, input_precision="tf32") * c_big
         dV = mma_v2(f_ke.load(A32), dSt, zcn, input_precision="tf32") * c_big
-    Z = _mm_cs(s_lak, False, s_v, Z)                                      # + L_ak V
-    dU = _mm_cs(s_mrb, True, s_dy, dU)                                     # + M_rb^T dY
-    dV = _mm_cs(s_mrk, True, s_dy, dV)                                     # + M_rk^T dY
-    _stage(s_z, Z)
-    _stage(s_du, dU)
+    Z = _mm_cs(s_lak, False, s_v, Z, LO_V)                                      # + L_ak V
+    dU = _mm_cs(s_mrb, True, s_dy, dU, LO_DY)                                     # + M_rb^T dY
+    dV = _mm_cs(s_mrk, True, s_dy, dV, LO_DY)                                     # + M_rk^T dY
+    _stage(s_z, Z, True)
+    _stage(s_du, dU, True)
     gl.thread_barrier()
-    U = _mm_cs(s_q, False, s_z, Z)                                     # Q Z + Z
-    dZ = _mm_cs(s_q, True, s_du, dU)                                    # Q^T dU + dU
-    _stage(s_u, U)
-    _stage(s_dz, dZ)
+    U = _mm_cs(s_q, False, s_z, Z, True)                                     # Q Z + Z
+    dZ = _mm_cs(s_q, True, s_du, dU, True)                                    # Q^T dU + dU
+    _stage(s_u, U, True)
+    _stage(s_dz, dZ, True)
     if not BIG_X3:
         f_u = _buf32(C, N)
         f_dz = _buf32(C, N)
@@ -340,37 +351,37 @@ def chunk_bwd_grads_gluon(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, st_ptr, dst_
         f_dz.store(dZ)
     gl.thread_barrier()
 
-    dL_ab = gl.where(tri_s, _mm(s_dz, s_u, True, zcc), 0.)
-    dL_ak = gl.where(tri_s, _mm(s_dz, s_v, True, zcc), 0.)
-    dM_rb = gl.where(tri_i, _mm(s_dy, s_u, True, zcc), 0.)
-    dM_rk = gl.where(tri_i, _mm(s_dy, s_v, True, zcc), 0.)
-    _stage(s_dlab, dL_ab)
-    _stage(s_dlak, dL_ak)
-    _stage(s_dmrb, dM_rb)
-    _stage(s_dmrk, dM_rk)
+    dL_ab = gl.where(tri_s, _mm(s_dz, s_u, True, zcc, True, True), 0.)
+    dL_ak = gl.where(tri_s, _mm(s_dz, s_v, True, zcc, True, LO_V), 0.)
+    dM_rb = gl.where(tri_i, _mm(s_dy, s_u, True, zcc, LO_DY, True), 0.)
+    dM_rk = gl.where(tri_i, _mm(s_dy, s_v, True, zcc, LO_DY, LO_V), 0.)
+    _stage(s_dlab, dL_ab, True)
+    _stage(s_dlak, dL_ak, True)
+    _stage(s_dmrb, dM_rb, True)
+    _stage(s_dmrk, dM_rk, True)
     gl.thread_barrier()
 
-    dV = _mm_cs(s_lak, True, s_dz, dV)                                     # + L_ak^T dZ
+    dV = _mm_cs(s_lak, True, s_dz, dV, True)                                     # + L_ak^T dZ
     if BIG_X3:
-        dR_d = _mm(s_dy, hS, False, zcn)                                  # dY S
-        dA_d = _mm(s_dz, hS, False, zcn)                                  # dZ S
+        dR_d = _mm(s_dy, hS, False, zcn, LO_DY, True)                                  # dY S
+        dA_d = _mm(s_dz, hS, False, zcn, True, True)                                  # dZ S
     else:
         S_ = s_S.load(B32)                      # B = S: [V, K], this warp's key columns
         dS_ = s_dS.load(B32)
         sS = gl.convert_layout(gl.sum(dS_ * S_, axis=0), COL)
         dR_d = mma_v2(f_dy.load(A32), S_, zcn, input_precision="tf32") * (1.0 + (1 + IO_DY) * BIAS)
         dA_d = mma_v2(f_dz.load(A32), S_, zcn, input_precision="tf32") * c_big
-    dR_d = _mm_cs(s_dmrb, False, s_bu, dR_d)
-    dR_d = _mm_cs(s_dmrk, False, s_ku, dR_d)
-    dA_d = _mm_cs(s_dlab, False, s_bu, dA_d)
-    dA_d = _mm_cs(s_dlak, False, s_ku, dA_d)
-    dB_u = _mm_cs(s_dmrb, True, s_rd, zcn)
-    dB_u = _mm_cs(s_dlab, True, s_ad, dB_u)
-    dK_u = _mm_cs(s_dmrk, True, s_rd, zcn)
-    dK_u = _mm_cs(s_dlak, True, s_ad, dK_u)
+    dR_d = _mm_cs(s_dmrb, False, s_bu, dR_d, True)
+    dR_d = _mm_cs(s_dmrk, False, s_ku, dR_d, True)
+    dA_d = _mm_cs(s_dlab, False, s_bu, dA_d, True)
+    dA_d = _mm_cs(s_dlak, False, s_ku, dA_d, True)
+    dB_u = _mm_cs(s_dmrb, True, s_rd, zcn, True)
+    dB_u = _mm_cs(s_dlab, True, s_ad, dB_u, True)
+    dK_u = _mm_cs(s_dmrk, True, s_rd, zcn, True)
+    dK_u = _mm_cs(s_dlak, True, s_ad, dK_u, True)
     if BIG_X3:
-        dB_e = _mm(s_u, hdS, False, zcn)                                  # U dS
-        dK_e = _mm(s_v, hdS, False, zcn)                                  # V dS
+        dB_e = _mm(s_u, hdS, False, zcn, True, True)                                  # U dS
+        dK_e = _mm(s_v, hdS, False, zcn, LO_V, True)                                  # V dS
     else:
         dB_e = mma_v2(f_u.load(A32), dS_, zcn, input_precision="tf32") * c_big
         dK_e = mma_v2(f_v.load(A32), dS_, zcn, input_precision="tf32") * c_big_v

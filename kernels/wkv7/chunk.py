@@ -308,7 +308,7 @@ def _fwd(r, w, k, v, a, b, s0, store_final, store_states, cfg):
     B, T, H, N = r.shape
     C, BV = cfg.chunk_size, _block_v(B, H, N, cfg)
     NC = triton_cdiv(T, C)
-    call = _call_key(cfg, (r, w, k, v, a, b, s0), B, T, H, store_final, store_states)
+    call = _call_key(cfg, (r, w, k, v, a, b, s0), B, T, H, N, store_final, store_states)
     bias = _bias(r)
     y = _alloc((B, T, H, N), r.dtype, r.device, cfg)
     sT = _alloc((B, H, N, N), torch.float32, r.device, cfg) if store_final else None
@@ -332,7 +332,7 @@ def _bwd(r, w, k, v, a, b, st, cc, dy, dsT, need_ds0, cfg):
     C, BV = cfg.chunk_size, _block_v(B, H, N, cfg)
     NC = st.shape[2]
     dy = dy.contiguous()
-    call = _call_key(cfg, (r, w, k, v, a, b, dy, dsT), B, T, H)
+    call = _call_key(cfg, (r, w, k, v, a, b, dy, dsT), B, T, H, N)
     bias = _bias(r)
     dst = _alloc((B, H, NC, N, N), torch.float32, r.device, cfg)   # dL/dS at each chunk's end
     ds0 = _alloc((B, H, N, N), torch.float32, r.device, cfg)

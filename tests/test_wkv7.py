@@ -255,7 +255,7 @@ def test_gpu_default_gradients_at_the_bf16_floor(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision_bwd", ["bf16x3k", "bf16x3"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gpu_gluon_gradient_kernel_matches_triton(dtype, precision_bwd, monkeypatch):
     """The Gluon gradient kernel (the default on an NVIDIA GPU) against its reference, the Triton kernel, on
     the same forward and state pass: T not a multiple of the chunk, an odd head count, initial state and
@@ -273,7 +273,8 @@ def test_gpu_gluon_gradient_kernel_matches_triton(dtype, precision_bwd, monkeypa
         monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, grads_kernel=kernel, poison_outputs=True,
                                                      precision_bwd=precision_bwd))
         _, _, grads[kernel] = run_with_grads(chunk.chunk_wkv7, xs, s0, dy, ds, dtype)
-    agree = 1e-4 if dtype == torch.float32 else 2e-3
+    # fp16: 3 bits more than bf16, so skipping its lo halves as for bf16 (LO_DY / LO_V) would show at ~1e-3
+    agree = {torch.float32: 1e-4, torch.float16: 3e-4, torch.bfloat16: 2e-3}[dtype]
     for name, a, b, ref in zip(["dr", "dw", "dk", "dv", "da", "db", "ds0"], grads["gluon"], grads["triton"], g0):
         assert rel(a, b) < agree, (name, rel(a, b))
         assert rel(a, ref) < 1e-2, (name, rel(a, ref))
@@ -337,38 +338,86 @@ def test_launch_reuses_the_compiled_kernel_per_call_key(monkeypatch):
 
     monkeypatch.setattr(chunk, "_COMPILED", {})
     monkeypatch.setattr(chunk, "_stream", lambda device: 7 + device)
-    k = Kernel()
+    k, other = Kernel(), Kernel()
     chunk._launch(k, (4,), (0, "key1"), "x0", 3, B=2, A=1, num_warps=4)
     chunk._launch(k, (4, 2), (0, "key1"), "x1", 5, B=2, A=1, num_warps=4)
     chunk._launch(k, (4,), None, "x2", 5, B=2, A=1, num_warps=4)
     chunk._launch(k, (4,), (0, "key2"), "x3", 5, B=2, A=1, num_warps=4)
-    assert [(c[0], c[1][0], c[2]) for c in jit_calls] == [((4,), "x0", dict(B=2, A=1, num_warps=4)),
-                                                         ((4,), "x2", dict(B=2, A=1, num_warps=4)),
-                                                         ((4,), "x3", dict(B=2, A=1, num_warps=4))]
+    chunk._launch(other, (4,), (0, "key1"), "x4", 5, B=2, A=1, num_warps=4)    # same key, another kernel
+    assert [(c[0], c[1][0], c[2]) for c in jit_calls] == [((4,), n, dict(B=2, A=1, num_warps=4))
+                                                         for n in ("x0", "x2", "x3", "x4")]
     assert runs == [(4, 2, 1, 7, "fn", "meta", None, None, None, "x1", 5, 1, 2)]
+
+
+def test_call_key_and_the_cached_gradient_kernel_choice(monkeypatch):
+    """chunk._call_key: equal for calls that specialize the kernels alike, different where a dtype, an
+    address's 16-byte alignment, a None, a shape/flag or the config differs; None (every launch through the
+    JIT) while a launch hook is set, in triton 3.6's hook-chain form or as a plain function. _launch_grads
+    remembers per call key which gradient kernel ran."""
+    chunk = _triton_modules()
+    from triton import knobs
+    monkeypatch.setattr(chunk, "_on_nvidia_gpu", lambda x: True)
+    monkeypatch.setattr(chunk, "_direct_launch_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cfg = chunk.WKV7KernelConfig()
+    x = torch.zeros(100, dtype=torch.bfloat16)
+    key = chunk._call_key(cfg, (x, None), 1, 2)
+    assert key == chunk._call_key(cfg, (x.clone(), None), 1, 2)
+    for other in (chunk._call_key(cfg, (x[1:], None), 1, 2), chunk._call_key(cfg, (x, x), 1, 2),
+                  chunk._call_key(cfg, (x.float(), None), 1, 2), chunk._call_key(cfg, (x, None), 1, 3),
+                  chunk._call_key(replace(cfg, precision="auto"), (x, None), 1, 2)):
+        assert other is not None and other != key
+    hook = lambda metadata: None   # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert chunk._call_key(cfg, (x, None), 1, 2) is None
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", hook)
+    assert chunk._call_key(cfg, (x, None), 1, 2) is None
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(chunk, "_capability", lambda i: (9, 0))
+    monkeypatch.setattr(chunk, "_gluon_importable", lambda: True)
+    monkeypatch.setattr(chunk, "_GRADS_KERNEL", {})
+    ran = []
+    gluon, triton = (lambda: ran.append("gluon")), (lambda: ran.append("triton"))
+    xs = [_FakeGpuTensor() for _ in range(7)]
+    assert chunk._launch_grads(cfg, xs, 64, gluon, triton, key) == "gluon"
+    monkeypatch.setattr(chunk, "_gluon_unmet", lambda *a: pytest.fail("the choice is not cached"))
+    assert chunk._launch_grads(cfg, xs, 64, gluon, triton, key) == "gluon"
+    assert ran == ["gluon", "gluon"] and chunk._GRADS_KERNEL == {key: "gluon"}
 
 
 @pytest.mark.gpu
 def test_gpu_direct_launch_matches_the_jit(monkeypatch):
-    """After the first call, chunk_wkv7 launches its kernels directly (chunk._launch): the same outputs and
-    gradients, bit for bit, as launches through triton's JIT, and the direct path is the one taken."""
+    """After a call key's first call, chunk_wkv7 launches its kernels directly (chunk._launch): on new data
+    (outputs pre-filled with NaN), with and without an initial state, and at a misaligned address (other
+    specializations, and the Triton gradient kernel), the outputs and every gradient equal, bit for bit,
+    those of the same call launched through triton's JIT; and the direct path is the one taken."""
     chunk = _triton_modules()
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    xs, s0, dy, ds = make_inputs(2, 100, 3)
-    ins = [x.bfloat16().cuda() for x in xs]
-    s0, dy, ds = s0.float().cuda(), dy.float().cuda(), ds.float().cuda()
-
-    def run():
-        leaves = [x.clone().requires_grad_() for x in ins] + [s0.clone().requires_grad_()]
-        y, sT = chunk.chunk_wkv7(*leaves, True)
-        ((y.float() * dy).sum() + (sT * ds).sum()).backward()
-        return [y, sT] + [x.grad for x in leaves]
-
+    monkeypatch.setattr(chunk, "CONFIG", replace(chunk.CONFIG, poison_outputs=True))
     monkeypatch.setattr(chunk, "_COMPILED", {})
     monkeypatch.setattr(chunk, "_GRADS_KERNEL", {})
-    through_jit = run()
-    assert len(chunk._COMPILED) == 4                  # [C, C], forward, state pass, gradients
+
+    def run(seed, with_s0, offset):
+        xs, s0, dy, ds = make_inputs(2, 100, 3, seed=seed)
+        flat = torch.zeros(6, xs[0].numel() + offset, dtype=torch.bfloat16, device="cuda")
+        leaves = [flat[i, offset:].view(xs[0].shape) for i in range(6)]   # offset 1: 2 bytes past 16
+        for leaf, x in zip(leaves, xs):
+            leaf.copy_(x).requires_grad_()
+        s0 = s0.float().cuda().requires_grad_() if with_s0 else None
+        y, sT = chunk.chunk_wkv7(*leaves, s0, True)
+        ((y.float() * dy.float().cuda()).sum() + (sT * ds.float().cuda()).sum()).backward()
+        return [y, sT] + [x.grad for x in leaves] + ([s0.grad] if with_s0 else [])
+
+    cases = [(1, True, 0), (2, False, 0), (3, True, 1)]
+    for case in cases:
+        run(*case)                                    # each key's first call: through the JIT
+    assert len(chunk._COMPILED) == 4 * len(cases)     # [C, C], forward, state pass, gradients
     direct = []
 
     class Counting:
@@ -381,10 +430,14 @@ def test_gpu_direct_launch_matches_the_jit(monkeypatch):
 
     for key, (compiled, constexprs) in list(chunk._COMPILED.items()):
         chunk._COMPILED[key] = (Counting(compiled), constexprs)
-    again = run()
-    assert len(direct) == 4
-    for a, b in zip(through_jit, again):
-        assert torch.equal(a, b)
+    for seed, with_s0, offset in cases:
+        launched = run(seed + 10, with_s0, offset)
+        with monkeypatch.context() as m:
+            m.setattr(chunk, "_call_key", lambda *a: None)
+            through_jit = run(seed + 10, with_s0, offset)
+        for a, b in zip(launched, through_jit):
+            assert torch.equal(a, b), (seed, with_s0, offset)
+    assert len(direct) == 4 * len(cases)
 
 
 def test_grads_kernel_setting(monkeypatch):
@@ -452,6 +505,8 @@ def test_gluon_selection_and_fallback(monkeypatch):
     forced = replace(auto, grads_kernel="gluon")
     with pytest.raises(RuntimeError, match="shared memory"):
         chunk._launch_grads(forced, [_FakeGpuTensor(torch.float16)] * 7, 64, fails, triton)
+    with pytest.raises(RuntimeError, match="shared memory"):   # "gluon" tries even where "auto" fell back
+        chunk._launch_grads(forced, xs, 64, fails, triton)
     with pytest.raises(ValueError, match="16-byte aligned"):
         chunk._launch_grads(forced, odd, 64, ok, triton)
     monkeypatch.setattr(chunk, "_capability", lambda i: (7, 5))

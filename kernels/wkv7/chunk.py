@@ -13,7 +13,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from triton import knobs
 
 from . import triton_kernels as K
 from .checks import check_inputs
@@ -135,11 +134,14 @@ def _direct_launch_supported() -> bool:
 def _call_key(cfg, tensors, *facts):
     """What fixes the kernels' specialization in a call (with the shapes and flags in `facts`): the config, the
     current device, and each user tensor's dtype and 16-byte alignment (tensors this module allocates are
-    aligned). None, so every launch takes the JIT path, off an NVIDIA GPU, with another triton, or while a
-    launch hook (a profiler) is set."""
-    if not (_on_nvidia_gpu(tensors[0]) and _direct_launch_supported() and not knobs.runtime.launch_enter_hook.calls
-            and not knobs.runtime.launch_exit_hook.calls):
+    aligned). None, so every launch takes the JIT path, off an NVIDIA GPU, with another triton, while a launch
+    hook (a profiler) is set, or with triton's debug or instrumentation compile options on."""
+    if not (_on_nvidia_gpu(tensors[0]) and _direct_launch_supported()):
         return None
+    from triton import knobs  # triton >= 3.4 (_direct_launch_supported checked the version)
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    if any(getattr(h, "calls", h) for h in hooks) or knobs.runtime.debug or knobs.compilation.instrumentation_mode:
+        return None   # hooks to call, or compile options the JIT would key its kernels on
     return (torch.cuda.current_device(), cfg, facts,
             tuple(None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in tensors))
 
@@ -151,9 +153,10 @@ def _launch(kernel, grid, call, *args, **kw):
     hit = _COMPILED.get((kernel, call)) if call is not None else None
     if hit is None:
         compiled = kernel[grid](*args, **kw)
-        if call is not None:
+        if call is not None and compiled is not None:   # (None: a triton cache hook took the launch)
             if len(_COMPILED) >= 4096:   # many distinct shapes: start over rather than grow without bound
                 _COMPILED.clear()
+                _GRADS_KERNEL.clear()
             _COMPILED[(kernel, call)] = (compiled, tuple(kw[name] for name in kernel.arg_names[len(args):]))
         return
     compiled, constexprs = hit
@@ -281,7 +284,7 @@ def _pick_and_launch_grads(cfg, tensors, N, launch_gluon, launch_triton) -> str:
         if unmet and cfg.grads_kernel == "gluon":
             raise ValueError(f"wkv7: grads_kernel='gluon' needs {', '.join(unmet)}: use 'auto' or 'triton'")
         key = (str(x.device), tuple(t.dtype for t in tensors), cfg.precision_bwd)
-        if not unmet and key not in _GLUON_FAILED:
+        if not unmet and (cfg.grads_kernel == "gluon" or key not in _GLUON_FAILED):
             try:
                 launch_gluon()
                 return "gluon"
@@ -427,6 +430,9 @@ def chunk_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
     products), unlike the step-by-step loop.
     """
     _check(r, w, k, v, a, b, initial_state)
+    if r.is_cuda and r.get_device() != torch.cuda.current_device():   # triton launches on the current device
+        with torch.cuda.device(r.device):
+            return chunk_wkv7(r, w, k, v, a, b, initial_state, output_final_state)
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))):
         # no backward will run (no_grad, inference_mode, or nothing requires grad): skip storing chunk states
         xs = [x.contiguous() for x in (r, w, k, v, a, b)]
@@ -441,4 +447,7 @@ def recurrent_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=Fals
     recomputes chunk states and uses the chunked backward kernel, so the same bound on w holds for gradients
     (-80 / chunk_size <= w), though this forward alone takes any w <= 0."""
     _check(r, w, k, v, a, b, initial_state)
+    if r.is_cuda and r.get_device() != torch.cuda.current_device():   # triton launches on the current device
+        with torch.cuda.device(r.device):
+            return RecurrentWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)
     return RecurrentWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)

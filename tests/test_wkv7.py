@@ -376,10 +376,7 @@ def test_call_key_and_the_cached_gradient_kernel_choice(monkeypatch):
     monkeypatch.setattr(knobs.runtime, "launch_exit_hook", hook)
     assert chunk._call_key(cfg, (x, None), 1, 2) is None
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(chunk, "_capability", lambda i: (9, 0))
-    monkeypatch.setattr(chunk, "_gluon_importable", lambda: True)
+    _as_if_on_an_h200(chunk, monkeypatch)
     monkeypatch.setattr(chunk, "_GRADS_KERNEL", {})
     ran = []
     gluon, triton = (lambda: ran.append("gluon")), (lambda: ran.append("triton"))
@@ -458,6 +455,14 @@ def test_grads_kernel_setting(monkeypatch):
         y.backward(dy.float())
 
 
+def _as_if_on_an_h200(chunk, monkeypatch):
+    """What chunk._launch_grads reads about the machine, set as on an H200 with triton 3.6's Gluon."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(chunk, "_capability", lambda i: (9, 0))
+    monkeypatch.setattr(chunk, "_gluon_importable", lambda: True)
+
+
 class _FakeGpuTensor:
     """Stands in for a CUDA tensor where _launch_grads only reads its device, dtype and address."""
     is_cuda = True
@@ -477,10 +482,7 @@ def test_gluon_selection_and_fallback(monkeypatch):
     one warning and is not retried for that device and dtypes; misaligned inputs or a chunk of 32 take the
     Triton kernel; "gluon" raises instead, naming what is missing or the failure."""
     chunk = _triton_modules()
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(chunk, "_capability", lambda i: (9, 0))
-    monkeypatch.setattr(chunk, "_gluon_importable", lambda: True)
+    _as_if_on_an_h200(chunk, monkeypatch)
     monkeypatch.setattr(chunk, "_GLUON_FAILED", {})
     ran = []
 

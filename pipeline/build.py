@@ -14,6 +14,13 @@ the cluster in ``$RAY_ADDRESS``. Output:
     D/work/                completion markers and intermediate files (kept: reruns resume)
 
 Re-running on the same ``--out`` skips finished units; the index is written last, atomically.
+
+``--clean-work`` (opt-in): once the index is published, work/'s bulk files (the ingest text, MinHash
+signatures, tokenized units, dedup.arrow, per-unit quarantine files: 2-3x the shards at scale) are deleted
+and only the markers stay; ``work/clean.json`` records it and report.json gains ``clean_work`` (bytes
+freed). A re-run with the same settings then does nothing and says so (``--force`` rebuilds); one with
+other settings is refused or, with --force, discarded as always. ``--clean-work`` on a complete, uncleaned
+--out cleans it without rebuilding.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -144,7 +152,7 @@ _UNIT = r"c\d{4,}_f\d{5,}"  # read.Unit.name
 _BUILD_TMP = {  # folder (relative to --out) -> the names of the temp files and folders the build makes there
     "": re.compile(rf"^((index\.json|report\.json|quarantine\.jsonl|duplicates\.jsonl){_TMP}|work\.discard\d+)$"),
     "shards": re.compile(rf"^{_SHARD}{_TMP}$"),
-    "work": re.compile(rf"^((build\.json|dedup\.arrow){_TMP}|\.probe\d+)$"),
+    "work": re.compile(rf"^((build\.json|clean\.json|dedup\.arrow){_TMP}|\.probe\d+)$"),
     "work/ingest": re.compile(rf"^({_UNIT}\.(arrow|json|quarantine\.jsonl){_TMP}|{_UNIT}\.sig{_TMP}\.npy)$"),
     "work/tok": re.compile(rf"^{_UNIT}\.(arrow|json){_TMP}$"),
     "work/shards": re.compile(rf"^\d{{5,}}\.json{_TMP}$"),
@@ -165,6 +173,106 @@ def _sweep_tmp(out: str) -> None:
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
                 except OSError:
                     pass
+
+
+CLEAN_NAME = "clean.json"
+"""work/'s record of a --clean-work cleaning, written by atomic rename: ``{"state": "cleaning" | "done", "files_removed",
+"bytes_freed", "index_sha256"}``, "cleaning" (with the totals) before the first file is removed, "done" after the last."""
+_BULK = {  # folder (relative to work/) -> the names of the bulk files --clean-work removes there
+    "": re.compile(r"^dedup\.arrow$"),
+    "ingest": re.compile(rf"^{_UNIT}\.(arrow|sig\.npy|quarantine\.jsonl)$"),
+    "tok": re.compile(rf"^{_UNIT}\.arrow$"),
+}
+"""The ingest text and MinHash signatures, the tokenized units, the dedup decisions and the per-unit quarantine
+records (already copied into quarantine.jsonl): all that a resume needs and a finished build does not. The ``.json``
+markers and build.json stay."""
+PUBLISHED = ("index.json", "report.json", "quarantine.jsonl", "duplicates.jsonl")
+
+
+def _bulk_files(work: str) -> list[str]:
+    paths = []
+    for rel, pattern in _BULK.items():
+        d = os.path.join(work, rel) if rel else work
+        if os.path.isdir(d):
+            paths += sorted(os.path.join(d, n) for n in os.listdir(d) if pattern.match(n))
+    return paths
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _published_problem(out: str) -> str | None:
+    """Why --out does not hold a complete published build, or None when it does: every file of PUBLISHED present
+    and every shard the index lists present with the size the index gives (sizes only: no shard is read)."""
+    for name in PUBLISHED:
+        if not os.path.isfile(os.path.join(out, name)):
+            return f"{name} is missing"
+    try:
+        shards = [(s["path"], s["bytes"]) for s in stages.read_json(os.path.join(out, "index.json"))["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"index.json cannot be read ({e})"
+    for rel, size in shards:
+        try:
+            got = os.path.getsize(os.path.join(out, rel))
+        except OSError:
+            return f"{rel} is missing"
+        if got != size:
+            return f"{rel} has {got} bytes, the index says {size}"
+    return None
+
+
+def _clean_work(out: str, work: str, record: dict | None = None) -> dict:
+    """Remove work/'s bulk files (``_BULK``) of a complete build and return report.json with ``clean_work``
+    (files removed, bytes freed) added. ``record``: an interrupted cleaning's work/clean.json, to finish. Safe to
+    interrupt anywhere: clean.json says "cleaning", with the totals, before the first removal, and a re-run finishes
+    the job. Of the published files only report.json is written (atomically, the same JSON plus the field)."""
+    path = os.path.join(work, CLEAN_NAME)
+    if record is None:
+        files = _bulk_files(work)
+        record = {"state": "cleaning", "files_removed": len(files), "bytes_freed": sum(map(os.path.getsize, files)),
+                  "index_sha256": _sha256(os.path.join(out, "index.json"))}
+        stages.atomic_write_json(path, record)
+    for f in _bulk_files(work):
+        os.remove(f)
+    report_path = os.path.join(out, "report.json")
+    report = stages.read_json(report_path)
+    report["clean_work"] = {k: record[k] for k in ("files_removed", "bytes_freed")}
+    stages.atomic_write_json(report_path, report)
+    stages.atomic_write_json(path, {**record, "state": "done"})
+    return report
+
+
+def _read_clean(work: str) -> dict | None:
+    path = os.path.join(work, CLEAN_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        record = stages.read_json(path)
+        return {k: record[k] for k in ("state", "files_removed", "bytes_freed", "index_sha256")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BuildError(f"{path} cannot be read ({e}); pass --force to rebuild") from None
+
+
+def _rerun_cleaned(out: str, work: str, record: dict) -> dict:
+    """A re-run, with the build's own settings, on an --out whose work/ was cleaned: nothing is left to resume from,
+    so nothing is built. An interrupted cleaning is finished; then the published files are checked (index.json as it
+    was when the cleaning started, every shard present at its size) and report.json returned as it is, with
+    ``rerun`` (not written) saying which of the two happened."""
+    finished = record["state"] != "done"
+    if finished:
+        _clean_work(out, work, record)
+    problem = _published_problem(out)
+    if problem is None and _sha256(os.path.join(out, "index.json")) != record["index_sha256"]:
+        problem = "index.json changed since"
+    if problem:
+        raise BuildError(f"--out {out!r}: its work/ was cleaned (--clean-work) and {problem}; nothing is left to "
+                         f"resume from: pass --force to rebuild")
+    return {**stages.read_json(os.path.join(out, "report.json")), "rerun": "finished cleaning" if finished else "cleaned"}
 
 
 def per_component(keys: np.ndarray, n: int) -> np.ndarray:
@@ -465,15 +573,20 @@ def _out_lock(out: str):
 
 def build(manifest: Manifest, out: str, executor=None, near: bool | None = None,
           near_threshold: float | None = None, progress: bool = True, force: bool = False,
-          manifest_arg: str | None = None) -> dict:
-    """Run every stage (resuming finished units) and return the report dict; one build at a time per --out."""
+          manifest_arg: str | None = None, clean_work: bool = False) -> dict:
+    """Run every stage (resuming finished units) and return the report dict; one build at a time per --out.
+
+    ``clean_work``: once the index is published, remove work/'s bulk files (``_clean_work``); a complete --out is
+    cleaned without being rebuilt. On an --out cleaned before (same settings) nothing is built unless ``force``. When
+    nothing was built the returned report.json carries ``rerun``: "cleaned" (already was), "finished cleaning" (an
+    interrupted cleaning finished now) or "cleaned now" (a complete --out cleaned now)."""
     out = os.path.abspath(out)  # tasks get paths under it: Ray workers do not run in the driver's working directory
     with _out_lock(out):
-        return _build(manifest, out, executor, near, near_threshold, progress, force, manifest_arg)
+        return _build(manifest, out, executor, near, near_threshold, progress, force, manifest_arg, clean_work)
 
 
 def _build(manifest: Manifest, out: str, executor, near: bool | None, near_threshold: float | None,
-           progress: bool, force: bool, manifest_arg: str | None) -> dict:
+           progress: bool, force: bool, manifest_arg: str | None, clean_work: bool = False) -> dict:
     from tokenizer import WorldTokenizer
 
     t_start = time.perf_counter()
@@ -496,6 +609,13 @@ def _build(manifest: Manifest, out: str, executor, near: bool | None, near_thres
                    "exact_dedup": manifest.exact_dedup, "tokenizer_sha256": tok.vocab_sha256,
                    "shard_tokens": manifest.shard_tokens}
     work = _prepare_out(out, fingerprint, force)
+    record = _read_clean(work)
+    if record is not None and force:   # the same settings: --force alone never discards, but this work/ cannot resume
+        work, record = _discard(out, work, fingerprint), None
+    if record is not None:
+        return _rerun_cleaned(out, work, record)
+    if clean_work and _published_problem(out) is None:   # complete: index.json is written last
+        return {**_clean_work(out, work), "rerun": "cleaned now"}
     if executor is None:
         from pipeline.executor import LocalExecutor
 
@@ -667,7 +787,7 @@ def _build(manifest: Manifest, out: str, executor, near: bool | None, near_thres
     stages.atomic_write_json(os.path.join(out, "report.json"), report)
     stages.atomic_write_bytes(os.path.join(out, "index.json"),
                               (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode())
-    return report
+    return _clean_work(out, work) if clean_work else report
 
 
 def table(report: dict) -> str:
@@ -699,6 +819,31 @@ def table(report: dict) -> str:
     lines.append(f"time {s['total']:.1f}s (ingest {s.get('ingest_wall', 0):.1f}, dedup {s.get('dedup_wall', 0):.1f}, "
                  f"tokenize {s.get('tokenize_wall', 0):.1f}, write {s.get('write_wall', 0):.1f}); "
                  f"{report['throughput']['input_MB_per_s']:.1f} MB/s input")
+    return "\n".join(lines)
+
+
+def summary(report: dict, out: str) -> str:
+    """What main prints after a build: the table and the index written, or that nothing was built and why; the
+    bytes --clean-work freed."""
+    totals = f"{report['totals']['documents']:,} documents, {report['totals']['tokens']:,} tokens"
+    rerun = report.get("rerun")
+    if rerun is None:
+        lines = [table(report), f"wrote {out}/index.json ({totals})"]
+    elif rerun == "cleaned":
+        lines = [f"{out} is complete ({totals}) and its work/ was cleaned (--clean-work): nothing to do, published "
+                 f"files left as they are; pass --force to rebuild"]
+    elif rerun == "finished cleaning":
+        lines = [f"{out} is complete ({totals}): finished the interrupted cleaning of its work/ (--clean-work), "
+                 f"nothing rebuilt; pass --force to rebuild"]
+    else:
+        lines = [f"{out} is complete ({totals}): cleaned its work/ without rebuilding"]
+    cw = report.get("clean_work")
+    if cw and rerun != "cleaned":
+        n = cw["bytes_freed"]
+        k, unit = next((k, u) for k, u in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
+                       if n >= 2**k or k == 0)
+        lines.append(f"cleaned {out}/work: removed {cw['files_removed']:,} files, freed {n / 2**k:.1f} {unit} "
+                     f"({n:,} bytes)")
     return "\n".join(lines)
 
 
@@ -746,7 +891,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--near-dedup", dest="near", action="store_true", default=None, help="enable MinHash near dedup")
     g.add_argument("--no-near-dedup", dest="near", action="store_false", help="disable MinHash near dedup")
     ap.add_argument("--near-threshold", type=float, help="Jaccard threshold for near dedup")
-    ap.add_argument("--force", action="store_true", help="discard an --out built with other settings")
+    ap.add_argument("--force", action="store_true", help="discard an --out built with other settings (or whose work/ "
+                    "was cleaned) and rebuild it")
+    ap.add_argument("--clean-work", action="store_true",
+                    help="once the build is complete, delete work/'s bulk files (ingest text, signatures, tokenized\n"
+                    "units; 2-3x the shards' size) and keep only its markers: a re-run then resumes nothing\n"
+                    "and does nothing (--force rebuilds). On a complete --out: clean it without rebuilding")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if args.num_cpus is not None and args.num_cpus < 1:  # Ray's ValueError traceback for -1; 0 meant all cores
@@ -771,15 +921,15 @@ def main(argv: list[str] | None = None) -> int:
             started, executor = False, LocalExecutor()
         try:
             report = build(manifest, args.out, executor, near=args.near, near_threshold=args.near_threshold,
-                           progress=not args.no_progress, force=args.force, manifest_arg=args.manifest)
+                           progress=not args.no_progress, force=args.force, manifest_arg=args.manifest,
+                           clean_work=args.clean_work)
         finally:
             executor.close()
             if started:
                 import ray
 
                 ray.shutdown()
-        return _print(f"{table(report)}\nwrote {args.out}/index.json ({report['totals']['documents']:,} documents, "
-                      f"{report['totals']['tokens']:,} tokens)")
+        return _print(summary(report, args.out))
     except (ManifestError, BuildError, stages.InputError) as e:
         # raised in a Ray task, the error is a RayTaskError subclassing it; its text is the remote traceback
         print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline import build as build_mod
-from pipeline.build import BuildError, build, main
+from pipeline.build import BuildError, build, main, summary
 from pipeline.executor import LocalExecutor
 from pipeline.manifest import load_manifest
 
@@ -104,6 +104,10 @@ def test_published_files_are_the_same_and_work_keeps_only_markers(ref, cleaned):
         assert names and sorted(os.listdir(os.path.join(out, "work", sub))) == names
     record = json.load(open(os.path.join(out, "work", "clean.json")))
     assert record["state"] == "done" and record["bytes_freed"] == sum(want.values())
+    lines = summary(report, out).splitlines()
+    assert lines[-2].startswith(f"wrote {out}/index.json")
+    assert lines[-1].startswith(f"cleaned {out}/work: removed {len(want)} files, freed ")
+    assert lines[-1].endswith(f" ({sum(want.values()):,} bytes)")
 
 
 def test_rerun_on_a_cleaned_out_changes_nothing(cleaned, tmp_path, capsys):

@@ -213,6 +213,10 @@ def _published_problem(out: str) -> str | None:
         if not os.path.isfile(os.path.join(out, name)):
             return f"{name} is missing"
     try:
+        stages.read_json(os.path.join(out, "report.json"))
+    except (OSError, ValueError) as e:
+        return f"report.json cannot be read ({e})"
+    try:
         shards = [(s["path"], s["bytes"]) for s in stages.read_json(os.path.join(out, "index.json"))["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"index.json cannot be read ({e})"
@@ -224,6 +228,22 @@ def _published_problem(out: str) -> str | None:
         if got != size:
             return f"{rel} has {got} bytes, the index says {size}"
     return None
+
+
+def _built_here(out: str, work: str, units: list, fingerprint: dict) -> bool:
+    """--out holds a complete build of these inputs and settings, made here: its published files are complete, every
+    stage's markers are in work/ (whose build.json, checked equal to ``fingerprint``, was there before this run), and
+    the index names the same manifest and tokenizer. Published files without them (copied in, or a work/ deleted by
+    hand) are not taken for this build's: the build then runs, and cleans at the end."""
+    if _published_problem(out) is not None or not os.path.exists(os.path.join(work, "dedup.arrow")):
+        return False
+    if not all(os.path.exists(os.path.join(work, stage, u.name + ".json")) for u in units for stage in ("ingest", "tok")):
+        return False
+    index = stages.read_json(os.path.join(out, "index.json"))
+    if not all(os.path.exists(os.path.join(work, "shards", f"{i:05d}.json")) for i in range(len(index["shards"]))):
+        return False
+    return (index.get("manifest", {}).get("sha256") == fingerprint["manifest_sha256"]
+            and index.get("tokenizer", {}).get("sha256") == fingerprint["tokenizer_sha256"])
 
 
 def _clean_work(out: str, work: str, record: dict | None = None) -> dict:
@@ -263,16 +283,15 @@ def _rerun_cleaned(out: str, work: str, record: dict) -> dict:
     so nothing is built. An interrupted cleaning is finished; then the published files are checked (index.json as it
     was when the cleaning started, every shard present at its size) and report.json returned as it is, with
     ``rerun`` (not written) saying which of the two happened."""
-    finished = record["state"] != "done"
-    if finished:
-        _clean_work(out, work, record)
     problem = _published_problem(out)
     if problem is None and _sha256(os.path.join(out, "index.json")) != record["index_sha256"]:
         problem = "index.json changed since"
     if problem:
         raise BuildError(f"--out {out!r}: its work/ was cleaned (--clean-work) and {problem}; nothing is left to "
                          f"resume from: pass --force to rebuild")
-    return {**stages.read_json(os.path.join(out, "report.json")), "rerun": "finished cleaning" if finished else "cleaned"}
+    finished = record["state"] != "done"
+    report = _clean_work(out, work, record) if finished else stages.read_json(os.path.join(out, "report.json"))
+    return {**report, "rerun": "finished cleaning" if finished else "cleaned"}
 
 
 def per_component(keys: np.ndarray, n: int) -> np.ndarray:
@@ -608,13 +627,19 @@ def _build(manifest: Manifest, out: str, executor, near: bool | None, near_thres
                    if nd.enabled else False,
                    "exact_dedup": manifest.exact_dedup, "tokenizer_sha256": tok.vocab_sha256,
                    "shard_tokens": manifest.shard_tokens}
+    had_fingerprint = os.path.exists(os.path.join(out, "work", "build.json"))
     work = _prepare_out(out, fingerprint, force)
-    record = _read_clean(work)
+    try:
+        record = _read_clean(work)
+    except BuildError:
+        if not force:
+            raise
+        record = {"state": "unreadable"}   # discarded just below
     if record is not None and force:   # the same settings: --force alone never discards, but this work/ cannot resume
         work, record = _discard(out, work, fingerprint), None
     if record is not None:
         return _rerun_cleaned(out, work, record)
-    if clean_work and _published_problem(out) is None:   # complete: index.json is written last
+    if clean_work and had_fingerprint and _built_here(out, work, units, fingerprint):
         return {**_clean_work(out, work), "rerun": "cleaned now"}
     if executor is None:
         from pipeline.executor import LocalExecutor

@@ -163,6 +163,41 @@ def test_clean_work_on_a_complete_out_cleans_without_rebuilding(ref, tmp_path):
     assert {k: v for k, v in report_without_timings(out).items() if k != "clean_work"} == report
 
 
+def test_published_files_without_their_work_are_not_taken_for_complete(ref, tmp_path):
+    """A review found --clean-work taking published files whose work/ was deleted by hand for a complete build
+    of *other* settings (it then said "nothing to do" on every later run). Without the markers of this build it
+    builds, and cleans at the end."""
+    out = copy(ref, tmp_path)
+    shutil.rmtree(os.path.join(out, "work"))
+    got = run(out, near=False, clean_work=True)
+    fresh = run(str(tmp_path / "fresh"), near=False)
+    assert "rerun" not in got and got["totals"] == fresh["totals"] and got["duplicates"]["near"] == 0
+    assert published(out) == published(str(tmp_path / "fresh")) and bulk_in(out) == {}
+
+
+def test_damaged_records_of_a_cleaned_out_are_clear_errors_and_force_rebuilds(ref, cleaned, tmp_path):
+    """A cleaned --out whose clean.json is unreadable, whose report.json is gone during an interrupted cleaning,
+    or whose index changed: a BuildError naming --force (no traceback, nothing written); --force rebuilds."""
+    damage = {"clean.json": lambda out: open(os.path.join(out, "work", "clean.json"), "w").close(),
+              "report.json": lambda out: (os.remove(os.path.join(out, "report.json")), _set_state(out, "cleaning")),
+              "index.json": lambda out: open(os.path.join(out, "index.json"), "a").write("\n")}
+    for name, hurt in damage.items():
+        out = copy(cleaned[0], tmp_path / name)
+        hurt(out)
+        before = tree(out)
+        with pytest.raises(BuildError, match=r"--force"):
+            run(out, executor=NoWork())
+        assert tree(out) == before, name
+        run(out, force=True)
+        assert published(out) == published(ref), name
+
+
+def _set_state(out: str, state: str) -> None:
+    path = os.path.join(out, "work", "clean.json")
+    record = json.load(open(path))
+    json.dump({**record, "state": state}, open(path, "w"))
+
+
 def test_an_incomplete_out_is_finished_before_it_is_cleaned(ref, tmp_path):
     out = copy(ref, tmp_path)
     os.remove(os.path.join(out, "shards", "00001.arrow"))

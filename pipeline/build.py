@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -198,14 +197,6 @@ def _bulk_files(work: str) -> list[str]:
     return paths
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _published_problem(out: str) -> str | None:
     """Why --out does not hold a complete published build, or None when it does: every file of PUBLISHED present
     and every shard the index lists present with the size the index gives (sizes only: no shard is read)."""
@@ -255,7 +246,7 @@ def _clean_work(out: str, work: str, record: dict | None = None) -> dict:
     if record is None:
         files = _bulk_files(work)
         record = {"state": "cleaning", "files_removed": len(files), "bytes_freed": sum(map(os.path.getsize, files)),
-                  "index_sha256": _sha256(os.path.join(out, "index.json"))}
+                  "index_sha256": stages.sha256_file(os.path.join(out, "index.json"))}
         stages.atomic_write_json(path, record)
     for f in _bulk_files(work):
         os.remove(f)
@@ -267,10 +258,9 @@ def _clean_work(out: str, work: str, record: dict | None = None) -> dict:
     return report
 
 
-def _read_clean(work: str) -> dict | None:
+def _read_clean(work: str) -> dict:
+    """work/clean.json of a cleaned --out (see CLEAN_NAME)."""
     path = os.path.join(work, CLEAN_NAME)
-    if not os.path.exists(path):
-        return None
     try:
         record = stages.read_json(path)
         return {k: record[k] for k in ("state", "files_removed", "bytes_freed", "index_sha256")}
@@ -284,7 +274,7 @@ def _rerun_cleaned(out: str, work: str, record: dict) -> dict:
     was when the cleaning started, every shard present at its size) and report.json returned as it is, with
     ``rerun`` (not written) saying which of the two happened."""
     problem = _published_problem(out)
-    if problem is None and _sha256(os.path.join(out, "index.json")) != record["index_sha256"]:
+    if problem is None and stages.sha256_file(os.path.join(out, "index.json")) != record["index_sha256"]:
         problem = "index.json changed since"
     if problem:
         raise BuildError(f"--out {out!r}: its work/ was cleaned (--clean-work) and {problem}; nothing is left to "
@@ -629,16 +619,11 @@ def _build(manifest: Manifest, out: str, executor, near: bool | None, near_thres
                    "shard_tokens": manifest.shard_tokens}
     had_fingerprint = os.path.exists(os.path.join(out, "work", "build.json"))
     work = _prepare_out(out, fingerprint, force)
-    try:
-        record = _read_clean(work)
-    except BuildError:
-        if not force:
-            raise
-        record = {"state": "unreadable"}   # discarded just below
-    if record is not None and force:   # the same settings: --force alone never discards, but this work/ cannot resume
-        work, record = _discard(out, work, fingerprint), None
-    if record is not None:
-        return _rerun_cleaned(out, work, record)
+    cleaned = os.path.exists(os.path.join(work, CLEAN_NAME))
+    if cleaned and force:   # the same settings: --force alone never discards, but this work/ cannot resume
+        work, cleaned = _discard(out, work, fingerprint), False
+    if cleaned:
+        return _rerun_cleaned(out, work, _read_clean(work))
     if clean_work and had_fingerprint and _built_here(out, work, units, fingerprint):
         return {**_clean_work(out, work), "rerun": "cleaned now"}
     if executor is None:

@@ -88,6 +88,14 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode())
 
 
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
@@ -501,15 +509,12 @@ def write_shard(index: int, pieces: list[tuple[str, int, int]], out_dir: str) ->
     tmp = f"{path}.tmp{os.getpid()}"
     with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, SHARD_SCHEMA) as w:
         w.write_table(table, max_chunksize=65536)
-    h = hashlib.sha256()
-    with open(tmp, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    sha256 = sha256_file(tmp)
     fsync_file(tmp)
     os.replace(tmp, path)
     lens = table.column("input_ids").combine_chunks().value_lengths() if table.num_rows else pa.array([], pa.int32())
     meta = {"path": rel, "documents": table.num_rows, "tokens": int(pc.sum(lens).as_py() or 0),
-            "bytes": os.path.getsize(path), "sha256": h.hexdigest(), "seconds": time.perf_counter() - t0,
+            "bytes": os.path.getsize(path), "sha256": sha256, "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0}
     atomic_write_json(marker, meta)
     return meta

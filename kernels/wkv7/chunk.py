@@ -6,6 +6,7 @@ Kernels and their math: triton_kernels.py. This module imports triton, so import
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -417,6 +418,13 @@ class RecurrentWKV7(torch.autograd.Function):
         return (*grads, None)
 
 
+def _on_device_of(x):
+    """x's GPU as the current device while the kernels launch (triton launches on the current one)."""
+    if x.is_cuda and x.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def chunk_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
     """Chunked Triton WKV7 (training path), forward and backward.
 
@@ -430,16 +438,15 @@ def chunk_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
     products), unlike the step-by-step loop.
     """
     _check(r, w, k, v, a, b, initial_state)
-    if r.is_cuda and r.get_device() != torch.cuda.current_device():   # triton launches on the current device
-        with torch.cuda.device(r.device):
-            return chunk_wkv7(r, w, k, v, a, b, initial_state, output_final_state)
-    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))):
-        # no backward will run (no_grad, inference_mode, or nothing requires grad): skip storing chunk states
-        xs = [x.contiguous() for x in (r, w, k, v, a, b)]
-        s0 = None if initial_state is None else initial_state.float().contiguous()
-        y, sT, _, _ = _fwd(*xs, s0, output_final_state, False, CONFIG)
-        return y, sT
-    return ChunkWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)
+    with _on_device_of(r):
+        if not (torch.is_grad_enabled()
+                and any(x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))):
+            # no backward will run (no_grad, inference_mode, or nothing requires grad): skip storing chunk states
+            xs = [x.contiguous() for x in (r, w, k, v, a, b)]
+            s0 = None if initial_state is None else initial_state.float().contiguous()
+            y, sT, _, _ = _fwd(*xs, s0, output_final_state, False, CONFIG)
+            return y, sT
+        return ChunkWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)
 
 
 def recurrent_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
@@ -447,7 +454,5 @@ def recurrent_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=Fals
     recomputes chunk states and uses the chunked backward kernel, so the same bound on w holds for gradients
     (-80 / chunk_size <= w), though this forward alone takes any w <= 0."""
     _check(r, w, k, v, a, b, initial_state)
-    if r.is_cuda and r.get_device() != torch.cuda.current_device():   # triton launches on the current device
-        with torch.cuda.device(r.device):
-            return RecurrentWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)
-    return RecurrentWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)
+    with _on_device_of(r):
+        return RecurrentWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state)
